@@ -1,0 +1,118 @@
+"""Aspect buckets: the bucket table, nearest-aspect assignment and the per-image transform.
+
+Pure functions only: no I/O, no torch. Sizes are (width, height) everywhere, as in the
+config file, because that is how DiT trainers (kohya, SimpleTuner) write them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+RESIZE_MODES = ("stretch", "crop")
+
+
+def round_to_patch(side: int, patch_size: int) -> int:
+    """Nearest multiple of `patch_size`, halves rounded up, never below one patch.
+
+    DINOv3 floors its input to multiples of the patch size without a word, so the trainer's
+    bucket side (e.g. 210) is rounded here to the nearest multiple (208) and both are recorded.
+    """
+    return max(patch_size, int(math.floor(side / patch_size + 0.5)) * patch_size)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One aspect bucket: the trainer's size and the model input size it maps to."""
+
+    index: int
+    width: int  # the DiT trainer's bucket size (VAE side), as written in the config
+    height: int
+    input_width: int  # what DINOv3 sees: each side rounded to a multiple of the patch size
+    input_height: int
+    patch_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid as (rows, cols) = (input_height / patch, input_width / patch)."""
+        return self.input_height // self.patch_size, self.input_width // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def log_aspect(self) -> float:
+        return math.log(self.width / self.height)
+
+    def to_record(self) -> dict:
+        rows, cols = self.grid
+        return {
+            "index": self.index,
+            "name": self.name,
+            "width": self.width,
+            "height": self.height,
+            "input_width": self.input_width,
+            "input_height": self.input_height,
+            "grid": [rows, cols],
+        }
+
+
+def make_buckets(sizes: list[tuple[int, int]], patch_size: int) -> list[Bucket]:
+    """Bucket table from (width, height) pairs, in the order given."""
+    return [
+        Bucket(i, w, h, round_to_patch(w, patch_size), round_to_patch(h, patch_size), patch_size)
+        for i, (w, h) in enumerate(sizes)
+    ]
+
+
+def generate_sizes(
+    resolution: int, step: int = 64, min_side: int = 256, max_side: int = 2048, max_aspect: float = 2.0
+) -> list[tuple[int, int]]:
+    """kohya-style buckets: every width on the `step` grid, height the largest step multiple
+    keeping the area at or below resolution**2, and the same pair transposed; deduplicated and
+    sorted by aspect ratio (tallest first)."""
+    area = resolution * resolution
+    sizes: set[tuple[int, int]] = set()
+    width = min_side
+    while width <= max_side:
+        height = min(max_side, (area // width) // step * step)
+        if height >= min_side and max(width / height, height / width) <= max_aspect:
+            sizes.add((width, height))
+            sizes.add((height, width))
+        width += step
+    square = min(max_side, resolution // step * step)
+    if square >= min_side:
+        sizes.add((square, square))
+    return sorted(sizes, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is nearest in log space; ties go to the lower index."""
+    target = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(b.log_aspect - target), b.index))
+
+
+def crop_box(width: int, height: int, bucket: Bucket, mode: str) -> tuple[int, int, int, int]:
+    """The region of the (EXIF-upright) source that is resized to the bucket: (left, top, right, bottom).
+
+    `stretch` keeps the whole image (a slight aspect change, no pixel lost); `crop` takes the
+    largest centred box with the bucket's aspect, as a "cover + centre crop" trainer does.
+    """
+    if mode == "stretch":
+        return (0, 0, width, height)
+    if mode != "crop":
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    bucket_aspect = bucket.width / bucket.height
+    if width / height > bucket_aspect:  # too wide: trim left and right
+        new_w = max(1, min(width, round(height * bucket_aspect)))
+        left = (width - new_w) // 2
+        return (left, 0, left + new_w, height)
+    new_h = max(1, min(height, round(width / bucket_aspect)))
+    top = (height - new_h) // 2
+    return (0, top, width, top + new_h)

@@ -1,0 +1,137 @@
+"""The `dinocache` command: parses options, calls the library, maps errors to exit codes.
+
+Exit codes: 0 success, 1 the cache has problems (verify), 2 a user error (message + fix, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import DinocacheError
+from .manifest import DEFAULT_OUT
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.")
+
+OUT_HELP = f"Cache folder (default: ./{DEFAULT_OUT})."
+
+
+def _fail(exc: DinocacheError) -> None:
+    typer.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        typer.echo(f"  fix: {exc.hint}", err=True)
+    raise typer.Exit(2)
+
+
+def _floats3(text: Optional[str], name: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise DinocacheError(f"{name} must be three comma-separated numbers, got {text!r}", f"e.g. {name} 0.485,0.456,0.406")
+    return values
+
+
+@app.command()
+def extract(
+    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    buckets: Path = typer.Option(..., "--buckets", "-b", help="Bucket config YAML (see configs/dit-buckets.yaml)."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help=OUT_HELP),
+    model: str = typer.Option("facebook/dinov3-vitl16-pretrain-lvd1689m", "--model", "-m",
+                              help="Hub id, local HF folder, or random:<arch> (vits16, vitb16, vitl16, ...; random weights)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on CUDA and bf16-capable CPUs), bfloat16, float16, float32."),
+    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16, float32."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Images per batch (default: config's, else ~64k patch tokens per batch)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode worker processes (default: cores - 1, at most 8)."),
+    keep_registers: bool = typer.Option(False, "--keep-registers", help="Also store the register tokens."),
+    image_mean: Optional[str] = typer.Option(None, help="Override the normalization mean, e.g. 0.485,0.456,0.406."),
+    image_std: Optional[str] = typer.Option(None, help="Override the normalization std, e.g. 0.229,0.224,0.225."),
+    shard_size_mb: int = typer.Option(512, min=1, help="Largest shard size in MB."),
+    max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse images with more pixels (decompression bombs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with different settings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Extract features for every image in INPUT_DIR.
+
+    Example: dinocache extract data/images --buckets configs/dit-buckets.yaml --out cache/
+    """
+    from .config import ExtractOptions, load_bucket_config
+    from .extract import extract as run_extract
+
+    try:
+        options = ExtractOptions(
+            out=out, buckets=load_bucket_config(buckets), model=model, revision=revision, device=device,
+            dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers,
+            image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
+            batch_size=batch_size, workers=workers, shard_max_bytes=shard_size_mb * 1024**2,
+            max_pixels=max_pixels, overwrite=overwrite, progress=progress)
+        if storage_dtype not in ("bfloat16", "float16", "float32"):
+            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}", "use bfloat16, float16 or float32")
+        result = run_extract(input_dir, options)
+    except DinocacheError as exc:
+        _fail(exc)
+    rate = result.processed / result.seconds if result.seconds else 0.0
+    typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed} failed "
+               f"({rate:.1f} img/s overall) -> {result.out}")
+    if result.failures_by_reason:
+        typer.echo("failures: " + ", ".join(f"{r}={n}" for r, n in sorted(result.failures_by_reason.items()))
+                   + "  (details: dinocache stats)")
+    if result.missing_sources:
+        typer.echo(f"{result.missing_sources} cached image(s) no longer exist in {input_dir}")
+
+
+@app.command()
+def verify(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
+           skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums still run).")):
+    """Check that a cache is complete and intact. Exit 0 if clean, 1 with a report if not.
+
+    Example: dinocache verify cache/
+    """
+    from .verify import verify_cache
+
+    report = verify_cache(out, check_values=not skip_values)
+    if report.ok:
+        typer.echo(f"OK: {report.samples} samples in {report.shards} shard(s) verified in {out}")
+        return
+    typer.echo(f"FAILED: {len(report.problems)} problem(s) in {out}", err=True)
+    for problem in report.problems:
+        typer.echo(f"  - {problem}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def stats(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
+          as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+    """Report what a cache holds: images per bucket, failures by reason, bytes, model and dtype.
+
+    Example: dinocache stats cache/ --json
+    """
+    from .stats import cache_stats, format_stats
+
+    try:
+        result = cache_stats(out)
+    except DinocacheError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_stats(result))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "huggingface_hub", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

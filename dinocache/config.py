@@ -1,0 +1,150 @@
+"""The bucket config file (YAML) and the options of one extraction, validated up front.
+
+Every error names the field, says what is wrong and how to fix it, so a bad config never
+reaches the model (and never produces a traceback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .buckets import RESIZE_MODES, generate_sizes
+from .errors import ConfigError
+
+CONFIG_KEYS = ("buckets", "generate", "resize", "batch_size")
+GENERATE_KEYS = ("resolution", "step", "min_side", "max_side", "max_aspect")
+EXAMPLE = "buckets: [[1024, 1024], [832, 1216], [1216, 832]]   # [width, height] pairs"
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """What a bucket config file says: the bucket sizes and how images are fitted to them."""
+
+    sizes: list[tuple[int, int]]  # (width, height), the trainer's sizes, in table order
+    resize: str = "stretch"
+    batch_size: int | None = None  # None: chosen per bucket from its token count
+    source: str = "<inline>"
+
+
+@dataclass
+class ExtractOptions:
+    """Everything `extract` needs besides the input folder; the CLI fills it from flags."""
+
+    out: Path
+    buckets: BucketConfig
+    model: str
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # compute dtype
+    storage_dtype: str = "bfloat16"
+    keep_registers: bool = False
+    image_mean: tuple[float, float, float] | None = None  # None: from the checkpoint
+    image_std: tuple[float, float, float] | None = None
+    batch_size: int | None = None  # overrides the config's
+    workers: int | None = None  # None: one per spare core, at most 8
+    shard_max_bytes: int = 512 * 1024**2
+    max_pixels: int = 178_956_970  # Pillow's own decompression-bomb limit, checked from the header
+    overwrite: bool = False
+    progress: bool = True
+    seed: int = 0  # for random:<arch> weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number, got {value!r}", f"write it as e.g. 1024")
+    if value <= 0:
+        raise ConfigError(f"{where} must be positive, got {value}", "use a size of at least 16 pixels")
+    return value
+
+
+def parse_bucket_config(data: Any, source: str = "<inline>") -> BucketConfig:
+    """Validate the parsed YAML of a bucket config."""
+    if data is None:
+        raise ConfigError(f"{source} is empty", f"write for example:\n    {EXAMPLE}")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source} must be a mapping at the top level, got {type(data).__name__}",
+            f"write for example:\n    {EXAMPLE}",
+        )
+    unknown = sorted(set(map(str, data)) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)}", f"allowed keys are {', '.join(CONFIG_KEYS)}"
+        )
+    has_list, has_gen = "buckets" in data, "generate" in data
+    if has_list == has_gen:
+        raise ConfigError(
+            f"{source} must have exactly one of 'buckets' (an explicit list) or 'generate' (a rule)",
+            f"write for example:\n    {EXAMPLE}",
+        )
+    sizes = _parse_bucket_list(data["buckets"], source) if has_list else _parse_generate(data["generate"], source)
+
+    resize = data.get("resize", "stretch")
+    if resize not in RESIZE_MODES:
+        raise ConfigError(f"{source}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}",
+                          "use 'stretch' (whole image, no crop) or 'crop' (cover + centre crop)")
+    batch_size = data.get("batch_size")
+    if batch_size is not None:
+        batch_size = _positive_int(batch_size, f"{source}: batch_size")
+    return BucketConfig(sizes=sizes, resize=resize, batch_size=batch_size, source=source)
+
+
+def _parse_bucket_list(items: Any, source: str) -> list[tuple[int, int]]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{source}: 'buckets' must be a non-empty list of [width, height] pairs",
+                          f"write for example:\n    {EXAMPLE}")
+    sizes: list[tuple[int, int]] = []
+    seen: dict[tuple[int, int], int] = {}
+    for i, item in enumerate(items):
+        where = f"{source}: buckets[{i}]"
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"{where} must be a [width, height] pair, got {item!r}", "write it as [1024, 1024]")
+        w = _positive_int(item[0], f"{where} width")
+        h = _positive_int(item[1], f"{where} height")
+        if (w, h) in seen:
+            raise ConfigError(f"{where} = [{w}, {h}] duplicates buckets[{seen[w, h]}]", "remove one of them")
+        seen[w, h] = i
+        sizes.append((w, h))
+    return sizes
+
+
+def _parse_generate(spec: Any, source: str) -> list[tuple[int, int]]:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: 'generate' must be a mapping",
+                          "write e.g. generate: {resolution: 1024, step: 64, max_aspect: 2.0}")
+    unknown = sorted(set(map(str, spec)) - set(GENERATE_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) under generate: {', '.join(unknown)}",
+                          f"allowed keys are {', '.join(GENERATE_KEYS)}")
+    if "resolution" not in spec:
+        raise ConfigError(f"{source}: generate.resolution is missing", "add e.g. resolution: 1024 (side of the square bucket)")
+    kwargs = {k: _positive_int(spec[k], f"{source}: generate.{k}") for k in GENERATE_KEYS[:4] if k in spec}
+    if "max_aspect" in spec:
+        aspect = spec["max_aspect"]
+        if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or aspect < 1:
+            raise ConfigError(f"{source}: generate.max_aspect must be a number >= 1, got {aspect!r}", "use e.g. 2.0")
+        kwargs["max_aspect"] = float(aspect)
+    if kwargs.get("min_side", 256) > kwargs.get("max_side", 2048):
+        raise ConfigError(f"{source}: generate.min_side is larger than generate.max_side", "swap them")
+    sizes = generate_sizes(**kwargs)
+    if not sizes:
+        raise ConfigError(f"{source}: generate produced no bucket", "lower min_side or raise max_side / max_aspect")
+    return sizes
+
+
+def load_bucket_config(path: str | Path) -> BucketConfig:
+    """Read and validate a bucket config file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bucket config {path} does not exist",
+                          "pass --buckets with a YAML file, e.g. configs/dit-buckets.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"bucket config {path} is not valid YAML: {exc}", f"write for example:\n    {EXAMPLE}") from None
+    return parse_bucket_config(data, source=str(path))

@@ -1,0 +1,41 @@
+"""Errors a user can act on.
+
+Every problem caused by input (a config, a folder, a model id, a cache) is raised as a
+DinocacheError carrying what went wrong and how to fix it. The CLI prints these without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DinocacheError(Exception):
+    """A user-facing error: `message` says what is wrong, `hint` says how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class ConfigError(DinocacheError):
+    """The bucket config or an option is invalid."""
+
+
+class ModelLoadError(DinocacheError):
+    """The model could not be found, downloaded or understood."""
+
+
+class CacheError(DinocacheError):
+    """A cache directory is missing, locked, unreadable or incompatible."""
+
+
+class DecodeError(Exception):
+    """One image could not be used; `reason` is a short stable code counted by `stats`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,104 @@
+"""Decode policy and preprocessing: from a file to the normalized tensor DINOv3 sees.
+
+Decoding gets the traps right that naive `Image.convert("RGB")` falls into: EXIF orientation,
+16-bit and float modes (convert("RGB") turns a 16-bit PNG ~99.6% white), alpha (composited on a
+background colour instead of dropped), palette transparency, CMYK, and decompression bombs
+(refused from the header, before any pixel is decoded).
+
+Preprocessing matches transformers' `DINOv3ViTImageProcessor(do_center_crop=False)`: rescale to
+[0, 1] -> bilinear antialiased resize -> normalize. Its torchvision resize on tensors is
+`torch.nn.functional.interpolate(mode="bilinear", antialias=True)`, which is what we call, so
+the core does not need torchvision.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DecodeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WHITE = (255, 255, 255)
+
+
+def decode_image(path: str, max_pixels: int, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
+    """Decode the first frame of an image, upright, as float32 RGB in [0, 1], shape [3, H, W].
+
+    Raises DecodeError with a stable reason code for anything that is not a usable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
+                                               f"{max_pixels} (raise --max-pixels if this image is legitimate)")
+            img.seek(0)  # animated GIF/WebP/APNG: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_float_rgb(img, background)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("missing", "the file disappeared or is a broken symlink") from None
+    except PermissionError:
+        raise DecodeError("unreadable", "no permission to read the file") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not_an_image", "Pillow does not recognise this file as an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+def _to_float_rgb(img, background: tuple[int, int, int]) -> torch.Tensor:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (and PNG's 32-bit "I" holding 16-bit samples): full range is 65535, not 255.
+        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        return torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, -1, -1).contiguous()
+    if mode == "F":
+        gray = np.asarray(img, dtype=np.float32)
+        finite_max = float(np.nanmax(gray)) if gray.size else 0.0
+        scale = 1.0 if finite_max <= 1.0 else 255.0 if finite_max <= 255.0 else 65535.0
+        gray = np.nan_to_num(gray / scale, nan=0.0, posinf=1.0, neginf=0.0)
+        return torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, -1, -1).contiguous()
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        img = Image.alpha_composite(canvas, rgba).convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK (Pillow undoes Adobe's inversion), YCbCr, LAB, HSV
+    rgb = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return rgb.permute(2, 0, 1).float().div_(255.0)
+
+
+def preprocess(
+    pixels: torch.Tensor,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> torch.Tensor:
+    """Crop `box` (left, top, right, bottom) out of [3, H, W] pixels in [0, 1], resize to
+    `size` = (width, height) with antialiased bilinear, and normalize. Returns [3, height, width]."""
+    left, top, right, bottom = box
+    region = pixels[:, top:bottom, left:right]
+    width, height = size
+    if region.shape[1:] != (height, width):
+        region = F.interpolate(region[None], size=(height, width), mode="bilinear",
+                               align_corners=False, antialias=True)[0]
+    mean_t = torch.tensor(mean, dtype=region.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=region.dtype).view(3, 1, 1)
+    return (region - mean_t) / std_t

@@ -1,0 +1,192 @@
+"""Load DINOv3, choose device and dtype, run the forward and split its tokens.
+
+One code path for every source: a Hub id, a local HF-format folder, or `random:<arch>` (which
+builds the architecture with random weights, saves nothing, and says loudly that it is random).
+Token order is the one transformers and the official repo emit:
+    [CLS] [register_1 .. register_R] [patch (0,0) .. patch (rows-1, cols-1)]   (row-major)
+R comes from the config, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .imaging import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("dinocache")
+
+DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+RANDOM_PREFIX = "random:"
+
+# Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim).
+ARCHITECTURES: dict[str, dict] = {
+    "vits16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "vits16plus": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                       use_gated_mlp=True),
+    "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "vith16plus": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                       use_gated_mlp=True),
+    "vit7b16": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192,
+                    use_gated_mlp=True),
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A DINOv3 ViT ready for inference, with what the manifest must record about it."""
+
+    model: torch.nn.Module
+    model_id: str
+    revision: str | None
+    patch_size: int
+    hidden_size: int
+    num_registers: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    device: torch.device
+    dtype: torch.dtype
+    config: dict = field(repr=False, default_factory=dict)
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """last_hidden_state (already final-LayerNormed) for a batch of one exact shape."""
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        return self.model(pixel_values=pixels).last_hidden_state
+
+
+def split_tokens(hidden: torch.Tensor, num_registers: int, grid: tuple[int, int]):
+    """Split [B, 1 + R + rows*cols, D] into cls [B, D], registers [B, R, D], patches [B, rows*cols, D]."""
+    rows, cols = grid
+    expected = 1 + num_registers + rows * cols
+    if hidden.shape[1] != expected:
+        raise RuntimeError(
+            f"model returned {hidden.shape[1]} tokens, expected 1 CLS + {num_registers} registers + "
+            f"{rows}x{cols} patches = {expected}; the input size is not a multiple of the patch size"
+        )
+    return hidden[:, 0], hidden[:, 1 : 1 + num_registers], hidden[:, 1 + num_registers :]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU",
+                             "use --device cpu, or install a CUDA build of torch")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run natively (2.65x fp32 for ViT-S on this project's CPUs)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(DTYPES)}")
+    if dtype == "float16":
+        warnings.warn("float16 is reported to overflow in DINOv3 (dinov3 issue 181); prefer bfloat16", stacklevel=2)
+    return DTYPES[dtype]
+
+
+def random_config(arch: str):
+    from transformers import DINOv3ViTConfig
+
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown architecture {arch!r} in random:{arch}",
+                             f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}")
+    return DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1e-5, **ARCHITECTURES[arch])
+
+
+def load_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+               image_mean=None, image_std=None, seed: int = 0) -> LoadedModel:
+    """Load a DINOv3 ViT from a Hub id, a local folder or `random:<arch>`."""
+    from transformers import DINOv3ViTModel
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec.startswith(RANDOM_PREFIX):
+        config = random_config(spec[len(RANDOM_PREFIX):])
+        log.warning("%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", spec)
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(config)
+        processor_cfg: dict = {}
+    else:
+        config = _load_config(spec, revision)
+        try:
+            model = DINOv3ViTModel.from_pretrained(spec, revision=revision, config=config)
+        except OSError as exc:
+            raise ModelLoadError(f"could not load the weights of {spec}: {exc}", _weights_hint(spec)) from None
+        processor_cfg = _load_processor_config(spec, revision)
+    mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
+    std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
+    model = model.to(device=dev, dtype=torch_dtype).eval()  # eval: no RoPE jitter, no drop-path
+    return LoadedModel(
+        model=model, model_id=spec, revision=revision, patch_size=_patch_size(config),
+        hidden_size=config.hidden_size, num_registers=config.num_register_tokens,
+        image_mean=mean, image_std=std, device=dev, dtype=torch_dtype, config=config.to_dict(),
+    )
+
+
+def _patch_size(config) -> int:
+    p = config.patch_size
+    if isinstance(p, (list, tuple)):
+        if p[0] != p[1]:
+            raise ModelLoadError(f"non-square patch size {p} is not supported", "use a standard DINOv3 ViT")
+        p = p[0]
+    return int(p)
+
+
+def _weights_hint(spec: str) -> str:
+    if Path(spec).exists():
+        return f"{spec} must be a folder saved by save_pretrained (config.json + model.safetensors)"
+    return (f"if {spec} is a gated Hub repo, accept its license on the Hub page and run `hf auth login`; "
+            "offline, download it once and pass the local folder to --model; for a smoke test use --model random:vits16")
+
+
+def _load_config(spec: str, revision: str | None):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec, revision=revision)  # never trust_remote_code
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}", _weights_hint(spec)) from None
+    if config.model_type != "dinov3_vit":
+        hint = ("ConvNeXt DINOv3 models have no CLS/register tokens and are not supported yet"
+                if "convnext" in config.model_type else "pass a DINOv3 ViT, e.g. " + DEFAULT_MODEL)
+        raise ModelLoadError(f"{spec} is a {config.model_type!r} model, not a DINOv3 ViT", hint)
+    return config
+
+
+def _load_processor_config(spec: str, revision: str | None) -> dict:
+    """The checkpoint's preprocessor_config.json (mean/std differ for the SAT models), or {}."""
+    local = Path(spec) / "preprocessor_config.json"
+    if Path(spec).is_dir():
+        return json.loads(local.read_text()) if local.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(spec, "preprocessor_config.json", revision=revision)).read_text())
+    except Exception as exc:  # no file on the Hub, or offline with the weights cached: ImageNet defaults
+        log.info("no preprocessor_config.json for %s (%s); using ImageNet mean/std", spec, type(exc).__name__)
+        return {}

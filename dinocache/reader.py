@@ -1,0 +1,192 @@
+"""Read a cache back in a training loop.
+
+    cache = FeatureCache("dinocache_out")
+    sampler = BucketBatchSampler(cache, batch_size=32, seed=0, rank=rank, world_size=world)
+    loader = DataLoader(cache, batch_sampler=sampler, collate_fn=collate_features, num_workers=4)
+
+Rows are read lazily through memory-mapped safetensors (never torch.load: no pickle).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .errors import CacheError
+from .manifest import DEFAULT_OUT, read_manifest, shard_path
+
+
+class FeatureCache(Dataset):
+    """A read-only view of a cache: `cache[key]` or `cache[i]` -> dict with
+    "cls" [D], "patches" [rows, cols, D], optionally "registers" [R, D], and "key", "bucket", "grid"."""
+
+    def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.dtype = dtype
+        cols = self.manifest["samples"]
+        self._keys: list[str] = cols["key"]
+        self._shard = cols["shard"]
+        self._row = cols["row"]
+        self._bucket = cols["bucket"]
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        if len(self._index) != len(self._keys):
+            raise CacheError(f"{self.root}: the manifest lists a key twice", "run `dinocache verify` for details")
+        self.buckets = self.manifest["buckets"]
+        self.shards = self.manifest["shards"]
+        self._open: OrderedDict[int, object] = OrderedDict()
+        self._max_open = max_open_shards
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def bucket_of(self, i: int) -> int:
+        return self._bucket[i]
+
+    def index_of(self, key: str) -> int:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in the cache at {self.root}") from None
+
+    def __getitem__(self, item: int | str) -> dict:
+        i = self.index_of(item) if isinstance(item, str) else int(item)
+        if not 0 <= i < len(self._keys):
+            raise IndexError(f"index {i} out of range for a cache of {len(self._keys)} samples")
+        shard_index, row, bucket_index = self._shard[i], self._row[i], self._bucket[i]
+        bucket = self.buckets[bucket_index]
+        rows, cols = bucket["grid"]
+        handle = self._handle(shard_index)
+        out = {
+            "key": self._keys[i],
+            "bucket": bucket["name"],
+            "bucket_index": bucket_index,
+            "grid": (rows, cols),
+            "cls": handle.get_slice("cls")[row],
+            "patches": handle.get_slice("patches")[row].reshape(rows, cols, -1),
+        }
+        if "registers" in handle.keys():
+            out["registers"] = handle.get_slice("registers")[row]
+        if self.dtype is not None:
+            for name in ("cls", "patches", "registers"):
+                if name in out:
+                    out[name] = out[name].to(self.dtype)
+        return out
+
+    def _handle(self, shard_index: int):
+        from safetensors import safe_open
+
+        handle = self._open.get(shard_index)
+        if handle is None:
+            if not 0 <= shard_index < len(self.shards):
+                raise CacheError(f"{self.root}: a sample points at shard #{shard_index}, which does not exist",
+                                 "run `dinocache verify` for details")
+            path = shard_path(self.root, self.shards[shard_index]["file"])
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise CacheError(f"cannot open shard {self.shards[shard_index]['file']}: {exc}",
+                                 "run `dinocache verify`, then rerun extract to rebuild missing shards") from None
+            self._open[shard_index] = handle
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard_index)
+        return handle
+
+    def __getstate__(self):  # DataLoader workers reopen their own memory maps
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices that all come from one bucket.
+
+    Shuffled by (seed, epoch): the same seed and epoch give the same batches on every restart.
+    With `world_size` > 1 every rank gets a disjoint slice of the same global batch list and the
+    same number of batches (the list is padded by repeating its start, or cut with drop_last).
+    """
+
+    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+        self._by_bucket: dict[int, list[int]] = {}
+        for i in range(len(cache)):
+            self._by_bucket.setdefault(cache.bucket_of(i), []).append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        batches = []
+        for bucket in sorted(self._by_bucket):
+            indices = list(self._by_bucket[bucket])
+            if self.shuffle:
+                rng.shuffle(indices)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.world_size > 1 and batches:
+            if self.drop_last:
+                batches = batches[: len(batches) - len(batches) % self.world_size]
+            else:
+                total = math.ceil(len(batches) / self.world_size) * self.world_size
+                batches += batches[: total - len(batches)]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._global_batches()[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._global_batches()[self.rank::self.world_size])
+
+
+def collate_features(items: list[dict]) -> dict:
+    """Stack samples of any buckets: patches padded to the longest sequence, with a mask.
+
+    Returns "cls" [B, D], "patches" [B, L, D] (row-major flattened grid, zero-padded),
+    "mask" [B, L] bool (True = real patch, the `context_mask` convention of the DiT block),
+    "grid" [B, 2] (rows, cols), "keys" and "buckets".
+    """
+    flat = [it["patches"].reshape(-1, it["patches"].shape[-1]) for it in items]
+    longest = max(p.shape[0] for p in flat)
+    dim = flat[0].shape[1]
+    patches = flat[0].new_zeros(len(items), longest, dim)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for b, p in enumerate(flat):
+        patches[b, : p.shape[0]] = p
+        mask[b, : p.shape[0]] = True
+    out = {
+        "cls": torch.stack([it["cls"] for it in items]),
+        "patches": patches,
+        "mask": mask,
+        "grid": torch.tensor([it["grid"] for it in items], dtype=torch.long),
+        "keys": [it["key"] for it in items],
+        "buckets": [it["bucket"] for it in items],
+    }
+    if all("registers" in it for it in items):
+        out["registers"] = torch.stack([it["registers"] for it in items])
+    return out

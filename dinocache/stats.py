@@ -1,0 +1,79 @@
+"""What is in a cache: counts per bucket, failures by reason, bytes, model and dtype."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .manifest import MANIFEST_NAME, read_manifest
+
+
+def cache_stats(root: str | Path) -> dict:
+    root = Path(root)
+    manifest = read_manifest(root)
+    cols = manifest["samples"]
+    total = len(cols["key"])
+    per_bucket = Counter(cols["bucket"])
+    buckets = []
+    for b in manifest["buckets"]:
+        count = per_bucket.get(b["index"], 0)
+        buckets.append({"name": b["name"], "input": f"{b['input_width']}x{b['input_height']}",
+                        "grid": f"{b['grid'][0]}x{b['grid'][1]}", "images": count,
+                        "share": round(count / total, 4) if total else 0.0})
+    failures = manifest["failures"]
+    shard_bytes = sum(s.get("bytes", 0) for s in manifest["shards"])
+    referenced = {s for s in cols["shard"]}
+    runs = manifest.get("runs", [])
+    return {
+        "cache": str(root),
+        "images": total,
+        "failed": len(failures),
+        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "failures": [{"key": f["key"], "reason": f["reason"], "detail": f.get("detail", "")} for f in failures],
+        "buckets": buckets,
+        "shards": len(manifest["shards"]),
+        "unreferenced_shards": len(manifest["shards"]) - len(referenced),
+        "bytes_on_disk": shard_bytes + (root / MANIFEST_NAME).stat().st_size,
+        "model": manifest["model"]["id"],
+        "revision": manifest["model"].get("revision"),
+        "compute_dtype": manifest["model"].get("compute_dtype"),
+        "storage_dtype": manifest["storage"]["dtype"],
+        "registers_stored": manifest["storage"].get("registers", False),
+        "resize": manifest["preprocessing"].get("resize"),
+        "runs": runs,
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
+    lines = [
+        f"cache      {stats['cache']}",
+        f"model      {stats['model']}" + (f" @ {stats['revision']}" if stats["revision"] else ""),
+        f"dtype      compute {stats['compute_dtype']}, stored {stats['storage_dtype']}"
+        + (", registers kept" if stats["registers_stored"] else ""),
+        f"images     {stats['images']} cached, {stats['failed']} failed",
+        f"on disk    {_human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
+        "",
+        f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7}",
+    ]
+    for b in stats["buckets"]:
+        lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}%")
+    if stats["failures_by_reason"]:
+        lines += ["", "failures by reason:"]
+        lines += [f"  {reason:<14} {count}" for reason, count in stats["failures_by_reason"].items()]
+        for f in stats["failures"][:max_failures_listed]:
+            lines.append(f"  - {f['key']}: {f['reason']} ({f['detail']})")
+        if len(stats["failures"]) > max_failures_listed:
+            lines.append(f"  ... {len(stats['failures']) - max_failures_listed} more (see --json)")
+    if stats["runs"]:
+        last = stats["runs"][-1]
+        lines += ["", f"last run   {last.get('processed', 0)} images in {last.get('seconds', 0):.1f} s "
+                      f"({last.get('images_per_second', 0):.1f} img/s) on {last.get('device')}"]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Shard writer: rows of one bucket -> stacked safetensors files, durable before they are named.
+
+A shard is written to a temp name, fsynced, renamed, and the folder fsynced; only then is it
+reported back for the manifest. Shards are self-describing (their safetensors metadata holds the
+bucket, grid and per-row sample records), so a shard that landed just before a crash can be
+adopted by the next run instead of being recomputed. Writing happens on a background thread so
+the model does not wait for the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .buckets import Bucket
+from .manifest import FORMAT_NAME, FORMAT_VERSION, SHARD_DIR, SHARD_SUFFIX, fsync_dir
+
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class _Buffer:
+    bucket: Bucket
+    cls: list[torch.Tensor] = field(default_factory=list)
+    registers: list[torch.Tensor] = field(default_factory=list)
+    patches: list[torch.Tensor] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Buffers rows per bucket and writes a shard when the buffer reaches `max_bytes` or on flush.
+
+    `add` takes tensors on any device; it copies each row to CPU in the storage dtype (a fresh,
+    contiguous tensor, so a saved row never keeps a whole batch's storage alive).
+    Completed shards are collected with `completed()`, as (shard record, sample records).
+    """
+
+    def __init__(self, root: Path, storage_dtype: str = "bfloat16", max_bytes: int = 512 * 1024**2,
+                 keep_registers: bool = False, max_pending: int = 2):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+        self.root = Path(root)
+        self.dtype = STORAGE_DTYPES[storage_dtype]
+        self.max_bytes = max_bytes
+        self.keep_registers = keep_registers
+        self.run_id = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self._buffers: dict[int, _Buffer] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinocache-writer")
+        self._pending: list[Future] = []
+        self._done: list[tuple[dict, list[dict]]] = []
+        self._max_pending = max_pending
+        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    def add(self, bucket: Bucket, cls: torch.Tensor, registers: torch.Tensor, patches: torch.Tensor,
+            samples: list[dict]) -> None:
+        buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
+        # One device->host copy per batch, then per-row clones in the storage dtype.
+        cls = cls.to("cpu", self.dtype)
+        patches = patches.to("cpu", self.dtype)
+        registers = registers.to("cpu", self.dtype) if self.keep_registers else None
+        for i, sample in enumerate(samples):
+            buf.cls.append(cls[i].clone())
+            buf.patches.append(patches[i].clone())
+            if registers is not None:
+                buf.registers.append(registers[i].clone())
+            buf.samples.append(sample)
+            buf.nbytes += (cls[i].numel() + patches[i].numel()) * cls.element_size()
+            if buf.nbytes >= self.max_bytes:
+                self._submit(bucket.index)
+                buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
+
+    def flush(self, bucket_index: int | None = None) -> None:
+        """Write out the partly filled shard of one bucket (or of all)."""
+        for index in [bucket_index] if bucket_index is not None else list(self._buffers):
+            if index in self._buffers and self._buffers[index].samples:
+                self._submit(index)
+
+    def completed(self) -> list[tuple[dict, list[dict]]]:
+        """Shards that are durable on disk since the last call (raises a write error, e.g. ENOSPC)."""
+        still = []
+        for fut in self._pending:
+            if fut.done():
+                self._done.append(fut.result())
+            else:
+                still.append(fut)
+        self._pending = still
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[tuple[dict, list[dict]]]:
+        """Flush everything, wait for the disk, and return the remaining completed shards."""
+        try:
+            self.flush()
+            for fut in self._pending:
+                self._done.append(fut.result())
+            self._pending = []
+            return self.completed()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _submit(self, index: int) -> None:
+        buf = self._buffers.pop(index)
+        name = f"{SHARD_DIR}/b{buf.bucket.index:03d}-{buf.bucket.name}-{self.run_id}-{self._seq:05d}{SHARD_SUFFIX}"
+        self._seq += 1
+        while len(self._pending) >= self._max_pending:  # backpressure: bounded host memory
+            self._done.append(self._pending.pop(0).result())
+        self._pending.append(self._pool.submit(self._write, name, buf))
+
+    def _write(self, name: str, buf: _Buffer) -> tuple[dict, list[dict]]:
+        from safetensors.torch import save
+
+        rows, cols = buf.bucket.grid
+        tensors = {"cls": torch.stack(buf.cls), "patches": torch.stack(buf.patches)}
+        if buf.registers:
+            tensors["registers"] = torch.stack(buf.registers)
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "bucket": buf.bucket.name,
+            "grid": f"{rows}x{cols}",
+            "samples": json.dumps(buf.samples, separators=(",", ":")),
+        }
+        data = save(tensors, metadata=metadata)
+        path = self.root / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        record = {"file": name, "bucket": buf.bucket.index, "rows": len(buf.samples), "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest()}
+        return record, buf.samples
