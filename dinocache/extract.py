@@ -74,8 +74,9 @@ def default_batch_size(bucket: Bucket) -> int:
 
 
 def cache_settings(loaded: LoadedModel, buckets: list[Bucket], options: ExtractOptions) -> dict:
-    """Everything that changes the stored features; a cache never mixes two of these."""
-    return {
+    """Everything that changes the stored features; a cache never mixes two of these.
+    JSON-normalized, so that it compares equal to what a manifest read back holds."""
+    return json.loads(json.dumps({
         "model": {"id": loaded.model_id, "revision": loaded.revision, "patch_size": loaded.patch_size,
                   "hidden_size": loaded.hidden_size, "num_registers": loaded.num_registers,
                   "compute_dtype": str(loaded.dtype).removeprefix("torch."), "config": loaded.config},
@@ -85,7 +86,7 @@ def cache_settings(loaded: LoadedModel, buckets: list[Bucket], options: ExtractO
                           "exif_transpose": True},
         "storage": {"dtype": options.storage_dtype, "registers": options.keep_registers},
         "buckets": [b.to_record() for b in buckets],
-    }
+    }))
 
 
 def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -38,6 +38,12 @@ ARCHITECTURES: dict[str, dict] = {
                     use_gated_mlp=True),
 }
 
+# The config fields that change features (the rest is Hub bookkeeping such as id2label).
+ARCHITECTURE_FIELDS = ("patch_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "hidden_act", "layer_norm_eps", "rope_theta", "query_bias", "key_bias", "value_bias",
+                       "proj_bias", "mlp_bias", "layerscale_value", "use_gated_mlp", "num_register_tokens",
+                       "num_channels")
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -144,7 +150,8 @@ def load_model(spec: str, revision: str | None = None, device: str = "auto", dty
     return LoadedModel(
         model=model, model_id=spec, revision=revision, patch_size=_patch_size(config),
         hidden_size=config.hidden_size, num_registers=config.num_register_tokens,
-        image_mean=mean, image_std=std, device=dev, dtype=torch_dtype, config=config.to_dict(),
+        image_mean=mean, image_std=std, device=dev, dtype=torch_dtype,
+        config={k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)},
     )
 
 
