@@ -1,0 +1,75 @@
+"""Model loading: the paths a user takes, and the errors they get."""
+
+import json
+
+import pytest
+import torch
+
+from dinocache.errors import ModelLoadError
+from dinocache.model import ARCHITECTURES, load_model, random_config, resolve_dtype, split_tokens
+
+
+def test_local_checkpoint_loads_in_eval_mode(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert not loaded.model.training  # RoPE jitter is off
+    assert (loaded.num_registers, loaded.hidden_size, loaded.patch_size) == (4, 64, 16)
+    out = loaded.forward(torch.zeros(2, 3, 32, 48))
+    assert out.shape == (2, 1 + 4 + 2 * 3, 64)
+
+
+def test_split_tokens_order_and_count_check():
+    hidden = torch.arange(1 + 4 + 6).float().view(1, -1, 1)
+    cls, registers, patches = split_tokens(hidden, 4, (2, 3))
+    assert cls.flatten().tolist() == [0.0]
+    assert registers.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert patches.flatten().tolist() == [5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    with pytest.raises(RuntimeError, match="expected 1 CLS"):
+        split_tokens(hidden, 4, (2, 2))
+
+
+def test_random_architectures_have_the_released_shapes():
+    assert ARCHITECTURES["vitl16"]["hidden_size"] == 1024 and ARCHITECTURES["vitl16"]["num_hidden_layers"] == 24
+    assert ARCHITECTURES["vith16plus"]["num_attention_heads"] == 20
+    assert ARCHITECTURES["vit7b16"]["num_hidden_layers"] == 40 and ARCHITECTURES["vit7b16"]["num_attention_heads"] == 32
+    config = random_config("vits16")
+    assert config.num_register_tokens == 4 and config.patch_size == 16
+
+
+def test_random_model_warns_loudly(caplog):
+    loaded = load_model("random:vits16", device="cpu", dtype="float32")
+    assert loaded.hidden_size == 384
+    assert "RANDOM weights" in caplog.text
+
+
+def test_missing_model_says_how_to_fix(tmp_path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path / "nothing"), device="cpu")
+    assert "hf auth login" in str(info.value) or "local folder" in str(info.value)
+
+
+def test_non_dinov3_checkpoint_is_refused(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a DINOv3 ViT"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_folder_without_weights(tmp_path, tiny_model_dir):
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="could not load the weights"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_dtype_choice():
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("int4", torch.device("cpu"))
+
+
+def test_cuda_requested_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_model("random:vits16", device="cuda")

@@ -1,0 +1,96 @@
+"""FeatureCache, BucketBatchSampler and collate_features in a training-loop shape."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import save_scene
+from dinocache import BucketBatchSampler, FeatureCache, collate_features
+from dinocache.config import ExtractOptions, parse_bucket_config
+from dinocache.extract import extract
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("reader")
+    images = root / "images"
+    sizes = [(300, 300)] * 7 + [(600, 300)] * 5 + [(280, 400)] * 4
+    for i, (w, h) in enumerate(sizes):
+        save_scene(images / f"{i:02d}.png", w, h, seed=i)
+    options = ExtractOptions(out=root / "out", buckets=parse_bucket_config({"buckets": [[224, 224], [384, 192], [210, 300]]}),
+                             model=str(tiny_model_dir), workers=0, progress=False)
+    extract(images, options)
+    return FeatureCache(root / "out")
+
+
+def test_lookup_by_key_and_index(cache):
+    assert len(cache) == 16 and "00.png" in cache and "zz.png" not in cache
+    by_key = cache["03.png"]
+    by_index = cache[cache.index_of("03.png")]
+    assert torch.equal(by_key["patches"], by_index["patches"])
+    assert by_key["patches"].shape == (14, 14, 64)
+    with pytest.raises(KeyError, match="not in the cache"):
+        cache["zz.png"]
+
+
+def test_dtype_cast(cache, tmp_path):
+    fc = FeatureCache(cache.root, dtype=torch.float32)
+    assert fc["00.png"]["cls"].dtype == torch.float32
+
+
+def test_batches_hold_one_bucket_and_cover_every_sample_once(cache):
+    sampler = BucketBatchSampler(cache, batch_size=3, seed=1)
+    seen = []
+    for batch in sampler:
+        assert len({cache.bucket_of(i) for i in batch}) == 1
+        assert 1 <= len(batch) <= 3
+        seen += batch
+    assert sorted(seen) == list(range(16))
+    assert len(sampler) == len(list(sampler))
+
+
+def test_shuffle_depends_on_seed_and_epoch_only(cache):
+    a = list(BucketBatchSampler(cache, batch_size=2, seed=7))
+    assert a == list(BucketBatchSampler(cache, batch_size=2, seed=7))  # a restart gives the same order
+    b = BucketBatchSampler(cache, batch_size=2, seed=7)
+    b.set_epoch(1)
+    assert list(b) != a
+    assert list(BucketBatchSampler(cache, batch_size=2, seed=8)) != a
+
+
+def test_ranks_get_disjoint_batches_and_equal_counts(cache):
+    world = 3
+    per_rank = [list(BucketBatchSampler(cache, batch_size=2, seed=3, rank=r, world_size=world, drop_last=True))
+                for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    flat = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(flat) == len(set(flat))
+    padded = [list(BucketBatchSampler(cache, batch_size=2, seed=3, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(b) for b in padded}) == 1
+    assert {i for batches in padded for batch in batches for i in batch} == set(range(16))
+
+
+def test_collate_pads_patches_and_masks_them(cache):
+    items = [cache["00.png"], cache["07.png"]]  # 14x14 = 196 and 12x24 = 288 patches
+    batch = collate_features(items)
+    assert batch["patches"].shape == (2, 288, 64) and batch["cls"].shape == (2, 64)
+    assert batch["mask"].sum(1).tolist() == [196, 288]
+    assert torch.equal(batch["patches"][0, :196], items[0]["patches"].reshape(-1, 64))
+    assert torch.all(batch["patches"][0, 196:] == 0)
+    assert batch["grid"].tolist() == [[14, 14], [12, 24]]
+    # The guide's DiT block takes key_padding_mask = ~context_mask: padded slots must be ignored.
+    attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    q = torch.randn(2, 5, 64)
+    out_full, _ = attn(q, batch["patches"].float(), batch["patches"].float(), key_padding_mask=~batch["mask"])
+    out_alone, _ = attn(q[:1], items[0]["patches"].reshape(1, -1, 64).float(), items[0]["patches"].reshape(1, -1, 64).float())
+    torch.testing.assert_close(out_full[:1], out_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_dataloader_with_workers(cache):
+    loader = DataLoader(cache, batch_sampler=BucketBatchSampler(cache, batch_size=4, seed=0),
+                        collate_fn=collate_features, num_workers=2)
+    total = 0
+    for batch in loader:
+        assert batch["mask"].all()  # one bucket per batch: nothing to pad
+        total += len(batch["keys"])
+    assert total == 16

@@ -1,0 +1,149 @@
+"""verify, stats and the CLI contract (exit codes, default --out, errors without tracebacks)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dinocache.cli import app
+from dinocache.manifest import DEFAULT_OUT, read_manifest
+
+runner = CliRunner()
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def extract_cli(images, out, model_dir, *extra):
+    result = runner.invoke(app, ["extract", str(images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
+                                 "--out", str(out), "--model", str(model_dir), "--workers", "0", "--no-progress", *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture()
+def cache_dir(mixed_images, tmp_path, tiny_model_dir):
+    out = tmp_path / "cache"
+    extract_cli(mixed_images, out, tiny_model_dir)
+    return out
+
+
+def test_verify_passes_on_a_fresh_cache(cache_dir):
+    result = runner.invoke(app, ["verify", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert "OK: 4 samples" in result.output
+
+
+def test_verify_fails_naming_the_shard_after_one_flipped_byte(cache_dir):
+    shard = read_manifest(cache_dir)["shards"][0]["file"]
+    path = cache_dir / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) - 7] ^= 0x01  # inside the tensor data, header still valid
+    path.write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(cache_dir)])
+    assert result.exit_code == 1
+    assert shard in result.output and "sha256" in result.output
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("truncate", ["bytes", "truncated"]),
+    ("delete", ["missing"]),
+    ("extra", ["not in the manifest"]),
+    ("escape", ["escapes", "not inside"]),
+    ("duplicate", ["more than once"]),
+    ("rows", ["points at row 999"]),
+])
+def test_verify_names_other_faults(cache_dir, fault, words):
+    manifest = read_manifest(cache_dir)
+    first = cache_dir / manifest["shards"][0]["file"]
+    if fault == "truncate":
+        first.write_bytes(first.read_bytes()[:-100])
+    elif fault == "delete":
+        first.unlink()
+    elif fault == "extra":
+        (cache_dir / "shards" / "stray.safetensors").write_bytes(first.read_bytes())
+    else:
+        if fault == "escape":
+            manifest["shards"][0]["file"] = "shards/../../outside.safetensors"
+        elif fault == "duplicate":
+            manifest["samples"]["key"][1] = manifest["samples"]["key"][0]
+        elif fault == "rows":
+            manifest["samples"]["row"][0] = 999
+        (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(cache_dir)])
+    assert result.exit_code == 1
+    assert any(w in result.output for w in words), result.output
+
+
+def test_verify_catches_nan(cache_dir):
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest = read_manifest(cache_dir)
+    shard = manifest["shards"][0]
+    path = cache_dir / shard["file"]
+    tensors = load_file(str(path))
+    tensors["patches"][0, 0, 0] = float("nan")
+    save_file(tensors, str(path))
+    shard["bytes"] = path.stat().st_size
+    shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()  # checksums cannot see it: the value scan must
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(cache_dir)])
+    assert result.exit_code == 1 and "NaN" in result.output
+
+
+def test_stats_reports_buckets_failures_model_and_bytes(mixed_images, tmp_path, tiny_model_dir):
+    (mixed_images / "broken.jpg").write_text("nope")
+    out = tmp_path / "cache"
+    extract_cli(mixed_images, out, tiny_model_dir)
+    result = runner.invoke(app, ["stats", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert stats["images"] == 4 and stats["failed"] == 1
+    assert stats["failures_by_reason"] == {"not_an_image": 1}
+    assert stats["failures"][0]["key"] == "broken.jpg"
+    by_name = {b["name"]: b for b in stats["buckets"]}
+    assert by_name["210x300"]["images"] == 1 and by_name["210x300"]["input"] == "208x304"
+    assert sum(b["share"] for b in stats["buckets"]) == pytest.approx(1.0)
+    assert stats["bytes_on_disk"] >= sum(p.stat().st_size for p in (out / "shards").iterdir())
+    assert stats["storage_dtype"] == "bfloat16" and stats["model"] == str(tiny_model_dir)
+    human = runner.invoke(app, ["stats", str(out)])
+    assert "208x304" in human.output and "not_an_image" in human.output and "broken.jpg" in human.output
+
+
+def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["extract", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
+                                 "--model", str(tiny_model_dir), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / DEFAULT_OUT / "manifest.json").is_file()
+    assert runner.invoke(app, ["verify"]).exit_code == 0
+    stats = runner.invoke(app, ["stats", "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.output)["images"] == 4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["extract", "{images}", "--buckets", "{tmp}/missing.yaml"], ["does not exist", "--buckets"]),
+    (["extract", "{tmp}/no-such-dir", "--buckets", "{cfg}"], ["input folder", "does not exist"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--model", "{tmp}/no-model"], ["could not load model"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--model", "random:vitz99"], ["unknown architecture", "random:vits16"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--storage-dtype", "int8"], ["storage-dtype"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--image-mean", "0.5,0.5"], ["--image-mean"]),
+    (["verify", "{tmp}/nothing-here"], ["does not exist"]),
+    (["stats", "{tmp}"], ["no manifest.json"]),
+])
+def test_user_errors_have_a_message_and_no_traceback(mixed_images, tmp_path, args, words):
+    args = [a.format(images=mixed_images, tmp=tmp_path, cfg=REPO / "configs" / "example-small.yaml") for a in args]
+    result = runner.invoke(app, args + (["--no-progress"] if args[0] == "extract" else []))
+    output = result.output + (result.stderr if result.stderr_bytes else "")
+    assert result.exit_code in (1, 2), output
+    assert "Traceback" not in output
+    for word in words:
+        assert word in output, output
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dinocache", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "extract" in proc.stdout and "verify" in proc.stdout
