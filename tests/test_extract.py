@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from conftest import NUM_REGISTERS, reference_forward, save_scene, token_cosine
+from conftest import DEVICE, NUM_REGISTERS, reference_forward, save_scene, token_cosine
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.errors import CacheError
@@ -21,6 +21,7 @@ BUCKETS = {"buckets": [[224, 224], [210, 300], [320, 224], [384, 192]]}
 
 def run(images, out, model_dir, buckets=None, **kwargs):
     kwargs.setdefault("workers", 0)
+    kwargs.setdefault("device", DEVICE)  # TORCH_DEVICE=cuda runs the same checks on a GPU
     kwargs.setdefault("progress", False)
     options = ExtractOptions(out=out, buckets=parse_bucket_config(buckets or BUCKETS), model=str(model_dir), **kwargs)
     return extract(images, options)
