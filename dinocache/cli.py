@@ -129,7 +129,7 @@ def stats(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "huggingface_hub", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # retries are reported by our own error
     app()
 
 
