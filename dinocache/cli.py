@@ -60,13 +60,16 @@ def extract(
     shard_size_mb: int = typer.Option(512, min=1, help="Largest shard size in MB."),
     max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse images with more pixels (decompression bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with different settings."),
+    rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash, not size + mtime."),
+    prune: bool = typer.Option(False, "--prune", help="Drop cached images whose source file is gone."),
+    max_failures: Optional[str] = typer.Option(None, help="Stop when more images fail: a count (100) or a fraction (0.05, 5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Extract features for every image in INPUT_DIR.
 
     Example: dinocache extract data/images --buckets configs/dit-buckets.yaml --out cache/
     """
-    from .config import ExtractOptions, load_bucket_config
+    from .config import ExtractOptions, load_bucket_config, parse_max_failures
     from .extract import extract as run_extract
 
     try:
@@ -75,20 +78,25 @@ def extract(
             dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers,
             image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
             batch_size=batch_size, workers=workers, shard_max_bytes=shard_size_mb * 1024**2,
-            max_pixels=max_pixels, overwrite=overwrite, progress=progress)
+            max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
+            max_failures=parse_max_failures(max_failures), progress=progress)
         if storage_dtype not in ("bfloat16", "float16", "float32"):
             raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}", "use bfloat16, float16 or float32")
         result = run_extract(input_dir, options)
     except DinocacheError as exc:
         _fail(exc)
     rate = result.processed / result.seconds if result.seconds else 0.0
-    typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed} failed "
+    typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed_this_run} failed "
                f"({rate:.1f} img/s overall) -> {result.out}")
+    if result.shards_adopted:
+        typer.echo(f"{result.shards_adopted} shard(s) finished by an interrupted run were kept")
     if result.failures_by_reason:
         typer.echo("failures: " + ", ".join(f"{r}={n}" for r, n in sorted(result.failures_by_reason.items()))
                    + "  (details: dinocache stats)")
     if result.missing_sources:
-        typer.echo(f"{result.missing_sources} cached image(s) no longer exist in {input_dir}")
+        typer.echo(f"{result.missing_sources} cached image(s) no longer exist in {input_dir} (--prune drops them)")
+    if result.pruned:
+        typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
 
 
 @app.command()

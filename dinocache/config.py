@@ -47,9 +47,31 @@ class ExtractOptions:
     shard_max_bytes: int = 512 * 1024**2
     max_pixels: int = 178_956_970  # Pillow's own decompression-bomb limit, checked from the header
     overwrite: bool = False
+    rehash: bool = False  # compare content hashes, not only size + mtime, to decide what is cached
+    prune: bool = False  # drop cached images whose source file is gone
+    max_failures: int | float | None = None  # a count, or a fraction of the images tried
     progress: bool = True
     seed: int = 0  # for random:<arch> weights
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_max_failures(text: str | None) -> int | float | None:
+    """'100' -> 100 images; '0.05' or '5%' -> a fraction of the images tried."""
+    if text is None:
+        return None
+    hint = "write a count (--max-failures 100) or a fraction (--max-failures 0.05 or 5%)"
+    try:
+        if text.endswith("%"):
+            value: int | float = float(text[:-1]) / 100
+        elif text.isdigit():
+            value = int(text)
+        else:
+            value = float(text)
+    except ValueError:
+        raise ConfigError(f"--max-failures {text!r} is not a number", hint) from None
+    if isinstance(value, float) and not 0 <= value < 1:
+        raise ConfigError(f"--max-failures {text!r} must be a fraction below 1 (or a whole count)", hint)
+    return value
 
 
 def _positive_int(value: Any, where: str) -> int:

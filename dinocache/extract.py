@@ -4,17 +4,20 @@
          -> one exact shape per batch -> forward -> split tokens -> shard writer -> manifest
 
 Per-image problems are recorded as failures and the run goes on. Reruns skip what is cached
-(same key, size and mtime), recompute changed files, and adopt shards that were written but
-not yet in the manifest when a previous run died.
+(same key, size and mtime; or same content hash with --rehash), recompute changed files, and
+adopt shards that were durable but not yet in the manifest when a previous run died.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .buckets import Bucket, assign_bucket, crop_box, make_buckets
 from .config import ExtractOptions
-from .errors import CacheError, DecodeError
-from .imaging import decode_image, preprocess
+from .errors import CacheError, DecodeError, DinocacheError
+from .faults import fault_point
+from .imaging import decode_image, preprocess, read_source
+from .index import SampleTable
 from .lock import CacheLock
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SAMPLE_COLUMNS, SHARD_DIR, SHARD_SUFFIX,
-                       read_manifest, write_manifest)
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST_NAME, SHARD_DIR, SHARD_SUFFIX,
+                       atomic_write_bytes, load_samples, read_manifest, write_manifest)
 from .model import LoadedModel, load_model, split_tokens
 from .scan import SourceFile, probe, scan_folder
 from .writer import ShardWriter, sha256_file
@@ -39,6 +44,7 @@ log = logging.getLogger("dinocache")
 TOKENS_PER_BATCH = 65536  # default batch = this many patch tokens (16 images at 1024x1024)
 MAX_DEFAULT_BATCH = 256
 COMMIT_EVERY_S = 30.0
+MIN_ATTEMPTS_FOR_FRACTION = 100  # --max-failures 0.5 is judged once this many images were tried
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,10 @@ class PlannedImage:
     source_mtime_ns: int
     source_size: tuple[int, int]
 
-    def record(self) -> dict:
+    def record(self, sha256: str) -> dict:
         return {"key": self.key, "bucket": self.bucket, "source_bytes": self.source_bytes,
-                "source_mtime_ns": self.source_mtime_ns, "source_size": list(self.source_size), "box": list(self.box)}
+                "source_mtime_ns": self.source_mtime_ns, "source_sha256": sha256,
+                "source_size": list(self.source_size), "box": list(self.box)}
 
 
 @dataclass
@@ -62,9 +69,12 @@ class ExtractResult:
     scanned: int = 0
     processed: int = 0
     skipped: int = 0
-    failed: int = 0
+    failed: int = 0  # failures recorded in the cache (all runs)
+    failed_this_run: int = 0
     missing_sources: int = 0
+    pruned: int = 0
     shards_written: int = 0
+    shards_adopted: int = 0
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -102,23 +112,29 @@ def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class CacheState:
-    """The in-memory index of a cache while it is being written; `commit` writes the manifest."""
+    """The cache while it is being written: the committed sample table plus what this run added.
+    `commit` writes a new sample index, then the manifest that names it (both atomically)."""
 
     def __init__(self, root: Path, settings: dict):
         self.root = root
         self.settings = settings
         self.shards: list[dict] = []
-        self.samples: dict[str, dict] = {}  # key -> record with shard index + row
+        self.table = SampleTable.empty()
+        self.pending: list[dict] = []  # sample records (with shard + row) not yet in `table`
+        self.dropped: set[str] = set()  # keys to remove at the next commit (--prune)
         self.failures: dict[str, dict] = {}
         self.runs: list[dict] = []
         self.created = _now()
+        self.index_file: str | None = None
+        self.index_info: dict | None = None  # manifest["samples"] of the committed table
 
     @classmethod
     def open(cls, root: Path, settings: dict, overwrite: bool) -> "CacheState":
         state = cls(root, settings)
-        if (root / MANIFEST_NAME).exists() and overwrite:
-            (root / MANIFEST_NAME).unlink()
+        if overwrite:
+            (root / MANIFEST_NAME).unlink(missing_ok=True)
             shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
+            shutil.rmtree(root / INDEX_DIR, ignore_errors=True)
         if (root / MANIFEST_NAME).exists():
             manifest = read_manifest(root)
             old = {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}
@@ -129,14 +145,24 @@ class CacheState:
             state.created = manifest.get("created", state.created)
             state.shards = manifest["shards"]
             state.runs = manifest.get("runs", [])
-            cols = manifest["samples"]
-            for i, key in enumerate(cols["key"]):
-                state.samples[key] = {name: cols[name][i] for name in SAMPLE_COLUMNS}
+            state.table = load_samples(root, manifest)
+            state.index_file = manifest["samples"]["file"]
+            state.index_info = manifest["samples"]
             state.failures = {f["key"]: f for f in manifest["failures"]}
-        elif any((root / SHARD_DIR).glob("*" + SHARD_SUFFIX)) and overwrite:
-            shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
-        state.adopt_orphans()
+        state._remove_stale_index_files()
         return state
+
+    def _remove_stale_index_files(self) -> None:
+        """Index files of commits that died before their manifest landed (we hold the lock)."""
+        for path in (self.root / INDEX_DIR).glob("*") if (self.root / INDEX_DIR).is_dir() else ():
+            if f"{INDEX_DIR}/{path.name}" != self.index_file:
+                path.unlink(missing_ok=True)
+        for path in (self.root / SHARD_DIR).glob(".*.tmp*") if (self.root / SHARD_DIR).is_dir() else ():
+            path.unlink(missing_ok=True)  # a shard write cut short: never referenced
+
+    def cached(self, key: str) -> dict | None:
+        i = self.table.find(key)
+        return self.table.record(i) if i >= 0 else None
 
     def adopt_orphans(self) -> int:
         """Shards that are durable on disk but not in the manifest (the run died before committing)."""
@@ -153,10 +179,10 @@ class CacheState:
                     meta = fh.metadata() or {}
                 samples = json.loads(meta["samples"])
                 bucket = samples[0]["bucket"]
-                if any(s["bucket"] != bucket for s in samples) or bucket >= len(self.settings["buckets"]):
+                if any(s["bucket"] != bucket for s in samples) or not 0 <= bucket < len(self.settings["buckets"]):
                     raise ValueError("inconsistent bucket")
                 if self.settings["buckets"][bucket]["name"] != meta.get("bucket"):
-                    raise ValueError("bucket table differs")
+                    raise ValueError("the bucket table differs from this cache's")
             except Exception as exc:  # not ours or damaged: leave it for verify to report
                 log.warning("not adopting %s: %s", name, exc)
                 continue
@@ -173,66 +199,91 @@ class CacheState:
         self.shards.append(record)
         for row, sample in enumerate(samples):
             # A recomputed image supersedes its old row: the old shard keeps the bytes, nobody references them.
-            self.samples[sample["key"]] = {**sample, "shard": index, "row": row}
+            self.pending.append({**sample, "shard": index, "row": row})
             self.failures.pop(sample["key"], None)
 
-    def add_failure(self, item: PlannedImage | SourceFile, reason: str, detail: str) -> None:
-        self.failures[item.key] = {"key": item.key, "reason": reason, "detail": detail,
-                                   "source_bytes": item.source_bytes if isinstance(item, PlannedImage) else item.size,
-                                   "source_mtime_ns": item.source_mtime_ns if isinstance(item, PlannedImage) else item.mtime_ns}
+    def add_failure(self, key: str, source_bytes: int, source_mtime_ns: int, reason: str, detail: str) -> None:
+        self.failures[key] = {"key": key, "reason": reason, "detail": detail,
+                              "source_bytes": source_bytes, "source_mtime_ns": source_mtime_ns}
 
     def commit(self) -> None:
-        keys = sorted(self.samples)
-        columns = {name: [self.samples[k][name] for k in keys] for name in SAMPLE_COLUMNS}
+        """Sample index first (new name), then the manifest that points at it, then drop the old index."""
+        if self.pending or self.dropped or self.index_file is None:
+            self.table = self.table.merged(self.pending, self.dropped)
+            self.pending, self.dropped = [], set()
+            data = self.table.to_bytes()
+            name = f"{INDEX_DIR}/samples-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+            (self.root / INDEX_DIR).mkdir(exist_ok=True)
+            atomic_write_bytes(self.root / name, data)
+            old, self.index_file = self.index_file, name
+            self.index_info = {"file": name, "count": len(self.table), "bytes": len(data),
+                               "sha256": hashlib.sha256(data).hexdigest()}
+        else:
+            old = None
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
             "created": self.created, "updated": _now(),
             **self.settings,
             "shards": self.shards,
-            "samples": columns,
+            "samples": self.index_info,
             "failures": [self.failures[k] for k in sorted(self.failures)],
             "runs": self.runs,
         }
+        fault_point("manifest_write")
         write_manifest(self.root, manifest)
+        if old and old != self.index_file:
+            (self.root / old).unlink(missing_ok=True)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheState, resize: str,
-                max_pixels: int) -> tuple[list[PlannedImage], int]:
-    """Which images to (re)compute and how; returns (plan sorted by bucket then key, skipped count)."""
+def _file_sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(read_source(path)).hexdigest()
+    except DecodeError:
+        return None
+
+
+def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheState, options: ExtractOptions,
+                result: ExtractResult) -> list[PlannedImage]:
+    """Which images to (re)compute and how: a plan sorted by bucket, then key."""
     plan: list[PlannedImage] = []
-    skipped = 0
     for src in sources:
-        cached = state.samples.get(src.key) or state.failures.get(src.key)
-        if cached and cached["source_bytes"] == src.size and cached["source_mtime_ns"] == src.mtime_ns:
-            skipped += 1
+        cached = state.cached(src.key)
+        previous = cached or state.failures.get(src.key)
+        if previous and previous["source_bytes"] == src.size and previous["source_mtime_ns"] == src.mtime_ns \
+                and not (options.rehash and cached):
+            result.skipped += 1
             continue
-        if src.size < 0:
-            state.add_failure(src, "unreadable", "cannot stat the file (broken or looping symlink?)")
-            continue
-        if src.size == 0:
-            state.add_failure(src, "empty", "zero-byte file")
+        if options.rehash and cached and _file_sha256(src.path) == cached["source_sha256"]:
+            # Same content, new size/mtime stamp (copied, touched): keep the row, refresh the stamp.
+            state.pending.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
+            result.skipped += 1
             continue
         try:
+            if src.size < 0:
+                raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
+            if src.size == 0:
+                raise DecodeError("empty", "zero-byte file")
             width, height = probe(src.path)
-            if width * height > max_pixels:
+            if width * height > options.max_pixels:
                 raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
-                                               f"{max_pixels} (raise --max-pixels if this image is legitimate)")
+                                               f"{options.max_pixels} (raise --max-pixels if this image is legitimate)")
         except DecodeError as exc:
-            state.add_failure(src, exc.reason, exc.detail)
+            state.add_failure(src.key, src.size, src.mtime_ns, exc.reason, exc.detail)
+            result.failed_this_run += 1
             continue
         bucket = assign_bucket(width, height, buckets)
-        plan.append(PlannedImage(src.key, src.path, bucket.index, crop_box(width, height, bucket, resize),
+        plan.append(PlannedImage(src.key, src.path, bucket.index, crop_box(width, height, bucket, options.buckets.resize),
                                  src.size, src.mtime_ns, (width, height)))
     plan.sort(key=lambda p: (p.bucket, p.key))
-    return plan, skipped
+    return plan
 
 
 class DecodeDataset(Dataset):
-    """Decode + preprocess one planned image; failures are returned, not raised."""
+    """Read, hash, decode and preprocess one planned image; failures are returned, not raised."""
 
     def __init__(self, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int):
         self.plan, self.buckets, self.mean, self.std, self.max_pixels = plan, buckets, mean, std, max_pixels
@@ -243,24 +294,27 @@ class DecodeDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.plan[i]
         bucket = self.buckets[item.bucket]
+        fault_point("decode")
         try:
-            pixels = decode_image(item.path, self.max_pixels)
+            data = read_source(item.path)
+            sha256 = hashlib.sha256(data).hexdigest()
+            pixels = decode_image(data, self.max_pixels)
             if (pixels.shape[2], pixels.shape[1]) != item.source_size:
                 raise DecodeError("changed", f"decoded size {pixels.shape[2]}x{pixels.shape[1]} differs from the "
                                              f"header's {item.source_size[0]}x{item.source_size[1]}")
             x = preprocess(pixels, item.box, (bucket.input_width, bucket.input_height), self.mean, self.std)
-            return i, x, None
+            return i, x, sha256, None
         except DecodeError as exc:
-            return i, None, (exc.reason, exc.detail)
+            return i, None, None, (exc.reason, exc.detail)
         except Exception as exc:  # a decoder bug must cost one image, not the run
-            return i, None, ("decode_error", f"{type(exc).__name__}: {exc}")
+            return i, None, None, ("decode_error", f"{type(exc).__name__}: {exc}")
 
 
 def collate_decoded(items):
-    ok = [(i, x) for i, x, err in items if err is None]
-    failed = [(i, err) for i, x, err in items if err is not None]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], pixels, failed
+    ok = [(i, x, h) for i, x, h, err in items if err is None]
+    failed = [(i, err) for i, x, h, err in items if err is not None]
+    pixels = torch.stack([x for _, x, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], [h for _, _, h in ok], pixels, failed
 
 
 def bucket_batches(plan: list[PlannedImage], buckets: list[Bucket], batch_size: int | None) -> list[list[int]]:
@@ -282,6 +336,21 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, total: int) -> None:
+    limit = options.max_failures
+    if limit is None:
+        return
+    if isinstance(limit, int):
+        too_many = failed > limit
+    else:
+        too_many = attempted >= min(MIN_ATTEMPTS_FOR_FRACTION, total) and failed > limit * attempted
+    if too_many:
+        raise DinocacheError(
+            f"stopped: {failed} of {attempted} images failed, over --max-failures {limit} "
+            "(everything extracted so far is kept)",
+            "see `dinocache stats` for the reasons; fix the data or raise --max-failures")
+
+
 def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractResult:
     """Extract features for every image under `input_dir` into `options.out`."""
     root = Path(options.out)
@@ -292,29 +361,59 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
     buckets = make_buckets(options.buckets.sizes, loaded.patch_size)
     settings = cache_settings(loaded, buckets, options)
     result = ExtractResult(out=root, scanned=len(sources))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
     with CacheLock(root):
         state = CacheState.open(root, settings, options.overwrite)
-        plan, result.skipped = plan_images(sources, buckets, state, options.buckets.resize, options.max_pixels)
+        result.shards_adopted = state.adopt_orphans()
         present = {s.key for s in sources}
-        result.missing_sources = sum(1 for k in state.samples if k not in present)
-        batch_size = options.batch_size or options.buckets.batch_size
-        dataset = DecodeDataset(plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels)
-        workers = default_workers() if options.workers is None else options.workers
-        loader = DataLoader(dataset, batch_sampler=bucket_batches(plan, buckets, batch_size), num_workers=workers,
-                            collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
-                            prefetch_factor=4 if workers else None, persistent_workers=False)
-        writer = ShardWriter(root, options.storage_dtype, options.shard_max_bytes, options.keep_registers)
-        run_started = _now()
-        last_commit = time.monotonic()
-        current_bucket = None
-        from tqdm import tqdm
+        gone = [k for k in state.table.keys() if k not in present] + \
+               [k for k in state.failures if k not in present]
+        result.missing_sources = len(gone)
+        if options.prune and gone:
+            state.dropped.update(gone)
+            for key in gone:
+                state.failures.pop(key, None)
+            result.pruned, result.missing_sources = len(gone), 0
+        state.commit()  # adopted shards and pruning are durable before any new work
+        plan = plan_images(sources, buckets, state, options, result)
+        _run_plan(plan, buckets, loaded, state, options, result)
+    result.seconds = time.perf_counter() - started
+    result.failed = len(state.failures)
+    for f in state.failures.values():
+        result.failures_by_reason[f["reason"]] = result.failures_by_reason.get(f["reason"], 0) + 1
+    return result
 
-        bar = tqdm(total=len(plan), unit="img", disable=not options.progress, dynamic_ncols=True, desc="extract")
+
+def _run_plan(plan, buckets, loaded, state: CacheState, options: ExtractOptions, result: ExtractResult) -> None:
+    from tqdm import tqdm
+
+    batch_size = options.batch_size or options.buckets.batch_size
+    dataset = DecodeDataset(plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels)
+    workers = default_workers() if options.workers is None else options.workers
+    loader = DataLoader(dataset, batch_sampler=bucket_batches(plan, buckets, batch_size), num_workers=workers,
+                        collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, options.keep_registers)
+    run = {"started": _now(), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
+           "tool_version": __version__}
+    state.runs.append(run)
+    run_started = time.perf_counter()
+    last_commit = time.monotonic()
+    current_bucket = None
+    total = len(plan) + result.failed_this_run
+    bar = tqdm(total=len(plan), unit="img", disable=not options.progress, dynamic_ncols=True, desc="extract")
+    closing: list = []
+    try:
         try:
-            for indices, pixels, failed in loader:
+            _check_failure_budget(options, result.failed_this_run, result.failed_this_run, total)
+            for indices, hashes, pixels, failed in loader:
                 for i, (reason, detail) in failed:
-                    state.add_failure(plan[i], reason, detail)
+                    p = plan[i]
+                    state.add_failure(p.key, p.source_bytes, p.source_mtime_ns, reason, detail)
+                result.failed_this_run += len(failed)
                 batch_bucket = plan[(indices or [failed[0][0]])[0]].bucket
                 if current_bucket is not None and batch_bucket != current_bucket:
                     writer.flush(current_bucket)  # a bucket is done: its last shard need not wait
@@ -323,30 +422,32 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
                     bucket = buckets[batch_bucket]
                     hidden = loaded.forward(pixels)
                     cls, registers, patches = split_tokens(hidden, loaded.num_registers, bucket.grid)
-                    writer.add(bucket, cls, registers, patches, [plan[i].record() for i in indices])
+                    writer.add(bucket, cls, registers, patches, [plan[i].record(h) for i, h in zip(indices, hashes)])
                 for record, samples in writer.completed():
                     state.add_shard(record, samples)
                     result.shards_written += 1
+                result.processed += len(indices)
+                bar.update(len(indices) + len(failed))
                 if time.monotonic() - last_commit > COMMIT_EVERY_S:
                     state.commit()
                     last_commit = time.monotonic()
-                bar.update(len(indices) + len(failed))
-                result.processed += len(indices)
+                _check_failure_budget(options, result.failed_this_run, result.processed + result.failed_this_run, total)
+            closing = writer.close()
+        except BaseException:
+            closing = writer.close_quietly()  # keep every shard that did reach the disk
+            raise
         finally:
             bar.close()
-            try:
-                for record, samples in writer.close():
-                    state.add_shard(record, samples)
-                    result.shards_written += 1
-            finally:
-                result.seconds = time.perf_counter() - started
-                state.runs.append({"started": run_started, "finished": _now(), "processed": result.processed,
-                                   "failed": sum(1 for p in plan if p.key in state.failures),
-                                   "seconds": round(result.seconds, 3),
-                                   "images_per_second": round(result.processed / result.seconds, 3) if result.seconds else 0,
-                                   "device": str(loaded.device), "tool_version": __version__})
-                state.commit()
-    result.failed = len(state.failures)
-    for f in state.failures.values():
-        result.failures_by_reason[f["reason"]] = result.failures_by_reason.get(f["reason"], 0) + 1
-    return result
+            for record, samples in closing:
+                state.add_shard(record, samples)
+                result.shards_written += 1
+            seconds = time.perf_counter() - run_started
+            run.update(finished=_now(), processed=result.processed, failed=result.failed_this_run,
+                       seconds=round(seconds, 3),
+                       images_per_second=round(result.processed / seconds, 3) if seconds else 0.0)
+            state.commit()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CacheError(f"the disk holding {state.root} is full: {exc}",
+                             "free space and rerun the same command; everything finished so far is kept") from None
+        raise

@@ -13,6 +13,7 @@ the core does not need torchvision.
 
 from __future__ import annotations
 
+import io
 import struct
 
 import numpy as np
@@ -26,16 +27,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
 
 
-def decode_image(path: str, max_pixels: int, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
-    """Decode the first frame of an image, upright, as float32 RGB in [0, 1], shape [3, H, W].
+def read_source(path: str) -> bytes:
+    """The file's bytes (read once: they are hashed and decoded from memory)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise DecodeError("missing", "the file disappeared or is a broken symlink") from None
+    except PermissionError:
+        raise DecodeError("unreadable", "no permission to read the file") from None
+    except OSError as exc:
+        raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from None
 
-    Raises DecodeError with a stable reason code for anything that is not a usable image.
+
+def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
+    """Decode the first frame of an image (a path or its bytes), upright, as float32 RGB in [0, 1],
+    shape [3, H, W]. Raises DecodeError with a stable reason code for anything unusable.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
+    if isinstance(source, str):
+        source = read_source(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source)) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
@@ -46,10 +61,6 @@ def decode_image(path: str, max_pixels: int, background: tuple[int, int, int] = 
             return _to_float_rgb(img, background)
     except DecodeError:
         raise
-    except FileNotFoundError:
-        raise DecodeError("missing", "the file disappeared or is a broken symlink") from None
-    except PermissionError:
-        raise DecodeError("unreadable", "no permission to read the file") from None
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", "Pillow does not recognise this file as an image") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:

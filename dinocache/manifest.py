@@ -17,17 +17,10 @@ FORMAT_NAME = "dinocache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
+INDEX_DIR = "index"  # the sample table (dinocache/index.py), one file per committed generation
 SHARD_SUFFIX = ".safetensors"
 LOCK_NAME = ".lock"
 DEFAULT_OUT = "dinocache_out"
-
-# Per-sample columns of manifest["samples"]: one list per column, all of the same length.
-SAMPLE_COLUMNS = ("key", "shard", "row", "bucket", "source_bytes", "source_mtime_ns", "source_size", "box")
-
-
-def empty_samples() -> dict[str, list]:
-    return {name: [] for name in SAMPLE_COLUMNS}
-
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -90,19 +83,54 @@ def schema_problems(manifest: Any) -> list[str]:
     if problems:
         return problems
     samples = manifest["samples"]
-    lengths = {name: len(samples.get(name, ())) if isinstance(samples.get(name), list) else -1 for name in SAMPLE_COLUMNS}
-    if any(n < 0 for n in lengths.values()):
-        problems.append("samples is missing column(s) " + ", ".join(k for k, n in lengths.items() if n < 0))
-    elif len(set(lengths.values())) > 1:
-        problems.append(f"samples columns have different lengths {lengths}")
+    for key, kind in (("file", str), ("count", int), ("bytes", int), ("sha256", str)):
+        if not isinstance(samples.get(key), kind) or isinstance(samples.get(key), bool):
+            problems.append(f"samples.{key} is missing or not a {kind.__name__}")
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or not all(isinstance(shard.get(k), t) for k, t in
+                                                  (("file", str), ("bucket", int), ("rows", int), ("bytes", int), ("sha256", str))):
+            problems.append(f"shards[{i}] must have file, bucket, rows, bytes and sha256")
+            break
+    for i, bucket in enumerate(manifest["buckets"]):
+        grid = bucket.get("grid") if isinstance(bucket, dict) else None
+        if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)
+                and isinstance(bucket.get("name"), str)):
+            problems.append(f"buckets[{i}] must have a name and a [rows, cols] grid")
+            break
+    for i, failure in enumerate(manifest["failures"]):
+        if not isinstance(failure, dict) or not isinstance(failure.get("key"), str) or not isinstance(failure.get("reason"), str):
+            problems.append(f"failures[{i}] must have a key and a reason")
+            break
     return problems
 
 
-def shard_path(root: Path, file: str) -> Path:
-    """The absolute path of a shard named in the manifest, refusing names that escape the cache."""
-    if not isinstance(file, str) or not file.startswith(SHARD_DIR + "/") or "\\" in file:
-        raise CacheError(f"shard path {file!r} is not inside {SHARD_DIR}/", "the manifest was edited or is corrupt")
+def cache_path(root: Path, file: str, folder: str = SHARD_DIR) -> Path:
+    """The absolute path of a file named in the manifest, refusing names that escape `folder`."""
+    if not isinstance(file, str) or not file.startswith(folder + "/") or "\\" in file or "\0" in file:
+        raise CacheError(f"path {file!r} is not inside {folder}/", "the manifest was edited or is corrupt")
     resolved = (root / file).resolve()
-    if not resolved.is_relative_to((root / SHARD_DIR).resolve()):
-        raise CacheError(f"shard path {file!r} escapes the cache folder", "the manifest was edited or is corrupt")
+    if not resolved.is_relative_to((root / folder).resolve()):
+        raise CacheError(f"path {file!r} escapes the cache folder", "the manifest was edited or is corrupt")
     return resolved
+
+
+def shard_path(root: Path, file: str) -> Path:
+    return cache_path(root, file, SHARD_DIR)
+
+
+def load_samples(root: Path, manifest: dict):
+    """The manifest's sample table (memory-mapped), checked against the manifest's count and size."""
+    from .index import SampleTable
+
+    info = manifest["samples"]
+    path = cache_path(root, info["file"], INDEX_DIR)
+    if not path.is_file():
+        raise CacheError(f"the sample index {info['file']} is missing", "rerun extract to rebuild the cache")
+    if path.stat().st_size != info["bytes"]:
+        raise CacheError(f"the sample index {info['file']} has {path.stat().st_size} bytes, the manifest says "
+                         f"{info['bytes']}", "rerun extract with --overwrite")
+    table = SampleTable.load(path)
+    if len(table) != info["count"]:
+        raise CacheError(f"the sample index holds {len(table)} samples, the manifest says {info['count']}",
+                         "rerun extract with --overwrite")
+    return table

@@ -15,11 +15,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import CacheError
-from .manifest import DEFAULT_OUT, read_manifest, shard_path
+from .manifest import DEFAULT_OUT, load_samples, read_manifest, shard_path
 
 
 class FeatureCache(Dataset):
@@ -30,47 +31,57 @@ class FeatureCache(Dataset):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.dtype = dtype
-        cols = self.manifest["samples"]
-        self._keys: list[str] = cols["key"]
-        self._shard = cols["shard"]
-        self._row = cols["row"]
-        self._bucket = cols["bucket"]
-        self._index = {k: i for i, k in enumerate(self._keys)}
-        if len(self._index) != len(self._keys):
-            raise CacheError(f"{self.root}: the manifest lists a key twice", "run `dinocache verify` for details")
+        self.table = load_samples(self.root, self.manifest)  # memory-mapped, sorted by key
+        self._shard = self.table.columns["shard"]
+        self._row = self.table.columns["row"]
+        self._bucket = self.table.columns["bucket"]
         self.buckets = self.manifest["buckets"]
         self.shards = self.manifest["shards"]
         self._open: OrderedDict[int, object] = OrderedDict()
         self._max_open = max_open_shards
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.table)
 
     def keys(self) -> list[str]:
-        return list(self._keys)
+        """All keys, sorted (index i of this list is sample i)."""
+        return self.table.keys()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._index
+        return isinstance(key, str) and self.table.find(key) >= 0
 
     def bucket_of(self, i: int) -> int:
-        return self._bucket[i]
+        return int(self._bucket[i])
+
+    def bucket_indices(self) -> np.ndarray:
+        """The bucket of every sample, as an array (for samplers)."""
+        return np.asarray(self._bucket)
+
+    def record(self, item: int | str) -> dict:
+        """The sample's bookkeeping: source size/mtime/sha256, upright size, crop box, shard, row, bucket."""
+        return self.table.record(self.index_of(item) if isinstance(item, str) else int(item))
 
     def index_of(self, key: str) -> int:
-        try:
-            return self._index[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in the cache at {self.root}") from None
+        i = self.table.find(key)
+        if i < 0:
+            raise KeyError(f"{key!r} is not in the cache at {self.root}")
+        return i
 
     def __getitem__(self, item: int | str) -> dict:
         i = self.index_of(item) if isinstance(item, str) else int(item)
-        if not 0 <= i < len(self._keys):
-            raise IndexError(f"index {i} out of range for a cache of {len(self._keys)} samples")
-        shard_index, row, bucket_index = self._shard[i], self._row[i], self._bucket[i]
+        if not 0 <= i < len(self.table):
+            raise IndexError(f"index {i} out of range for a cache of {len(self.table)} samples")
+        shard_index, row, bucket_index = int(self._shard[i]), int(self._row[i]), int(self._bucket[i])
+        if not 0 <= bucket_index < len(self.buckets):
+            raise CacheError(f"{self.root}: sample {i} names bucket {bucket_index}, which does not exist",
+                             "run `dinocache verify` for details")
         bucket = self.buckets[bucket_index]
         rows, cols = bucket["grid"]
         handle = self._handle(shard_index)
+        if not 0 <= row < self.shards[shard_index]["rows"]:
+            raise CacheError(f"{self.root}: sample {i} points past the end of its shard", "run `dinocache verify`")
         out = {
-            "key": self._keys[i],
+            "key": self.table.key(i),
             "bucket": bucket["name"],
             "bucket_index": bucket_index,
             "grid": (rows, cols),
@@ -109,7 +120,14 @@ class FeatureCache(Dataset):
     def __getstate__(self):  # DataLoader workers reopen their own memory maps
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        for name in ("table", "_shard", "_row", "_bucket"):
+            state.pop(name)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.table = load_samples(self.root, self.manifest)
+        self._shard, self._row, self._bucket = (self.table.columns[n] for n in ("shard", "row", "bucket"))
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -129,9 +147,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
-        self._by_bucket: dict[int, list[int]] = {}
-        for i in range(len(cache)):
-            self._by_bucket.setdefault(cache.bucket_of(i), []).append(i)
+        buckets = cache.bucket_indices()
+        self._by_bucket = {int(b): np.flatnonzero(buckets == b).tolist() for b in np.unique(buckets)}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME, read_manifest
+import numpy as np
+
+from .manifest import MANIFEST_NAME, load_samples, read_manifest
 
 
 def cache_stats(root: str | Path) -> dict:
     root = Path(root)
     manifest = read_manifest(root)
-    cols = manifest["samples"]
-    total = len(cols["key"])
-    per_bucket = Counter(cols["bucket"])
+    table = load_samples(root, manifest)
+    total = len(table)
+    per_bucket = Counter(np.asarray(table.columns["bucket"]).tolist())
     buckets = []
     for b in manifest["buckets"]:
         count = per_bucket.get(b["index"], 0)
@@ -21,8 +23,8 @@ def cache_stats(root: str | Path) -> dict:
                         "grid": f"{b['grid'][0]}x{b['grid'][1]}", "images": count,
                         "share": round(count / total, 4) if total else 0.0})
     failures = manifest["failures"]
-    shard_bytes = sum(s.get("bytes", 0) for s in manifest["shards"])
-    referenced = {s for s in cols["shard"]}
+    shard_bytes = sum(s["bytes"] for s in manifest["shards"])
+    referenced = set(np.unique(table.columns["shard"]).tolist())
     runs = manifest.get("runs", [])
     return {
         "cache": str(root),
@@ -33,7 +35,7 @@ def cache_stats(root: str | Path) -> dict:
         "buckets": buckets,
         "shards": len(manifest["shards"]),
         "unreferenced_shards": len(manifest["shards"]) - len(referenced),
-        "bytes_on_disk": shard_bytes + (root / MANIFEST_NAME).stat().st_size,
+        "bytes_on_disk": shard_bytes + manifest["samples"]["bytes"] + (root / MANIFEST_NAME).stat().st_size,
         "model": manifest["model"]["id"],
         "revision": manifest["model"].get("revision"),
         "compute_dtype": manifest["model"].get("compute_dtype"),

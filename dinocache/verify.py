@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CacheError
-from .manifest import SHARD_DIR, SHARD_SUFFIX, read_manifest, shard_path
+from .manifest import INDEX_DIR, SHARD_DIR, SHARD_SUFFIX, cache_path, load_samples, read_manifest, shard_path
 from .writer import sha256_file
 
 
@@ -39,28 +40,8 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
     for index, shard in enumerate(shards):
         report.problems += _check_shard(root, index, shard, buckets, hidden, registers, keep_registers, check_values)
 
-    cols = manifest["samples"]
-    report.samples = len(cols["key"])
-    seen_keys: set[str] = set()
-    seen_rows: dict[tuple[int, int], str] = {}
-    for key, shard_i, row, bucket in zip(cols["key"], cols["shard"], cols["row"], cols["bucket"]):
-        if key in seen_keys:
-            report.problems.append(f"sample {key!r} is listed more than once")
-        seen_keys.add(key)
-        if not isinstance(shard_i, int) or not 0 <= shard_i < len(shards):
-            report.problems.append(f"sample {key!r} points at shard #{shard_i}, which does not exist")
-            continue
-        shard = shards[shard_i]
-        if not isinstance(row, int) or not 0 <= row < shard.get("rows", 0):
-            report.problems.append(f"sample {key!r} points at row {row} of {shard.get('file')}, which has {shard.get('rows')} rows")
-        if bucket != shard.get("bucket"):
-            report.problems.append(f"sample {key!r} says bucket {bucket} but its shard {shard.get('file')} is bucket {shard.get('bucket')}")
-        if (shard_i, row) in seen_rows:
-            report.problems.append(f"samples {seen_rows[shard_i, row]!r} and {key!r} share row {row} of {shard.get('file')}")
-        seen_rows[shard_i, row] = key
-    for failure in manifest["failures"]:
-        if failure.get("key") in seen_keys:
-            report.problems.append(f"{failure.get('key')!r} is both cached and recorded as failed")
+    report.samples = manifest["samples"]["count"]
+    report.problems += _check_samples(root, manifest)
 
     listed = {s.get("file") for s in shards}
     shard_dir = root / SHARD_DIR
@@ -70,6 +51,49 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
                 report.problems.append(f"{SHARD_DIR}/{path.name} is not in the manifest "
                                        "(left by an interrupted run? rerun extract to adopt it, or delete it)")
     return report
+
+
+def _check_samples(root: Path, manifest: dict) -> list[str]:
+    """The sample index: intact, sorted and unique keys, every row inside its shard, no row twice."""
+    info, shards = manifest["samples"], manifest["shards"]
+    try:
+        path = cache_path(root, info["file"], INDEX_DIR)
+        if path.is_file() and sha256_file(path) != info["sha256"]:
+            return [f"sample index {info['file']} fails its sha256 checksum (corrupted on disk)"]
+        table = load_samples(root, manifest)
+    except CacheError as exc:
+        return [exc.message]
+    problems = []
+    keys = table.keys()
+    for a, b in zip(keys, keys[1:]):
+        if a >= b:
+            problems.append(f"sample {b!r} is listed more than once" if a == b else f"sample index is not sorted at {b!r}")
+    shard = np.asarray(table.columns["shard"], dtype=np.int64)
+    row = np.asarray(table.columns["row"], dtype=np.int64)
+    bucket = np.asarray(table.columns["bucket"], dtype=np.int64)
+    bad_shard = (shard < 0) | (shard >= len(shards))
+    for i in np.flatnonzero(bad_shard)[:20]:
+        problems.append(f"sample {keys[i]!r} points at shard #{shard[i]}, which does not exist")
+    ok = ~bad_shard
+    shard_rows = np.array([s["rows"] for s in shards] or [0], dtype=np.int64)
+    shard_bucket = np.array([s["bucket"] for s in shards] or [0], dtype=np.int64)
+    safe_shard = np.where(ok, shard, 0)
+    for i in np.flatnonzero(ok & ((row < 0) | (row >= shard_rows[safe_shard])))[:20]:
+        problems.append(f"sample {keys[i]!r} points at row {row[i]} of {shards[shard[i]]['file']}, "
+                        f"which has {shard_rows[shard[i]]} rows")
+    for i in np.flatnonzero(ok & (bucket != shard_bucket[safe_shard]))[:20]:
+        problems.append(f"sample {keys[i]!r} says bucket {bucket[i]} but its shard {shards[shard[i]]['file']} "
+                        f"is bucket {shard_bucket[shard[i]]}")
+    slots = shard * (1 << 32) + row
+    unique, counts = np.unique(slots, return_counts=True)
+    for slot in unique[counts > 1][:20]:
+        owners = [keys[i] for i in np.flatnonzero(slots == slot)]
+        problems.append(f"samples {', '.join(map(repr, owners))} share row {slot & 0xFFFFFFFF} of "
+                        f"{shards[slot >> 32]['file'] if 0 <= slot >> 32 < len(shards) else slot >> 32}")
+    for failure in manifest["failures"]:
+        if table.find(failure["key"]) >= 0:
+            problems.append(f"{failure['key']!r} is both cached and recorded as failed")
+    return problems
 
 
 def _check_shard(root, index, shard, buckets, hidden, registers, keep_registers, check_values) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +21,10 @@ from pathlib import Path
 import torch
 
 from .buckets import Bucket
+from .faults import fault_point
 from .manifest import FORMAT_NAME, FORMAT_VERSION, SHARD_DIR, SHARD_SUFFIX, fsync_dir
+
+log = logging.getLogger("dinocache")
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -115,6 +119,20 @@ class ShardWriter:
         finally:
             self._pool.shutdown(wait=True)
 
+    def close_quietly(self) -> list[tuple[dict, list[dict]]]:
+        """After an error: drop unwritten buffers, wait for writes in flight, keep those that landed."""
+        self._buffers.clear()
+        landed = list(self._done)
+        self._done = []
+        for fut in self._pending:
+            try:
+                landed.append(fut.result())
+            except Exception as exc:
+                log.error("a shard could not be written (%s); its rows will be recomputed by the next run", exc)
+        self._pending = []
+        self._pool.shutdown(wait=True)
+        return landed
+
     def _submit(self, index: int) -> None:
         buf = self._buffers.pop(index)
         name = f"{SHARD_DIR}/b{buf.bucket.index:03d}-{buf.bucket.name}-{self.run_id}-{self._seq:05d}{SHARD_SUFFIX}"
@@ -135,17 +153,24 @@ class ShardWriter:
             "format_version": str(FORMAT_VERSION),
             "bucket": buf.bucket.name,
             "grid": f"{rows}x{cols}",
-            "samples": json.dumps(buf.samples, separators=(",", ":")),
+            "samples": json.dumps(buf.samples, separators=(",", ":")),  # what a later run needs to adopt it
         }
         data = save(tensors, metadata=metadata)
         path = self.root / name
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data[: len(data) // 2])
+                fault_point("shard_write")
+                fh.write(data[len(data) // 2:])
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(path.parent)
+        fault_point("shard_renamed")
         record = {"file": name, "bucket": buf.bucket.index, "rows": len(buf.samples), "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest()}
         return record, buf.samples

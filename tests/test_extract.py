@@ -1,5 +1,6 @@
 """End-to-end extraction with a tiny random DINOv3 loaded by path, checked against plain transformers."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -38,10 +39,9 @@ def reference_pixels(path, box, size):
 
 
 def reference_tokens(images, cache, model_dir, key):
-    manifest = cache.manifest
-    i = cache.index_of(key)
-    bucket = manifest["buckets"][manifest["samples"]["bucket"][i]]
-    pixels = reference_pixels(images / key, manifest["samples"]["box"][i], (bucket["input_width"], bucket["input_height"]))
+    record = cache.record(key)
+    bucket = cache.manifest["buckets"][record["bucket"]]
+    pixels = reference_pixels(images / key, record["box"], (bucket["input_width"], bucket["input_height"]))
     return reference_forward(model_dir, pixels[None])[0]
 
 
@@ -59,17 +59,17 @@ def test_images_land_in_expected_buckets_with_recorded_transform(mixed_images, t
     manifest = cache.manifest
     tall = manifest["buckets"][1]
     assert (tall["width"], tall["height"], tall["input_width"], tall["input_height"]) == (210, 300, 208, 304)
-    i = cache.index_of("sub/tall.PNG")
-    assert manifest["samples"]["box"][i] == [0, 0, 280, 400]  # stretch: the whole picture
-    assert manifest["samples"]["source_size"][i] == [280, 400]
+    record = cache.record("sub/tall.PNG")
+    assert record["box"] == [0, 0, 280, 400]  # stretch: the whole picture
+    assert record["source_size"] == [280, 400]
+    assert record["source_sha256"] == hashlib.sha256((mixed_images / "sub/tall.PNG").read_bytes()).hexdigest()
 
 
 def test_crop_mode_records_the_crop_box(mixed_images, tmp_path, tiny_model_dir):
     run(mixed_images, tmp_path / "out", tiny_model_dir, buckets={"buckets": [[224, 224]], "resize": "crop"})
     cache = FeatureCache(tmp_path / "out")
-    samples = cache.manifest["samples"]
-    assert samples["box"][cache.index_of("wide.png")] == [150, 0, 450, 300]
-    assert samples["box"][cache.index_of("sub/tall.PNG")] == [0, 60, 280, 340]
+    assert cache.record("wide.png")["box"] == [150, 0, 450, 300]
+    assert cache.record("sub/tall.PNG")["box"] == [0, 60, 280, 340]
     ref = reference_tokens(mixed_images, cache, tiny_model_dir, "wide.png")
     got = cache["wide.png"]["patches"].reshape(-1, 64)
     assert token_cosine(got, ref[1 + NUM_REGISTERS:]).min() >= 0.999

@@ -64,13 +64,28 @@ def test_verify_names_other_faults(cache_dir, fault, words):
         if fault == "escape":
             manifest["shards"][0]["file"] = "shards/../../outside.safetensors"
         elif fault == "duplicate":
-            manifest["samples"]["key"][1] = manifest["samples"]["key"][0]
+            rewrite_index(cache_dir, manifest, lambda recs: recs.insert(1, dict(recs[0])))
         elif fault == "rows":
-            manifest["samples"]["row"][0] = 999
+            rewrite_index(cache_dir, manifest, lambda recs: recs[0].update(row=999))
         (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify", str(cache_dir)])
     assert result.exit_code == 1
     assert any(w in result.output for w in words), result.output
+
+
+def rewrite_index(cache_dir, manifest, mutate):
+    """Edit the sample index the way a careless tool would: consistent sizes and checksums, wrong content."""
+    import hashlib
+
+    from dinocache.index import SampleTable
+    from dinocache.manifest import load_samples
+
+    table = load_samples(cache_dir, manifest)
+    records = [table.record(i) for i in range(len(table))]
+    mutate(records)
+    data = SampleTable.from_sorted_records(records).to_bytes()
+    (cache_dir / manifest["samples"]["file"]).write_bytes(data)
+    manifest["samples"].update(count=len(records), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 def test_verify_catches_nan(cache_dir):
