@@ -57,7 +57,8 @@ def extract(
     keep_registers: bool = typer.Option(False, "--keep-registers", help="Also store the register tokens."),
     image_mean: Optional[str] = typer.Option(None, help="Override the normalization mean, e.g. 0.485,0.456,0.406."),
     image_std: Optional[str] = typer.Option(None, help="Override the normalization std, e.g. 0.229,0.224,0.225."),
-    shard_size_mb: int = typer.Option(512, min=1, help="Largest shard size in MB."),
+    shard_size_mb: float = typer.Option(512, min=0.001, help="Largest shard size in MB."),
+    commit_every: float = typer.Option(30.0, min=0, help="Seconds between manifest commits during a run."),
     max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse images with more pixels (decompression bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with different settings."),
     rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash, not size + mtime."),
@@ -77,7 +78,8 @@ def extract(
             out=out, buckets=load_bucket_config(buckets), model=model, revision=revision, device=device,
             dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers,
             image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
-            batch_size=batch_size, workers=workers, shard_max_bytes=shard_size_mb * 1024**2,
+            batch_size=batch_size, workers=workers, shard_max_bytes=int(shard_size_mb * 1024**2),
+            commit_every_s=commit_every,
             max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
             max_failures=parse_max_failures(max_failures), progress=progress)
         if storage_dtype not in ("bfloat16", "float16", "float32"):

@@ -51,6 +51,7 @@ class ExtractOptions:
     prune: bool = False  # drop cached images whose source file is gone
     max_failures: int | float | None = None  # a count, or a fraction of the images tried
     progress: bool = True
+    commit_every_s: float = 30.0  # how often the manifest is rewritten during a run
     seed: int = 0  # for random:<arch> weights
     extra: dict[str, Any] = field(default_factory=dict)
 

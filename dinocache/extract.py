@@ -43,7 +43,6 @@ log = logging.getLogger("dinocache")
 
 TOKENS_PER_BATCH = 65536  # default batch = this many patch tokens (16 images at 1024x1024)
 MAX_DEFAULT_BATCH = 256
-COMMIT_EVERY_S = 30.0
 MIN_ATTEMPTS_FOR_FRACTION = 100  # --max-failures 0.5 is judged once this many images were tried
 
 
@@ -267,10 +266,7 @@ def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheSt
                 raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
             if src.size == 0:
                 raise DecodeError("empty", "zero-byte file")
-            width, height = probe(src.path)
-            if width * height > options.max_pixels:
-                raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
-                                               f"{options.max_pixels} (raise --max-pixels if this image is legitimate)")
+            width, height = probe(src.path, options.max_pixels)
         except DecodeError as exc:
             state.add_failure(src.key, src.size, src.mtime_ns, exc.reason, exc.detail)
             result.failed_this_run += 1
@@ -301,7 +297,8 @@ class DecodeDataset(Dataset):
             pixels = decode_image(data, self.max_pixels)
             if (pixels.shape[2], pixels.shape[1]) != item.source_size:
                 raise DecodeError("changed", f"decoded size {pixels.shape[2]}x{pixels.shape[1]} differs from the "
-                                             f"header's {item.source_size[0]}x{item.source_size[1]}")
+                                             f"header's {item.source_size[0]}x{item.source_size[1]} (file replaced "
+                                             "during the run, or EXIF stored after the pixels)")
             x = preprocess(pixels, item.box, (bucket.input_width, bucket.input_height), self.mean, self.std)
             return i, x, sha256, None
         except DecodeError as exc:
@@ -428,7 +425,7 @@ def _run_plan(plan, buckets, loaded, state: CacheState, options: ExtractOptions,
                     result.shards_written += 1
                 result.processed += len(indices)
                 bar.update(len(indices) + len(failed))
-                if time.monotonic() - last_commit > COMMIT_EVERY_S:
+                if time.monotonic() - last_commit >= options.commit_every_s:
                     state.commit()
                     last_commit = time.monotonic()
                 _check_failure_budget(options, result.failed_this_run, result.processed + result.failed_this_run, total)

@@ -53,26 +53,44 @@ def scan_folder(root: str | Path) -> list[SourceFile]:
     return found
 
 
-def probe(path: str) -> tuple[int, int]:
-    """(width, height) of the upright image, from the header alone."""
+def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of the upright image, from the header alone (never decodes pixels).
+
+    Images with more than `max_pixels` pixels are refused here, before anything else is read.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below
     try:
         with Image.open(path) as img:
             width, height = img.size
-            orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            if width <= 0 or height <= 0:
+                raise DecodeError("corrupt", f"header declares an empty image ({width}x{height})")
+            if max_pixels is not None and width * height > max_pixels:
+                raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
+                                               f"{max_pixels} (raise --max-pixels if this image is legitimate)")
+            orientation = _orientation(img)
+    except DecodeError:
+        raise
     except FileNotFoundError:
         raise DecodeError("missing", "the file disappeared or is a broken symlink") from None
     except PermissionError:
         raise DecodeError("unreadable", "no permission to read the file") from None
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", "Pillow does not recognise this file as an image") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
-    if width <= 0 or height <= 0:
-        raise DecodeError("corrupt", f"header declares an empty image ({width}x{height})")
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return width, height
+
+
+def _orientation(img) -> int:
+    """EXIF orientation from what the header parse already holds: Pillow's PNG getexif() would
+    decode the whole image to look for an eXIf chunk after the pixels, so PNGs use only an
+    eXIf chunk that came before them (where writers put it)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    if img.format not in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
+        return 1
+    return int(img.getexif().get(0x0112, 1) or 1)
