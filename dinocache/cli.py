@@ -103,20 +103,36 @@ def extract(
 
 @app.command()
 def verify(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
+           source: Optional[Path] = typer.Option(None, "--source", help="Image folder: list images missing from the "
+                                                 "cache and cached images whose source changed."),
+           recompute: int = typer.Option(0, min=0, help="Re-extract N random samples from --source and compare features."),
+           seed: int = typer.Option(0, help="Which random samples --recompute takes."),
+           device: str = typer.Option("auto", help="Device for --recompute."),
            skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums still run).")):
     """Check that a cache is complete and intact. Exit 0 if clean, 1 with a report if not.
 
-    Example: dinocache verify cache/
+    Example: dinocache verify cache/ --source data/images --recompute 20
     """
-    from .verify import verify_cache
+    from .verify import RECOMPUTE_MIN_COSINE, verify_cache
 
-    report = verify_cache(out, check_values=not skip_values)
+    try:
+        report = verify_cache(out, check_values=not skip_values, source=source, recompute=recompute, seed=seed,
+                              device=device)
+    except DinocacheError as exc:
+        _fail(exc)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if report.recomputed:
+        typer.echo(f"recomputed {report.recomputed} sample(s) from their sources (pass: every token cosine >= "
+                   f"{RECOMPUTE_MIN_COSINE})")
     if report.ok:
         typer.echo(f"OK: {report.samples} samples in {report.shards} shard(s) verified in {out}")
         return
     typer.echo(f"FAILED: {len(report.problems)} problem(s) in {out}", err=True)
-    for problem in report.problems:
+    for problem in report.problems[:200]:
         typer.echo(f"  - {problem}", err=True)
+    if len(report.problems) > 200:
+        typer.echo(f"  ... and {len(report.problems) - 200} more", err=True)
     raise typer.Exit(1)
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import CacheError
+from .errors import CacheError, DecodeError, DinocacheError
+from .scan import scan_folder
 from .manifest import INDEX_DIR, SHARD_DIR, SHARD_SUFFIX, cache_path, load_samples, read_manifest, shard_path
 from .writer import sha256_file
+
+
+RECOMPUTE_MIN_COSINE = 0.995  # per token, stored vs recomputed (bf16 round trips give > 0.999)
 
 
 @dataclass
@@ -18,15 +23,23 @@ class VerifyReport:
     root: Path
     shards: int = 0
     samples: int = 0
+    recomputed: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a fault
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
+def verify_cache(root: str | Path, check_values: bool = True, source: str | Path | None = None,
+                 recompute: int = 0, seed: int = 0, device: str = "auto") -> VerifyReport:
+    """Check a cache. With `source`, also compare it with the image folder; with `recompute` N,
+    re-extract N random samples from their sources and compare features (catches drift that
+    checksums cannot: a changed preprocessing, model or library)."""
     root = Path(root)
+    if recompute and source is None:
+        raise DinocacheError("--recompute needs the images: pass --source DIR", "e.g. dinocache verify OUT --source data/images --recompute 20")
     report = VerifyReport(root)
     try:
         manifest = read_manifest(root)
@@ -43,6 +56,11 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
     report.samples = manifest["samples"]["count"]
     report.problems += _check_samples(root, manifest)
 
+    if source is not None and not report.problems:
+        table = load_samples(root, manifest)
+        _check_source(Path(source), table, manifest, report)
+        if recompute:
+            _recompute(root, Path(source), table, manifest, recompute, seed, device, report)
     listed = {s.get("file") for s in shards}
     shard_dir = root / SHARD_DIR
     if shard_dir.is_dir():
@@ -51,6 +69,72 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
                 report.problems.append(f"{SHARD_DIR}/{path.name} is not in the manifest "
                                        "(left by an interrupted run? rerun extract to adopt it, or delete it)")
     return report
+
+
+def _check_source(source: Path, table, manifest: dict, report: VerifyReport) -> None:
+    failed = {f["key"] for f in manifest["failures"]}
+    present = set()
+    missing, changed = [], []
+    for src in scan_folder(source):
+        present.add(src.key)
+        i = table.find(src.key)
+        if i < 0:
+            if src.key not in failed:
+                missing.append(src.key)
+            continue
+        cols = table.columns
+        if int(cols["source_bytes"][i]) != src.size or int(cols["source_mtime_ns"][i]) != src.mtime_ns:
+            changed.append(src.key)
+    report.problems += [f"{key} is in {source} but not in the cache" for key in missing]
+    report.problems += [f"{key} changed in {source} since it was extracted" for key in changed]
+    gone = sum(1 for key in table.keys() if key not in present)
+    if gone:
+        report.notes.append(f"{gone} cached image(s) are no longer in {source}")
+
+
+def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed: int, device: str,
+               report: VerifyReport) -> None:
+    import random
+
+    from .buckets import Bucket
+    from .imaging import decode_image, preprocess, read_source
+    from .model import load_model, split_tokens
+    from .reader import FeatureCache
+
+    model, prep = manifest["model"], manifest["preprocessing"]
+    loaded = load_model(model["id"], model.get("revision"), device, model["compute_dtype"],
+                        prep["image_mean"], prep["image_std"])
+    cache = FeatureCache(root)
+    picks = sorted(random.Random(seed).sample(range(len(table)), min(count, len(table))))
+    for i in picks:
+        record = table.record(i)
+        key = record["key"]
+        try:
+            data = read_source(str(source / key))
+        except DecodeError as exc:
+            report.problems.append(f"{key}: cannot recompute, {exc.detail}")
+            continue
+        if hashlib.sha256(data).hexdigest() != record["source_sha256"]:
+            report.problems.append(f"{key}: cannot recompute, the source file's content changed")
+            continue
+        b = manifest["buckets"][record["bucket"]]
+        bucket = Bucket(b["index"], b["width"], b["height"], b["input_width"], b["input_height"], model["patch_size"])
+        pixels = preprocess(decode_image(data, 2**62), tuple(record["box"]), (bucket.input_width, bucket.input_height),
+                            loaded.image_mean, loaded.image_std)
+        cls, registers, patches = split_tokens(loaded.forward(pixels[None]), loaded.num_registers, bucket.grid)
+        stored = cache[i]
+        cosines = [_cosine(stored["cls"][None], cls), _cosine(stored["patches"].reshape(-1, patches.shape[-1]), patches[0])]
+        if "registers" in stored:
+            cosines.append(_cosine(stored["registers"], registers[0]))
+        worst = min(float(c.min()) for c in cosines)
+        if worst < RECOMPUTE_MIN_COSINE:
+            report.problems.append(f"{key}: recomputed features differ from the stored ones (worst token cosine "
+                                   f"{worst:.4f} < {RECOMPUTE_MIN_COSINE}): preprocessing, model or data drift")
+        report.recomputed += 1
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1)
 
 
 def _check_samples(root: Path, manifest: dict) -> list[str]:

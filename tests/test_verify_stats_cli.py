@@ -162,3 +162,48 @@ def test_python_dash_m_entry_point(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "dinocache", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "extract" in proc.stdout and "verify" in proc.stdout
+
+
+def test_verify_source_lists_missing_and_changed_images(cache_dir, mixed_images):
+    from conftest import save_scene
+
+    save_scene(mixed_images / "added.png", 200, 200, seed=9)
+    save_scene(mixed_images / "wide.png", 600, 300, seed=42)  # rewritten: new size and mtime
+    (mixed_images / "square.png").unlink()
+    result = runner.invoke(app, ["verify", str(cache_dir), "--source", str(mixed_images)])
+    assert result.exit_code == 1
+    assert "added.png is in" in result.output and "wide.png changed" in result.output
+    assert "1 cached image(s) are no longer in" in result.output
+    assert "square.png" not in result.output.split("FAILED")[-1]
+
+
+def test_verify_recompute_passes_clean_and_catches_swapped_rows(mixed_images, tmp_path, tiny_model_dir):
+    from conftest import save_scene
+
+    save_scene(mixed_images / "square2.png", 310, 300, seed=8)  # two images in one bucket
+    cache_dir = tmp_path / "cache"
+    extract_cli(mixed_images, cache_dir, tiny_model_dir)
+    clean = runner.invoke(app, ["verify", str(cache_dir), "--source", str(mixed_images), "--recompute", "5"])
+    assert clean.exit_code == 0, clean.output
+    assert "recomputed 5 sample(s)" in clean.output
+    # Swap the rows of two samples of one bucket: every checksum and shape still holds.
+    manifest = read_manifest(cache_dir)
+
+    def swap(records):
+        by_bucket = {}
+        for r in records:
+            by_bucket.setdefault(r["bucket"], []).append(r)
+        a, b = next(group for group in by_bucket.values() if len(group) >= 2)[:2]
+        (a["shard"], a["row"]), (b["shard"], b["row"]) = (b["shard"], b["row"]), (a["shard"], a["row"])
+
+    rewrite_index(cache_dir, manifest, swap)
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert runner.invoke(app, ["verify", str(cache_dir)]).exit_code == 0  # checksums cannot see it
+    caught = runner.invoke(app, ["verify", str(cache_dir), "--source", str(mixed_images), "--recompute", "5"])
+    assert caught.exit_code == 1
+    assert caught.output.count("recomputed features differ") == 2, caught.output
+
+
+def test_recompute_needs_source(cache_dir):
+    result = runner.invoke(app, ["verify", str(cache_dir), "--recompute", "2"])
+    assert result.exit_code == 2 and "--source" in result.output
