@@ -82,26 +82,41 @@ def schema_problems(manifest: Any) -> list[str]:
             problems.append(f"'{key}' is missing or not a {kind.__name__}")
     if problems:
         return problems
+    model = manifest["model"]
+    for key, low in (("hidden_size", 1), ("num_registers", 0), ("patch_size", 1)):
+        if not _is_int(model.get(key), low):
+            problems.append(f"model.{key} must be an integer >= {low}")
+    if not isinstance(model.get("id"), str):
+        problems.append("model.id must be a string")
+    storage = manifest["storage"]
+    if storage.get("dtype") not in ("bfloat16", "float16", "float32") or not isinstance(storage.get("registers"), bool):
+        problems.append("storage must have a dtype (bfloat16, float16, float32) and a registers flag")
     samples = manifest["samples"]
     for key, kind in (("file", str), ("count", int), ("bytes", int), ("sha256", str)):
         if not isinstance(samples.get(key), kind) or isinstance(samples.get(key), bool):
             problems.append(f"samples.{key} is missing or not a {kind.__name__}")
-    for i, shard in enumerate(manifest["shards"]):
-        if not isinstance(shard, dict) or not all(isinstance(shard.get(k), t) for k, t in
-                                                  (("file", str), ("bucket", int), ("rows", int), ("bytes", int), ("sha256", str))):
-            problems.append(f"shards[{i}] must have file, bucket, rows, bytes and sha256")
-            break
     for i, bucket in enumerate(manifest["buckets"]):
         grid = bucket.get("grid") if isinstance(bucket, dict) else None
-        if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)
-                and isinstance(bucket.get("name"), str)):
-            problems.append(f"buckets[{i}] must have a name and a [rows, cols] grid")
+        if not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1, 1 << 16) for g in grid)
+                and isinstance(bucket.get("name"), str) and bucket.get("index") == i
+                and all(_is_int(bucket.get(k), 1, 1 << 20) for k in ("width", "height", "input_width", "input_height"))):
+            problems.append(f"buckets[{i}] must have its index, a name, sizes and a [rows, cols] grid")
+            break
+    for i, shard in enumerate(manifest["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("sha256"), str)
+                and _is_int(shard.get("bucket"), 0, len(manifest["buckets"]) - 1)
+                and _is_int(shard.get("rows"), 0) and _is_int(shard.get("bytes"), 0)):
+            problems.append(f"shards[{i}] must have a file, a bucket of the table, rows, bytes and sha256")
             break
     for i, failure in enumerate(manifest["failures"]):
         if not isinstance(failure, dict) or not isinstance(failure.get("key"), str) or not isinstance(failure.get("reason"), str):
             problems.append(f"failures[{i}] must have a key and a reason")
             break
     return problems
+
+
+def _is_int(value: Any, low: int, high: int = 1 << 62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def cache_path(root: Path, file: str, folder: str = SHARD_DIR) -> Path:

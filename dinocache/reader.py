@@ -80,16 +80,20 @@ class FeatureCache(Dataset):
         handle = self._handle(shard_index)
         if not 0 <= row < self.shards[shard_index]["rows"]:
             raise CacheError(f"{self.root}: sample {i} points past the end of its shard", "run `dinocache verify`")
-        out = {
-            "key": self.table.key(i),
-            "bucket": bucket["name"],
-            "bucket_index": bucket_index,
-            "grid": (rows, cols),
-            "cls": handle.get_slice("cls")[row],
-            "patches": handle.get_slice("patches")[row].reshape(rows, cols, -1),
-        }
-        if "registers" in handle.keys():
-            out["registers"] = handle.get_slice("registers")[row]
+        try:
+            out = {
+                "key": self.table.key(i),
+                "bucket": bucket["name"],
+                "bucket_index": bucket_index,
+                "grid": (rows, cols),
+                "cls": handle.get_slice("cls")[row],
+                "patches": handle.get_slice("patches")[row].reshape(rows, cols, -1),
+            }
+            if "registers" in handle.keys():
+                out["registers"] = handle.get_slice("registers")[row]
+        except Exception as exc:  # a shard that does not match its manifest entry
+            raise CacheError(f"cannot read row {row} of {self.shards[shard_index]['file']} as a {rows}x{cols} grid: "
+                             f"{str(exc).splitlines()[0]}", "run `dinocache verify` for details") from None
         if self.dtype is not None:
             for name in ("cls", "patches", "registers"):
                 if name in out:
