@@ -74,21 +74,25 @@ class ShardWriter:
 
     def add(self, bucket: Bucket, cls: torch.Tensor, registers: torch.Tensor, patches: torch.Tensor,
             samples: list[dict]) -> None:
-        buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
-        # One device->host copy per batch, then per-row clones in the storage dtype.
-        cls = cls.to("cpu", self.dtype)
-        patches = patches.to("cpu", self.dtype)
-        registers = registers.to("cpu", self.dtype) if self.keep_registers else None
-        for i, sample in enumerate(samples):
-            buf.cls.append(cls[i].clone())
-            buf.patches.append(patches[i].clone())
-            if registers is not None:
-                buf.registers.append(registers[i].clone())
-            buf.samples.append(sample)
-            buf.nbytes += (cls[i].numel() + patches[i].numel()) * cls.element_size()
+        """Queue one batch of rows (tensors on any device) for this bucket's current shard."""
+        keep_registers = self.keep_registers
+        row_bytes = (cls[0].numel() + patches[0].numel() + (registers[0].numel() if keep_registers else 0)) \
+            * torch.empty((), dtype=self.dtype).element_size()
+        start = 0
+        while start < len(samples):
+            buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
+            room = max(1, -(-(self.max_bytes - buf.nbytes) // row_bytes))  # rows until the shard is full
+            stop = min(len(samples), start + room)
+            # One copy per batch, owned by the shard (never a view that keeps the batch's storage alive).
+            buf.cls.append(cls[start:stop].to("cpu", self.dtype, copy=True))
+            buf.patches.append(patches[start:stop].to("cpu", self.dtype, copy=True))
+            if keep_registers:
+                buf.registers.append(registers[start:stop].to("cpu", self.dtype, copy=True))
+            buf.samples.extend(samples[start:stop])
+            buf.nbytes += (stop - start) * row_bytes
             if buf.nbytes >= self.max_bytes:
                 self._submit(bucket.index)
-                buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
+            start = stop
 
     def flush(self, bucket_index: int | None = None) -> None:
         """Write out the partly filled shard of one bucket (or of all)."""
@@ -142,12 +146,14 @@ class ShardWriter:
         self._pending.append(self._pool.submit(self._write, name, buf))
 
     def _write(self, name: str, buf: _Buffer) -> tuple[dict, list[dict]]:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         rows, cols = buf.bucket.grid
-        tensors = {"cls": torch.stack(buf.cls), "patches": torch.stack(buf.patches)}
+        tensors = {"cls": torch.cat(buf.cls), "patches": torch.cat(buf.patches)}
+        buf.cls.clear(), buf.patches.clear()  # the concatenated copies are all that is needed now
         if buf.registers:
-            tensors["registers"] = torch.stack(buf.registers)
+            tensors["registers"] = torch.cat(buf.registers)
+            buf.registers.clear()
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -155,22 +161,20 @@ class ShardWriter:
             "grid": f"{rows}x{cols}",
             "samples": json.dumps(buf.samples, separators=(",", ":")),  # what a later run needs to adopt it
         }
-        data = save(tensors, metadata=metadata)
         path = self.root / name
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data[: len(data) // 2])
-                fault_point("shard_write")
-                fh.write(data[len(data) // 2:])
-                fh.flush()
+            save_file(tensors, str(tmp), metadata=metadata)  # streams to disk: no second in-memory copy
+            fault_point("shard_write")  # written but neither synced nor renamed
+            with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            digest = sha256_file(tmp)  # read back from the page cache
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
         fault_point("shard_renamed")
-        record = {"file": name, "bucket": buf.bucket.index, "rows": len(buf.samples), "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest()}
+        record = {"file": name, "bucket": buf.bucket.index, "rows": len(buf.samples), "bytes": path.stat().st_size,
+                  "sha256": digest}
         return record, buf.samples
