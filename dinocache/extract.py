@@ -46,10 +46,9 @@ MAX_DEFAULT_BATCH = 256
 MIN_ATTEMPTS_FOR_FRACTION = 100  # --max-failures 0.5 is judged once this many images were tried
 
 
-@dataclass(frozen=True)
-class PlannedImage:
+@dataclass(frozen=True, slots=True)
+class PlannedImage:  # one per image to extract: kept small, a run may plan millions
     key: str
-    path: str
     bucket: int
     box: tuple[int, int, int, int]
     source_bytes: int
@@ -272,7 +271,7 @@ def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheSt
             result.failed_this_run += 1
             continue
         bucket = assign_bucket(width, height, buckets)
-        plan.append(PlannedImage(src.key, src.path, bucket.index, crop_box(width, height, bucket, options.buckets.resize),
+        plan.append(PlannedImage(src.key, bucket.index, crop_box(width, height, bucket, options.buckets.resize),
                                  src.size, src.mtime_ns, (width, height)))
     plan.sort(key=lambda p: (p.bucket, p.key))
     return plan
@@ -281,8 +280,9 @@ def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheSt
 class DecodeDataset(Dataset):
     """Read, hash, decode and preprocess one planned image; failures are returned, not raised."""
 
-    def __init__(self, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int):
-        self.plan, self.buckets, self.mean, self.std, self.max_pixels = plan, buckets, mean, std, max_pixels
+    def __init__(self, root: Path, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int):
+        self.root, self.plan, self.buckets = root, plan, buckets
+        self.mean, self.std, self.max_pixels = mean, std, max_pixels
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -292,7 +292,7 @@ class DecodeDataset(Dataset):
         bucket = self.buckets[item.bucket]
         fault_point("decode")
         try:
-            data = read_source(item.path)
+            data = read_source(os.path.join(self.root, item.key))
             sha256 = hashlib.sha256(data).hexdigest()
             pixels = decode_image(data, self.max_pixels)
             if (pixels.shape[2], pixels.shape[1]) != item.source_size:
@@ -314,19 +314,37 @@ def collate_decoded(items):
     return [i for i, _, _ in ok], [h for _, _, h in ok], pixels, failed
 
 
-def bucket_batches(plan: list[PlannedImage], buckets: list[Bucket], batch_size: int | None) -> list[list[int]]:
-    """Consecutive index chunks, never crossing a bucket boundary (one exact shape per batch)."""
-    batches: list[list[int]] = []
-    start = 0
-    while start < len(plan):
-        bucket = buckets[plan[start].bucket]
-        size = batch_size or default_batch_size(bucket)
-        end = start
-        while end < len(plan) and end - start < size and plan[end].bucket == bucket.index:
-            end += 1
-        batches.append(list(range(start, end)))
-        start = end
-    return batches
+class BucketBatches:
+    """Consecutive index chunks of the plan, never crossing a bucket (one exact shape per batch).
+    Generated lazily: a list of lists would cost ~100 bytes per image."""
+
+    def __init__(self, plan: list[PlannedImage], buckets: list[Bucket], batch_size: int | None):
+        self.plan, self.buckets, self.batch_size = plan, buckets, batch_size
+
+    def __iter__(self):
+        plan, start = self.plan, 0
+        while start < len(plan):
+            bucket = self.buckets[plan[start].bucket]
+            size = self.batch_size or default_batch_size(bucket)
+            end = start
+            while end < len(plan) and end - start < size and plan[end].bucket == bucket.index:
+                end += 1
+            yield list(range(start, end))
+            start = end
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def keys_not_in(sorted_keys, sorted_present: list[str]) -> list[str]:
+    """Keys of the first sorted sequence that the second (sorted) lacks: a merge, no big sets."""
+    gone, j = [], 0
+    for key in sorted_keys:
+        while j < len(sorted_present) and sorted_present[j] < key:
+            j += 1
+        if j >= len(sorted_present) or sorted_present[j] != key:
+            gone.append(key)
+    return gone
 
 
 def default_workers() -> int:
@@ -365,9 +383,9 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
     with CacheLock(root):
         state = CacheState.open(root, settings, options.overwrite)
         result.shards_adopted = state.adopt_orphans()
-        present = {s.key for s in sources}
-        gone = [k for k in state.table.keys() if k not in present] + \
-               [k for k in state.failures if k not in present]
+        present = [s.key for s in sources]  # sorted, like the table's keys
+        gone = keys_not_in(state.table.iter_keys(), present) + keys_not_in(sorted(state.failures), present)
+        del present
         result.missing_sources = len(gone)
         if options.prune and gone:
             state.dropped.update(gone)
@@ -376,7 +394,8 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
             result.pruned, result.missing_sources = len(gone), 0
         state.commit()  # adopted shards and pruning are durable before any new work
         plan = plan_images(sources, buckets, state, options, result)
-        _run_plan(plan, buckets, loaded, state, options, result)
+        del sources  # the plan holds what is needed; a run may scan millions of files
+        _run_plan(Path(input_dir), plan, buckets, loaded, state, options, result)
     result.seconds = time.perf_counter() - started
     result.failed = len(state.failures)
     for f in state.failures.values():
@@ -384,13 +403,13 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
     return result
 
 
-def _run_plan(plan, buckets, loaded, state: CacheState, options: ExtractOptions, result: ExtractResult) -> None:
+def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options: ExtractOptions, result: ExtractResult) -> None:
     from tqdm import tqdm
 
     batch_size = options.batch_size or options.buckets.batch_size
-    dataset = DecodeDataset(plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels)
+    dataset = DecodeDataset(input_dir, plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels)
     workers = default_workers() if options.workers is None else options.workers
-    loader = DataLoader(dataset, batch_sampler=bucket_batches(plan, buckets, batch_size), num_workers=workers,
+    loader = DataLoader(dataset, batch_sampler=BucketBatches(plan, buckets, batch_size), num_workers=workers,
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, options.keep_registers)

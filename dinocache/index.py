@@ -89,6 +89,11 @@ class SampleTable:
     def _key_bytes(self, i: int) -> bytes:
         return bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
 
+    def iter_keys(self):
+        """Keys in sorted order, decoded one at a time."""
+        for i in range(len(self)):
+            yield self.key(i)
+
     def keys(self) -> list[str]:
         raw = bytes(self._raw)
         offs = self.key_offsets.tolist()

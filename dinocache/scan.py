@@ -18,7 +18,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceFile:
     key: str  # POSIX path relative to the input folder: the sample's identity in the cache
     path: str

@@ -87,7 +87,7 @@ def _check_source(source: Path, table, manifest: dict, report: VerifyReport) -> 
             changed.append(src.key)
     report.problems += [f"{key} is in {source} but not in the cache" for key in missing]
     report.problems += [f"{key} changed in {source} since it was extracted" for key in changed]
-    gone = sum(1 for key in table.keys() if key not in present)
+    gone = sum(1 for key in table.iter_keys() if key not in present)
     if gone:
         report.notes.append(f"{gone} cached image(s) are no longer in {source}")
 
