@@ -58,3 +58,15 @@ def test_missing_config_file(tmp_path):
 def test_parse_rejects_booleans_as_sizes():
     with pytest.raises(ConfigError, match="whole number"):
         parse_bucket_config({"buckets": [[True, 512]]})
+
+
+def test_max_failures_parsing():
+    from dinocache.config import parse_max_failures
+
+    assert parse_max_failures(None) is None
+    assert parse_max_failures("100") == 100
+    assert parse_max_failures("0.05") == 0.05
+    assert parse_max_failures("5%") == 0.05
+    for bad in ("lots", "1.5", "-3"):
+        with pytest.raises(ConfigError, match="max-failures"):
+            parse_max_failures(bad)

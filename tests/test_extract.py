@@ -205,3 +205,59 @@ def test_preprocessor_config_mean_std_is_used(mixed_images, tmp_path, tiny_model
     assert read_manifest(tmp_path / "out")["preprocessing"]["image_mean"] == sat["image_mean"]
     run(mixed_images, tmp_path / "out2", model_dir, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
     assert read_manifest(tmp_path / "out2")["preprocessing"]["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_superseded_rows_are_not_referenced(mixed_images, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    run(mixed_images, out, tiny_model_dir)
+    old = FeatureCache(out).record("wide.png")
+    save_scene(mixed_images / "wide.png", 600, 300, seed=77)
+    run(mixed_images, out, tiny_model_dir)
+    cache = FeatureCache(out)
+    new = cache.record("wide.png")
+    assert (new["shard"], new["row"]) != (old["shard"], old["row"])
+    referenced = {(cache.record(k)["shard"], cache.record(k)["row"]) for k in cache.keys()}
+    assert (old["shard"], old["row"]) not in referenced
+    from dinocache.stats import cache_stats
+    from dinocache.verify import verify_cache
+
+    assert verify_cache(out).ok
+    assert cache_stats(out)["unreferenced_shards"] == 1  # wide.png was alone in its old shard
+
+
+def test_deleted_sources_are_reported_and_pruned(mixed_images, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    (mixed_images / "broken.jpg").write_text("x")
+    run(mixed_images, out, tiny_model_dir)
+    (mixed_images / "square.png").unlink()
+    (mixed_images / "broken.jpg").unlink()
+    kept = run(mixed_images, out, tiny_model_dir)
+    assert kept.missing_sources == 2 and kept.pruned == 0
+    assert "square.png" in FeatureCache(out)
+    pruned = run(mixed_images, out, tiny_model_dir, prune=True)
+    assert pruned.pruned == 2 and pruned.missing_sources == 0
+    assert "square.png" not in FeatureCache(out) and len(FeatureCache(out)) == 3
+    assert read_manifest(out)["failures"] == []
+
+
+def test_rehash_compares_content_not_timestamps(mixed_images, tmp_path, tiny_model_dir):
+    import os
+
+    out = tmp_path / "out"
+    path = save_scene(mixed_images / "pic.bmp", 300, 300, seed=1)  # BMP: the size depends on the dimensions only
+    run(mixed_images, out, tiny_model_dir)
+    os.utime(path, ns=(10**18, 10**18))  # touched: same bytes, new mtime
+    assert run(mixed_images, out, tiny_model_dir).processed == 1  # size + mtime: looks changed
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    touched = run(mixed_images, out, tiny_model_dir, rehash=True)
+    assert (touched.processed, touched.skipped) == (0, 5)  # same content: kept, stamp refreshed
+    assert FeatureCache(out).record("pic.bmp")["source_mtime_ns"] == 2 * 10**18
+    before = FeatureCache(out)["pic.bmp"]["cls"].clone()
+    size = path.stat().st_size
+    save_scene(path, 300, 300, seed=2)  # new content, same size...
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))  # ...and the old mtime
+    assert path.stat().st_size == size
+    assert run(mixed_images, out, tiny_model_dir).processed == 0  # size + mtime cannot see it
+    changed = run(mixed_images, out, tiny_model_dir, rehash=True)
+    assert changed.processed == 1
+    assert not torch.equal(FeatureCache(out)["pic.bmp"]["cls"], before)

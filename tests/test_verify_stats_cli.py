@@ -50,6 +50,7 @@ def test_verify_fails_naming_the_shard_after_one_flipped_byte(cache_dir):
     ("escape", ["escapes", "not inside"]),
     ("duplicate", ["more than once"]),
     ("rows", ["points at row 999"]),
+    ("row_count", ["has shape", "expected [5"]),
 ])
 def test_verify_names_other_faults(cache_dir, fault, words):
     manifest = read_manifest(cache_dir)
@@ -67,6 +68,8 @@ def test_verify_names_other_faults(cache_dir, fault, words):
             rewrite_index(cache_dir, manifest, lambda recs: recs.insert(1, dict(recs[0])))
         elif fault == "rows":
             rewrite_index(cache_dir, manifest, lambda recs: recs[0].update(row=999))
+        elif fault == "row_count":
+            manifest["shards"][0]["rows"] = 5
         (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify", str(cache_dir)])
     assert result.exit_code == 1
