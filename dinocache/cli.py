@@ -65,6 +65,11 @@ def extract(
     prune: bool = typer.Option(False, "--prune", help="Drop cached images whose source file is gone."),
     max_failures: Optional[str] = typer.Option(None, help="Stop when more images fail: a count (100) or a fraction (0.05, 5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (one static graph per bucket; "
+                                 "pays off on GPUs for large datasets)."),
+    sdpa_backend: str = typer.Option("auto", help="Attention kernel: auto, cudnn, flash, efficient, math."),
+    jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode large JPEGs at reduced scale (DCT scaling) "
+                                    "when the bucket is much smaller: faster, slightly different pixels."),
 ):
     """Extract features for every image in INPUT_DIR.
 
@@ -81,7 +86,8 @@ def extract(
             batch_size=batch_size, workers=workers, shard_max_bytes=int(shard_size_mb * 1024**2),
             commit_every_s=commit_every,
             max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
-            max_failures=parse_max_failures(max_failures), progress=progress)
+            max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
+            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft)
         if storage_dtype not in ("bfloat16", "float16", "float32"):
             raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}", "use bfloat16, float16 or float32")
         result = run_extract(input_dir, options)

@@ -53,6 +53,9 @@ class ExtractOptions:
     progress: bool = True
     commit_every_s: float = 30.0  # how often the manifest is rewritten during a run
     seed: int = 0  # for random:<arch> weights
+    compile: bool = False  # torch.compile the model, one static graph per bucket shape
+    sdpa_backend: str = "auto"
+    jpeg_draft: bool = False  # let libjpeg decode at a reduced scale when the bucket is much smaller
     extra: dict[str, Any] = field(default_factory=dict)
 
 

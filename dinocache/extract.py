@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -75,6 +76,8 @@ class ExtractResult:
     shards_adopted: int = 0
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode_wait": 0.0, "forward": 0.0, "write_wait": 0.0, "commit": 0.0})
 
 
 def default_batch_size(bucket: Bucket) -> int:
@@ -91,7 +94,7 @@ def cache_settings(loaded: LoadedModel, buckets: list[Bucket], options: ExtractO
         "preprocessing": {"image_mean": list(loaded.image_mean), "image_std": list(loaded.image_std),
                           "resize": options.buckets.resize, "resample": "bilinear", "antialias": True,
                           "rescale": "1/255 (16-bit: 1/65535)", "alpha_background": [255, 255, 255],
-                          "exif_transpose": True},
+                          "exif_transpose": True, "jpeg_draft": options.jpeg_draft},
         "storage": {"dtype": options.storage_dtype, "registers": options.keep_registers},
         "buckets": [b.to_record() for b in buckets],
     }))
@@ -280,9 +283,10 @@ def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheSt
 class DecodeDataset(Dataset):
     """Read, hash, decode and preprocess one planned image; failures are returned, not raised."""
 
-    def __init__(self, root: Path, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int):
+    def __init__(self, root: Path, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int,
+                 jpeg_draft: bool = False):
         self.root, self.plan, self.buckets = root, plan, buckets
-        self.mean, self.std, self.max_pixels = mean, std, max_pixels
+        self.mean, self.std, self.max_pixels, self.jpeg_draft = mean, std, max_pixels, jpeg_draft
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -294,12 +298,21 @@ class DecodeDataset(Dataset):
         try:
             data = read_source(os.path.join(self.root, item.key))
             sha256 = hashlib.sha256(data).hexdigest()
-            pixels = decode_image(data, self.max_pixels)
-            if (pixels.shape[2], pixels.shape[1]) != item.source_size:
-                raise DecodeError("changed", f"decoded size {pixels.shape[2]}x{pixels.shape[1]} differs from the "
-                                             f"header's {item.source_size[0]}x{item.source_size[1]} (file replaced "
-                                             "during the run, or EXIF stored after the pixels)")
-            x = preprocess(pixels, item.box, (bucket.input_width, bucket.input_height), self.mean, self.std)
+            box, size = item.box, (bucket.input_width, bucket.input_height)
+            draft = None
+            if self.jpeg_draft:  # the smallest full-image size whose crop box still covers the bucket
+                box_w, box_h = box[2] - box[0], box[3] - box[1]
+                draft = (math.ceil(size[0] * item.source_size[0] / box_w), math.ceil(size[1] * item.source_size[1] / box_h))
+            pixels = decode_image(data, self.max_pixels, draft_size=draft)
+            height, width = pixels.shape[1:]
+            if (width, height) != item.source_size:
+                scale_x, scale_y = width / item.source_size[0], height / item.source_size[1]
+                if draft is None or width < draft[0] or height < draft[1]:
+                    raise DecodeError("changed", f"decoded size {width}x{height} differs from the header's "
+                                                 f"{item.source_size[0]}x{item.source_size[1]} (file replaced during "
+                                                 "the run, or EXIF stored after the pixels)")
+                box = (round(box[0] * scale_x), round(box[1] * scale_y), round(box[2] * scale_x), round(box[3] * scale_y))
+            x = preprocess(pixels, box, size, self.mean, self.std)
             return i, x, sha256, None
         except DecodeError as exc:
             return i, None, None, (exc.reason, exc.detail)
@@ -372,7 +385,8 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
     started = time.perf_counter()
     sources = scan_folder(input_dir)
     loaded = loaded or load_model(options.model, options.revision, options.device, options.dtype,
-                                  options.image_mean, options.image_std, options.seed)
+                                  options.image_mean, options.image_std, options.seed, options.compile,
+                                  options.sdpa_backend)
     buckets = make_buckets(options.buckets.sizes, loaded.patch_size)
     settings = cache_settings(loaded, buckets, options)
     result = ExtractResult(out=root, scanned=len(sources))
@@ -407,7 +421,8 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
     from tqdm import tqdm
 
     batch_size = options.batch_size or options.buckets.batch_size
-    dataset = DecodeDataset(input_dir, plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels)
+    dataset = DecodeDataset(input_dir, plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels,
+                            options.jpeg_draft)
     workers = default_workers() if options.workers is None else options.workers
     loader = DataLoader(dataset, batch_sampler=BucketBatches(plan, buckets, batch_size), num_workers=workers,
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
@@ -421,12 +436,22 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
     commit_interval = options.commit_every_s
     current_bucket = None
     total = len(plan) + result.failed_this_run
+    # Where the time goes: waiting for decoded batches (decode-bound), the forward plus the
+    # device-to-host copy (compute-bound), waiting for the writer (disk-bound), manifest commits.
+    stages = result.stage_seconds
     bar = tqdm(total=len(plan), unit="img", disable=not options.progress, dynamic_ncols=True, desc="extract")
     closing: list = []
     try:
         try:
             _check_failure_budget(options, result.failed_this_run, result.failed_this_run, total)
-            for indices, hashes, pixels, failed in loader:
+            batches = iter(loader)
+            while True:
+                began = time.perf_counter()
+                try:
+                    indices, hashes, pixels, failed = next(batches)
+                except StopIteration:
+                    break
+                stages["decode_wait"] += time.perf_counter() - began
                 for i, (reason, detail) in failed:
                     p = plan[i]
                     state.add_failure(p.key, p.source_bytes, p.source_mtime_ns, reason, detail)
@@ -437,9 +462,14 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                 current_bucket = batch_bucket
                 if pixels is not None:
                     bucket = buckets[batch_bucket]
+                    began = time.perf_counter()
                     hidden = loaded.forward(pixels)
                     cls, registers, patches = split_tokens(hidden, loaded.num_registers, bucket.grid)
+                    # add() copies to the host, which waits for the forward: both count as "forward".
                     writer.add(bucket, cls, registers, patches, [plan[i].record(h) for i, h in zip(indices, hashes)])
+                    waited = writer.take_wait_seconds()
+                    stages["write_wait"] += waited
+                    stages["forward"] += time.perf_counter() - began - waited
                 for record, samples in writer.completed():
                     state.add_shard(record, samples)
                     result.shards_written += 1
@@ -449,6 +479,7 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                     began = time.monotonic()
                     state.commit()
                     last_commit = time.monotonic()
+                    stages["commit"] += last_commit - began
                     # A commit rewrites the whole sample index (4 s at 10M samples): keep it under ~10%
                     # of the run. Shards are self-describing, so a crash between commits loses nothing.
                     commit_interval = max(options.commit_every_s, 10 * (last_commit - began))
@@ -463,8 +494,9 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                 state.add_shard(record, samples)
                 result.shards_written += 1
             seconds = time.perf_counter() - run_started
+            stages["write_wait"] += writer.take_wait_seconds()
             run.update(finished=_now(), processed=result.processed, failed=result.failed_this_run,
-                       seconds=round(seconds, 3),
+                       seconds=round(seconds, 3), stage_seconds={k: round(v, 3) for k, v in stages.items()},
                        images_per_second=round(result.processed / seconds, 3) if seconds else 0.0)
             state.commit()
     except OSError as exc:

@@ -40,9 +40,14 @@ def read_source(path: str) -> bytes:
         raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
+def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE,
+                 draft_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode the first frame of an image (a path or its bytes), upright, as float32 RGB in [0, 1],
     shape [3, H, W]. Raises DecodeError with a stable reason code for anything unusable.
+
+    `draft_size` (upright width, height) lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale
+    (its DCT scaling, much cheaper than a full decode) while staying at least that large; the
+    result is then smaller than the source and the caller scales its crop box to match.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -56,6 +61,9 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
                 raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
                                                f"{max_pixels} (raise --max-pixels if this image is legitimate)")
             img.seek(0)  # animated GIF/WebP/APNG: the first frame
+            if draft_size is not None and img.format == "JPEG":
+                transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                img.draft("RGB", tuple(reversed(draft_size)) if transposed else draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_float_rgb(img, background)

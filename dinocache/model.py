@@ -62,12 +62,43 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     config: dict = field(repr=False, default_factory=dict)
+    sdpa_backend: str = "auto"
+    compiled: torch.nn.Module | None = field(repr=False, default=None)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """last_hidden_state (already final-LayerNormed) for a batch of one exact shape."""
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        return self.model(pixel_values=pixels).last_hidden_state
+        model = self.compiled if self.compiled is not None else self.model
+        with sdpa_context(self.sdpa_backend):
+            return model(pixel_values=pixels).last_hidden_state
+
+    def enable_compile(self, mode: str | None = None) -> None:
+        """torch.compile with static shapes: one graph per bucket shape, compiled on first use.
+        On GPUs max-autotune (GEMM autotuning; CUDA graphs off: batches end in host copies)."""
+        import torch._dynamo
+
+        if mode is None:
+            mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else "default"
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled = torch.compile(self.model, dynamic=False, mode=mode)
+
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def sdpa_context(backend: str):
+    """Force one scaled-dot-product-attention kernel (cuDNN beat flash on the H200), or leave
+    torch's choice ("auto")."""
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    return sdpa_kernel(kernel)
 
 
 def split_tokens(hidden: torch.Tensor, num_registers: int, grid: tuple[int, int]):
@@ -125,10 +156,13 @@ def random_config(arch: str):
 
 
 def load_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-               image_mean=None, image_std=None, seed: int = 0) -> LoadedModel:
+               image_mean=None, image_std=None, seed: int = 0, compile: bool = False,
+               sdpa_backend: str = "auto") -> LoadedModel:
     """Load a DINOv3 ViT from a Hub id, a local folder or `random:<arch>`."""
     from transformers import DINOv3ViTModel
 
+    if sdpa_backend not in SDPA_BACKENDS:
+        raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec.startswith(RANDOM_PREFIX):
@@ -147,12 +181,16 @@ def load_model(spec: str, revision: str | None = None, device: str = "auto", dty
     mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
     std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
     model = model.to(device=dev, dtype=torch_dtype).eval()  # eval: no RoPE jitter, no drop-path
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model, model_id=spec, revision=revision, patch_size=_patch_size(config),
         hidden_size=config.hidden_size, num_registers=config.num_register_tokens,
         image_mean=mean, image_std=std, device=dev, dtype=torch_dtype,
         config={k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)},
+        sdpa_backend=sdpa_backend,
     )
+    if compile:
+        loaded.enable_compile()
+    return loaded
 
 
 def _patch_size(config) -> int:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class ShardWriter:
         self._pending: list[Future] = []
         self._done: list[tuple[dict, list[dict]]] = []
         self._max_pending = max_pending
+        self._wait_seconds = 0.0  # time the caller spent blocked on the disk (backpressure, close)
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
     def add(self, bucket: Bucket, cls: torch.Tensor, registers: torch.Tensor, patches: torch.Tensor,
@@ -112,12 +114,19 @@ class ShardWriter:
         done, self._done = self._done, []
         return done
 
+    def take_wait_seconds(self) -> float:
+        """Seconds spent waiting for the disk since the last call."""
+        waited, self._wait_seconds = self._wait_seconds, 0.0
+        return waited
+
     def close(self) -> list[tuple[dict, list[dict]]]:
         """Flush everything, wait for the disk, and return the remaining completed shards."""
         try:
             self.flush()
+            began = time.perf_counter()
             for fut in self._pending:
                 self._done.append(fut.result())
+            self._wait_seconds += time.perf_counter() - began
             self._pending = []
             return self.completed()
         finally:
@@ -141,8 +150,10 @@ class ShardWriter:
         buf = self._buffers.pop(index)
         name = f"{SHARD_DIR}/b{buf.bucket.index:03d}-{buf.bucket.name}-{self.run_id}-{self._seq:05d}{SHARD_SUFFIX}"
         self._seq += 1
+        began = time.perf_counter()
         while len(self._pending) >= self._max_pending:  # backpressure: bounded host memory
             self._done.append(self._pending.pop(0).result())
+        self._wait_seconds += time.perf_counter() - began
         self._pending.append(self._pool.submit(self._write, name, buf))
 
     def _write(self, name: str, buf: _Buffer) -> tuple[dict, list[dict]]:

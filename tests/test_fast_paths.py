@@ -1,0 +1,55 @@
+"""Speed options must not change what is cached beyond stated tolerances (timing lives in
+scripts/bench.py, not here)."""
+
+import pytest
+import torch
+
+from conftest import NUM_REGISTERS, save_scene, token_cosine
+from dinocache import FeatureCache
+from dinocache.config import ExtractOptions, parse_bucket_config
+from dinocache.extract import extract
+
+
+def run(images, out, model_dir, **kwargs):
+    options = ExtractOptions(out=out, buckets=parse_bucket_config({"buckets": [[224, 224], [320, 224]]}),
+                             model=str(model_dir), workers=0, progress=False, dtype="float32",
+                             storage_dtype="float32", **kwargs)
+    return extract(images, options)
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    for i, (w, h) in enumerate([(1600, 1200), (1200, 1200), (2000, 1400), (900, 900)]):
+        save_scene(root / f"p{i}.jpg", w, h, seed=i, quality=92)
+    return root
+
+
+def test_jpeg_draft_stays_close_to_a_full_decode(photos, tmp_path, tiny_model_dir):
+    run(photos, tmp_path / "full", tiny_model_dir)
+    run(photos, tmp_path / "draft", tiny_model_dir, jpeg_draft=True)
+    full, draft = FeatureCache(tmp_path / "full"), FeatureCache(tmp_path / "draft")
+    assert draft.manifest["preprocessing"]["jpeg_draft"] is True  # recorded: never mixed with full decodes
+    for key in full.keys():
+        assert draft.record(key)["box"] == full.record(key)["box"]  # recorded in source pixels either way
+        cos = token_cosine(draft[key]["patches"].reshape(-1, 64), full[key]["patches"].reshape(-1, 64))
+        assert cos.mean() >= 0.99 and cos.min() >= 0.95, (key, cos.mean(), cos.min())
+
+
+def test_forcing_the_math_attention_kernel_gives_the_same_features(photos, tmp_path, tiny_model_dir):
+    run(photos, tmp_path / "auto", tiny_model_dir)
+    run(photos, tmp_path / "math", tiny_model_dir, sdpa_backend="math")
+    a, b = FeatureCache(tmp_path / "auto"), FeatureCache(tmp_path / "math")
+    for key in a.keys():
+        torch.testing.assert_close(a[key]["patches"], b[key]["patches"], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_model_matches_eager(photos, tmp_path, tiny_model_dir):
+    run(photos, tmp_path / "eager", tiny_model_dir)
+    run(photos, tmp_path / "compiled", tiny_model_dir, compile=True)
+    a, b = FeatureCache(tmp_path / "eager"), FeatureCache(tmp_path / "compiled")
+    for key in a.keys():
+        # fp32: inductor reorders reductions, so not bit-identical; 1e-4 is well inside bf16 storage error.
+        torch.testing.assert_close(a[key]["patches"], b[key]["patches"], atol=1e-4, rtol=1e-4)
+        assert token_cosine(a[key]["cls"], b[key]["cls"]) >= 0.9999
+    assert NUM_REGISTERS == 4
