@@ -70,10 +70,15 @@ def extract(
     sdpa_backend: str = typer.Option("auto", help="Attention kernel: auto, cudnn, flash, efficient, math."),
     jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode large JPEGs at reduced scale (DCT scaling) "
                                     "when the bucket is much smaller: faster, slightly different pixels."),
+    rank: Optional[int] = typer.Option(None, min=0, help="This process's share, without torchrun (e.g. a SLURM "
+                                       "array task); run `dinocache merge OUT` when all ranks are done."),
+    world_size: Optional[int] = typer.Option(None, min=1, help="Number of shares, with --rank."),
 ):
     """Extract features for every image in INPUT_DIR.
 
-    Example: dinocache extract data/images --buckets configs/dit-buckets.yaml --out cache/
+    Example: dinocache extract data/images --buckets configs/dit-1024.yaml --out cache/
+
+    On 8 GPUs: torchrun --nproc_per_node=8 -m dinocache extract data/images --buckets configs/dit-1024.yaml --out cache/
     """
     from .config import ExtractOptions, load_bucket_config, parse_max_failures
     from .extract import extract as run_extract
@@ -87,15 +92,23 @@ def extract(
             commit_every_s=commit_every,
             max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
             max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
-            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft)
+            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size)
         if storage_dtype not in ("bfloat16", "float16", "float32"):
             raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}", "use bfloat16, float16 or float32")
         result = run_extract(input_dir, options)
     except DinocacheError as exc:
         _fail(exc)
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under torchrun, rank 0 speaks for the job
     rate = result.processed / result.seconds if result.seconds else 0.0
-    typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed_this_run} failed "
-               f"({rate:.1f} img/s overall) -> {result.out}")
+    if result.job_processed is not None:
+        typer.echo(f"{result.job_processed} extracted by {os.environ.get('WORLD_SIZE')} ranks, {result.skipped} "
+                   f"already cached, {result.failed} failed in the cache -> {result.out}")
+    else:
+        typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed_this_run} failed "
+                   f"({rate:.1f} img/s overall) -> {result.out}")
     if result.shards_adopted:
         typer.echo(f"{result.shards_adopted} shard(s) finished by an interrupted run were kept")
     if result.failures_by_reason:
@@ -105,6 +118,27 @@ def extract(
         typer.echo(f"{result.missing_sources} cached image(s) no longer exist in {input_dir} (--prune drops them)")
     if result.pruned:
         typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
+    if world_size and world_size > 1:
+        typer.echo(f"rank {rank} of {world_size} done: run `dinocache merge {out}` once every rank has finished")
+
+
+@app.command()
+def merge(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP)):
+    """Fold the shards and reports of a multi-process run into the manifest.
+
+    torchrun runs do this by themselves; use it after ranks that ran separately
+    (extract --rank I --world-size N, e.g. SLURM array tasks) or after a job died.
+
+    Example: dinocache merge cache/
+    """
+    from .extract import merge_cache
+
+    try:
+        result = merge_cache(out)
+    except DinocacheError as exc:
+        _fail(exc)
+    typer.echo(f"merged {result.shards_adopted} shard(s) and {result.rank_reports} rank report(s): "
+               f"{result.samples} samples in {out}")
 
 
 @app.command()

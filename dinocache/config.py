@@ -55,6 +55,8 @@ class ExtractOptions:
     seed: int = 0  # for random:<arch> weights
     compile: bool = False  # torch.compile the model, one static graph per bucket shape
     sdpa_backend: str = "auto"
+    rank: int | None = None  # explicit rank / world size (no process group; `dinocache merge` after)
+    world_size: int | None = None
     jpeg_draft: bool = False  # let libjpeg decode at a reduced scale when the bucket is much smaller
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ adopt shards that were durable but not yet in the manifest when a previous run d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -29,12 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .buckets import Bucket, assign_bucket, crop_box, make_buckets
 from .config import ExtractOptions
-from .errors import CacheError, DecodeError, DinocacheError
+from .errors import CacheError, ConfigError, DecodeError, DinocacheError
 from .faults import fault_point
 from .imaging import decode_image, preprocess, read_source
 from .index import SampleTable
 from .lock import CacheLock
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST_NAME, SHARD_DIR, SHARD_SUFFIX,
+from .distributed import RankContext, split_by_cost
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST_NAME, RANK_DIR, SHARD_DIR, SHARD_SUFFIX,
                        atomic_write_bytes, load_samples, read_manifest, write_manifest)
 from .model import LoadedModel, load_model, split_tokens
 from .scan import SourceFile, probe, scan_folder
@@ -76,6 +78,7 @@ class ExtractResult:
     pruned: int = 0
     shards_written: int = 0
     shards_adopted: int = 0
+    job_processed: int | None = None  # rank 0 of a torchrun job: images extracted by all ranks
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(
@@ -133,7 +136,9 @@ class CacheState:
         self.index_info: dict | None = None  # manifest["samples"] of the committed table
 
     @classmethod
-    def open(cls, root: Path, settings: dict, overwrite: bool) -> "CacheState":
+    def open(cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True) -> "CacheState":
+        """Load the cache's committed state. `cleanup` removes temp files and unnamed sample tables:
+        only for the lock holder while no other rank writes."""
         state = cls(root, settings)
         if overwrite:
             (root / MANIFEST_NAME).unlink(missing_ok=True)
@@ -153,7 +158,8 @@ class CacheState:
             state.index_file = manifest["samples"]["file"]
             state.index_info = manifest["samples"]
             state.failures = {f["key"]: f for f in manifest["failures"]}
-        state._remove_stale_index_files()
+        if cleanup:
+            state._remove_stale_index_files()
         return state
 
     def _remove_stale_index_files(self) -> None:
@@ -168,10 +174,13 @@ class CacheState:
         i = self.table.find(key)
         return self.table.record(i) if i >= 0 else None
 
-    def adopt_orphans(self) -> int:
-        """Shards that are durable on disk but not in the manifest (the run died before committing)."""
+    def adopt_orphans(self, known_records: dict[str, dict] | None = None) -> int:
+        """Shards that are durable on disk but not in the manifest: written by a run that died
+        before committing, or by the other ranks of a multi-process run. `known_records` (from
+        rank reports) spares re-hashing shards whose size still matches."""
         from safetensors import safe_open
 
+        known_records = known_records or {}
         known = {s["file"] for s in self.shards}
         adopted = 0
         for path in sorted((self.root / SHARD_DIR).glob("*" + SHARD_SUFFIX)):
@@ -190,12 +199,14 @@ class CacheState:
             except Exception as exc:  # not ours or damaged: leave it for verify to report
                 log.warning("not adopting %s: %s", name, exc)
                 continue
-            record = {"file": name, "bucket": bucket, "rows": len(samples), "bytes": path.stat().st_size,
-                      "sha256": sha256_file(path)}
+            size = path.stat().st_size
+            reported = known_records.get(name)
+            digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
+            record = {"file": name, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest}
             self.add_shard(record, samples)
             adopted += 1
         if adopted:
-            log.info("adopted %d shard(s) written by an interrupted run", adopted)
+            log.info("adopted %d shard(s) not yet in the manifest (other ranks, or an interrupted run)", adopted)
         return adopted
 
     def add_shard(self, record: dict, samples: list[dict]) -> None:
@@ -250,10 +261,25 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
+def _probe(src: SourceFile, max_pixels: int) -> tuple:
+    """("ok", width, height) or ("failed", reason, detail): picklable, for gathering across ranks."""
+    try:
+        if src.size < 0:
+            raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
+        if src.size == 0:
+            raise DecodeError("empty", "zero-byte file")
+        width, height = probe(src.path, max_pixels)
+        return ("ok", width, height)
+    except DecodeError as exc:
+        return ("failed", exc.reason, exc.detail)
+
+
 def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheState, options: ExtractOptions,
-                result: ExtractResult) -> list[PlannedImage]:
-    """Which images to (re)compute and how: a plan sorted by bucket, then key."""
-    plan: list[PlannedImage] = []
+                result: ExtractResult, ctx: RankContext | None = None) -> list[PlannedImage]:
+    """Which images to (re)compute and how: a plan sorted by bucket, then key. Under a process
+    group each rank reads 1/world of the headers and all ranks receive every result."""
+    ctx = ctx or RankContext()
+    todo: list[SourceFile] = []
     for src in sources:
         cached = state.cached(src.key)
         previous = cached or state.failures.get(src.key)
@@ -266,19 +292,24 @@ def plan_images(sources: list[SourceFile], buckets: list[Bucket], state: CacheSt
             state.pending.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
             result.skipped += 1
             continue
-        try:
-            if src.size < 0:
-                raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
-            if src.size == 0:
-                raise DecodeError("empty", "zero-byte file")
-            width, height = probe(src.path, options.max_pixels)
-        except DecodeError as exc:
-            state.add_failure(src.key, src.size, src.mtime_ns, exc.reason, exc.detail)
+        todo.append(src)
+    if ctx.group:
+        mine = {i: _probe(todo[i], options.max_pixels) for i in range(ctx.rank, len(todo), ctx.world_size)}
+        probes: dict[int, tuple] = {}
+        for part in ctx.all_gather(mine):
+            probes.update(part)
+    else:
+        probes = {i: _probe(src, options.max_pixels) for i, src in enumerate(todo)}
+    plan: list[PlannedImage] = []
+    for i, src in enumerate(todo):
+        status, a, b = probes[i]
+        if status != "ok":
+            state.add_failure(src.key, src.size, src.mtime_ns, a, b)
             result.failed_this_run += 1
             continue
-        bucket = assign_bucket(width, height, buckets)
-        plan.append(PlannedImage(src.key, bucket.index, crop_box(width, height, bucket, options.buckets.resize),
-                                 src.size, src.mtime_ns, (width, height)))
+        bucket = assign_bucket(a, b, buckets)
+        plan.append(PlannedImage(src.key, bucket.index, crop_box(a, b, bucket, options.buckets.resize),
+                                 src.size, src.mtime_ns, (a, b)))
     plan.sort(key=lambda p: (p.bucket, p.key))
     return plan
 
@@ -392,36 +423,57 @@ def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, 
 
 
 def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractResult:
-    """Extract features for every image under `input_dir` into `options.out`."""
+    """Extract features for every image under `input_dir` into `options.out`.
+
+    Under torchrun every rank calls this; each takes a cost-balanced share of the remaining work
+    and writes its own shards, and rank 0 merges the manifest once all have finished.
+    """
+    ctx = RankContext.create(options.rank, options.world_size, options.device)
+    try:
+        return _extract(Path(input_dir), options, loaded, ctx)
+    finally:
+        ctx.close()
+
+
+def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
     root = Path(options.out)
     started = time.perf_counter()
     sources = scan_folder(input_dir)
-    loaded = loaded or load_model(options.model, options.revision, options.device, options.dtype,
+    loaded = loaded or load_model(options.model, options.revision, ctx.device(options.device), options.dtype,
                                   options.image_mean, options.image_std, options.seed, options.compile,
                                   options.sdpa_backend)
     buckets = make_buckets(options.buckets.sizes, loaded.patch_size)
     settings = cache_settings(loaded, buckets, options)
     result = ExtractResult(out=root, scanned=len(sources))
+    if ctx.multi and not ctx.group and (options.overwrite or options.prune):
+        raise ConfigError("--overwrite and --prune change the whole cache: run them without --rank/--world-size",
+                          "run `dinocache merge OUT` after the ranks, then a single extract with the option")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
-    with CacheLock(root):
-        state = CacheState.open(root, settings, options.overwrite)
-        result.shards_adopted = state.adopt_orphans()
-        present = [s.key for s in sources]  # sorted, like the table's keys
-        gone = keys_not_in(state.table.iter_keys(), present) + keys_not_in(sorted(state.failures), present)
-        del present
-        result.missing_sources = len(gone)
-        if options.prune and gone:
-            state.dropped.update(gone)
-            for key in gone:
-                state.failures.pop(key, None)
-            result.pruned, result.missing_sources = len(gone), 0
-        state.commit()  # adopted shards and pruning are durable before any new work
-        plan = plan_images(sources, buckets, state, options, result)
+    leader = ctx.rank == 0 and (ctx.group or not ctx.multi)  # the one process that commits
+    with CacheLock(root) if leader else contextlib.nullcontext():
+        if leader:
+            state = CacheState.open(root, settings, options.overwrite)
+            result.shards_adopted = state.adopt_orphans()
+            _note_missing_sources(state, sources, options, result)
+            state.commit()  # adopted shards and pruning are durable before any new work
+        ctx.barrier()
+        if not leader or ctx.multi:  # every rank plans from the same committed snapshot
+            state = CacheState.open(root, settings, overwrite=False, cleanup=False) if (root / MANIFEST_NAME).exists() \
+                else CacheState(root, settings)
+        plan = plan_images(sources, buckets, state, options, result, ctx)
         del sources  # the plan holds what is needed; a run may scan millions of files
-        _run_plan(Path(input_dir), plan, buckets, loaded, state, options, result)
+        if ctx.multi:
+            share = split_by_cost([p.bucket for p in plan], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
+            if ctx.rank != 0:  # headers failures are known to every rank: rank 0 reports them
+                result.failed_this_run = 0
+            plan = [plan[i] for i in share]
+        _run_plan(input_dir, plan, buckets, loaded, state, options, result, ctx)
+        ctx.barrier()
+        if ctx.multi and ctx.group and ctx.rank == 0:
+            result.job_processed = merge_cache(root, locked=True).processed
     result.seconds = time.perf_counter() - started
     result.failed = len(state.failures)
     for f in state.failures.values():
@@ -429,7 +481,74 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
     return result
 
 
-def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options: ExtractOptions, result: ExtractResult) -> None:
+def _note_missing_sources(state: CacheState, sources: list[SourceFile], options: ExtractOptions,
+                          result: ExtractResult) -> None:
+    present = [s.key for s in sources]  # sorted, like the table's keys
+    gone = keys_not_in(state.table.iter_keys(), present) + keys_not_in(sorted(state.failures), present)
+    result.missing_sources = len(gone)
+    if options.prune and gone:
+        state.dropped.update(gone)
+        for key in gone:
+            state.failures.pop(key, None)
+        result.pruned, result.missing_sources = len(gone), 0
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards_adopted: int = 0
+    rank_reports: int = 0
+    samples: int = 0
+    processed: int = 0  # images extracted by the reporting ranks
+
+
+def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
+    """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
+    root = Path(root)
+    reports = []
+    for path in sorted((root / RANK_DIR).glob("*.json")) if (root / RANK_DIR).is_dir() else ():
+        try:
+            reports.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable rank report %s: %s", path.name, exc)
+    if (root / MANIFEST_NAME).exists():
+        manifest = read_manifest(root)
+        settings = {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}
+    elif reports:
+        settings = reports[0][1]["settings"]
+    else:
+        raise CacheError(f"{root} has neither a manifest nor rank reports: nothing to merge",
+                         "pass the --out folder the ranks wrote to")
+    with contextlib.nullcontext() if locked else CacheLock(root):
+        state = CacheState.open(root, settings, overwrite=False)
+        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
+        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
+        for _, report in reports:
+            if report.get("settings") != settings:
+                raise CacheError(f"rank report {report.get('rank')} was made with other settings than {root}",
+                                 "merge only ranks of the same command")
+            for failure in report.get("failures", []):
+                state.failures.setdefault(failure["key"], failure)
+            state.runs.append(report["run"])
+            result.processed += report["run"].get("processed", 0)
+        cached = {r["key"] for r in state.pending}
+        for key in list(state.failures):
+            if key in cached or state.table.find(key) >= 0:
+                state.failures.pop(key)
+        state.commit()
+        for path, _ in reports:
+            path.unlink(missing_ok=True)
+        if (root / RANK_DIR).is_dir() and not any((root / RANK_DIR).iterdir()):
+            (root / RANK_DIR).rmdir()
+        result.samples = len(state.table)
+    return result
+
+
+def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options: ExtractOptions, result: ExtractResult,
+              ctx: RankContext | None = None) -> None:
+    ctx = ctx or RankContext()
+    commits = not ctx.multi  # ranks leave the manifest alone and report instead; rank 0 merges
+    written: list[dict] = []  # this run's shard records, for the rank report
     from tqdm import tqdm
 
     batch_size = options.batch_size or options.buckets.batch_size
@@ -442,7 +561,7 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                         worker_init_fn=_decode_worker_init if loaded.device.type == "cpu" else None)
     writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, options.keep_registers)
     run = {"started": _now(), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
-           "tool_version": __version__}
+           "tool_version": __version__, "rank": ctx.rank, "world_size": ctx.world_size}
     state.runs.append(run)
     run_started = time.perf_counter()
     last_commit = time.monotonic()
@@ -485,10 +604,11 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                     stages["forward"] += time.perf_counter() - began - waited
                 for record, samples in writer.completed():
                     state.add_shard(record, samples)
+                    written.append(record)
                     result.shards_written += 1
                 result.processed += len(indices)
                 bar.update(len(indices) + len(failed))
-                if time.monotonic() - last_commit >= commit_interval:
+                if commits and time.monotonic() - last_commit >= commit_interval:
                     began = time.monotonic()
                     state.commit()
                     last_commit = time.monotonic()
@@ -505,13 +625,21 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
             bar.close()
             for record, samples in closing:
                 state.add_shard(record, samples)
+                written.append(record)
                 result.shards_written += 1
             seconds = time.perf_counter() - run_started
             stages["write_wait"] += writer.take_wait_seconds()
             run.update(finished=_now(), processed=result.processed, failed=result.failed_this_run,
                        seconds=round(seconds, 3), stage_seconds={k: round(v, 3) for k, v in stages.items()},
                        images_per_second=round(result.processed / seconds, 3) if seconds else 0.0)
-            state.commit()
+            if commits:
+                state.commit()
+            else:
+                report = {"rank": ctx.rank, "world_size": ctx.world_size, "settings": state.settings, "run": run,
+                          "shards": written, "failures": list(state.failures.values())}
+                (state.root / RANK_DIR).mkdir(exist_ok=True)
+                atomic_write_bytes(state.root / RANK_DIR / f"rank-{ctx.rank:05d}-{writer.run_id}.json",
+                                   json.dumps(report).encode())
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise CacheError(f"the disk holding {state.root} is full: {exc}",

@@ -2,6 +2,7 @@
 
 Set DINOCACHE_FAULT="point:n:action" (several separated by commas): the n-th time this process
 reaches `point`, it either dies with SIGKILL (action `kill`) or raises ENOSPC (action `enospc`).
+"point:n:action@R" applies only to the process whose RANK is R (torchrun).
 Unset (always, outside tests) a fault point costs one dictionary lookup.
 """
 
@@ -18,6 +19,9 @@ _hits: dict[str, int] = {}
 def _plan() -> dict[str, tuple[int, str]]:
     plan = {}
     for item in filter(None, os.environ.get("DINOCACHE_FAULT", "").split(",")):
+        item, _, rank = item.partition("@")
+        if rank and rank != os.environ.get("RANK", "0"):
+            continue
         point, n, action = item.split(":")
         plan[point] = (int(n), action)
     return plan

@@ -139,7 +139,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Shuffled by (seed, epoch): the same seed and epoch give the same batches on every restart.
     With `world_size` > 1 every rank gets a disjoint slice of the same global batch list and the
-    same number of batches (the list is padded by repeating its start, or cut with drop_last).
+    same number of batches (the list is padded by repeating its start, or cut with drop_last), so
+    no rank waits at a collective for one that ran out. To resume mid-epoch after a restart,
+    `set_epoch(epoch, start_step=steps_done)` skips the batches this rank already trained on.
     """
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -151,11 +153,23 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
+        self.start_step = 0
         buckets = cache.bucket_indices()
         self._by_bucket = {int(b): np.flatnonzero(buckets == b).tolist() for b in np.unique(buckets)}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's shuffle; `start_step` skips that many of this rank's batches (resume)."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        self.set_epoch(state["epoch"], state.get("start_step", 0))
 
     def _global_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -179,10 +193,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._global_batches()[self.rank::self.world_size]
+        yield from self._global_batches()[self.rank::self.world_size][self.start_step:]
 
     def __len__(self) -> int:
-        return len(self._global_batches()[self.rank::self.world_size])
+        return len(self._global_batches()[self.rank::self.world_size][self.start_step:])
 
 
 def collate_features(items: list[dict]) -> dict:

@@ -94,3 +94,16 @@ def test_dataloader_with_workers(cache):
         assert batch["mask"].all()  # one bucket per batch: nothing to pad
         total += len(batch["keys"])
     assert total == 16
+
+
+def test_resume_from_a_step_after_a_restart(cache):
+    world = 2
+    full = [list(BucketBatchSampler(cache, batch_size=2, seed=5, rank=r, world_size=world)) for r in range(world)]
+    for rank in range(world):
+        restarted = BucketBatchSampler(cache, batch_size=2, seed=5, rank=rank, world_size=world)
+        restarted.load_state_dict({"epoch": 0, "start_step": 3, "seed": 5})
+        assert list(restarted) == full[rank][3:]
+        assert len(restarted) == len(full[rank]) - 3
+    other = BucketBatchSampler(cache, batch_size=2, seed=6)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict({"epoch": 0, "start_step": 1, "seed": 5})

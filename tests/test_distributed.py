@@ -1,0 +1,91 @@
+"""Several ranks, one cache: torchrun with gloo on CPU, explicit ranks plus `merge`, and the
+cost-balanced split."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dinocache import FeatureCache
+from dinocache.distributed import split_by_cost
+from dinocache.extract import extract, merge_cache
+from dinocache.verify import verify_cache
+from test_crash import N_IMAGES, dataset, durable_rows, options  # noqa: F401  (the fixture and the run options)
+
+
+def torchrun(root, images, out, model_dir, nproc, fault=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("DINOCACHE_FAULT", "RANK", "WORLD_SIZE")}
+    if fault:
+        env["DINOCACHE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "dinocache", "extract", str(images), "--buckets",
+           str(root / "buckets.yaml"), "--out", str(out), "--model", str(model_dir), "--workers", "0", "--no-progress",
+           "--device", "cpu", "--dtype", "float32", "--storage-dtype", "float32", "--batch-size", "1",
+           "--shard-size-mb", "0.03"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_equals_reference(root, out):
+    report = verify_cache(out)
+    assert report.ok, report.problems
+    got, ref = FeatureCache(out), FeatureCache(root / "reference")
+    assert got.keys() == ref.keys() and len(got) == N_IMAGES
+    for key in ref.keys():
+        assert torch.equal(got[key]["patches"], ref[key]["patches"]), key
+        assert torch.equal(got[key]["cls"], ref[key]["cls"]), key
+
+
+def test_two_ranks_equal_one_process(dataset, tmp_path, tiny_model_dir):
+    root, images = dataset
+    proc = torchrun(root, images, tmp_path / "out", tiny_model_dir, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{N_IMAGES} extracted by 2 ranks" in proc.stdout
+    assert_equals_reference(root, tmp_path / "out")
+    runs = FeatureCache(tmp_path / "out").manifest["runs"]
+    assert sorted(r["rank"] for r in runs[-2:]) == [0, 1] and all(r["processed"] == N_IMAGES // 2 for r in runs[-2:])
+    assert not (tmp_path / "out" / "ranks").exists()
+
+
+@pytest.mark.parametrize("rerun_ranks", [1, 3])
+def test_a_rank_dies_and_a_rerun_with_another_world_size_completes(dataset, tmp_path, tiny_model_dir, rerun_ranks):
+    root, images = dataset
+    out = tmp_path / "out"
+    died = torchrun(root, images, out, tiny_model_dir, 2, fault="decode:4:kill@1")
+    assert died.returncode != 0
+    if rerun_ranks == 1:
+        done_before = durable_rows(out)
+        result = extract(images, options(out, tiny_model_dir))
+        assert result.processed == N_IMAGES - done_before  # what either rank finished is adopted, not redone
+    else:
+        again = torchrun(root, images, out, tiny_model_dir, rerun_ranks)
+        assert again.returncode == 0, again.stderr[-3000:]
+    assert_equals_reference(root, out)
+
+
+def test_explicit_ranks_then_merge(dataset, tmp_path, tiny_model_dir):
+    root, images = dataset
+    out = tmp_path / "out"
+    for rank in (1, 0):  # any order, as SLURM array tasks finish
+        opts = options(out, tiny_model_dir)
+        opts.rank, opts.world_size = rank, 2
+        extract(images, opts)
+    assert not (out / "manifest.json").exists()  # no rank writes it
+    assert len(list((out / "ranks").glob("*.json"))) == 2
+    merged = merge_cache(out)
+    assert merged.rank_reports == 2 and merged.samples == N_IMAGES and merged.processed == N_IMAGES
+    assert_equals_reference(root, out)
+
+
+def test_split_by_cost_balances_tokens_and_covers_everything():
+    buckets = [0] * 7 + [1] * 5 + [2] * 3  # sorted by bucket, as plans are
+    tokens = [4096, 1024, 3952]
+    for world in (1, 2, 3, 4):
+        shares = split_by_cost(buckets, tokens, world)
+        assert sorted(i for share in shares for i in share) == list(range(len(buckets)))
+        load = [sum(tokens[buckets[i]] for i in share) for share in shares]
+        assert max(load) - min(load) <= max(tokens)  # within one image of the costliest bucket
+        assert shares == split_by_cost(buckets, tokens, world)  # deterministic
+    counts = [len(s) for s in split_by_cost([0, 0, 0, 1], [100, 1], 2)]
+    assert counts in ([2, 2], [1, 3], [3, 1])
