@@ -29,6 +29,15 @@ def _fail(exc: DinocacheError) -> None:
     raise typer.Exit(2)
 
 
+def _layer_list(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise DinocacheError(f"--layers must be block numbers separated by commas, got {text!r}", "e.g. --layers 8,16") from None
+
+
 def _floats3(text: Optional[str], name: str):
     if text is None:
         return None
@@ -51,7 +60,12 @@ def extract(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on CUDA and bf16-capable CPUs), bfloat16, float16, float32."),
-    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16, float32."),
+    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16, float32, float8_e4m3fn "
+                                      "(per-row scale, half of bf16's size)."),
+    pool: int = typer.Option(1, min=1, max=64, help="Average-pool the patch grid by POOL x POOL before storing "
+                             "(2: 4x smaller)."),
+    layers: Optional[str] = typer.Option(None, help="Also store these blocks' outputs (1-based, not normed), "
+                                         "e.g. 8,16 for REPA-style targets."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Images per batch (default: config's, else ~64k patch tokens per batch)."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decode worker processes (default: cores - 1, at most 8)."),
     keep_registers: bool = typer.Option(False, "--keep-registers", help="Also store the register tokens."),
@@ -86,15 +100,17 @@ def extract(
     try:
         options = ExtractOptions(
             out=out, buckets=load_bucket_config(buckets), model=model, revision=revision, device=device,
-            dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers,
+            dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers, pool=pool,
+            layers=_layer_list(layers),
             image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
             batch_size=batch_size, workers=workers, shard_max_bytes=int(shard_size_mb * 1024**2),
             commit_every_s=commit_every,
             max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
             max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
             sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size)
-        if storage_dtype not in ("bfloat16", "float16", "float32"):
-            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}", "use bfloat16, float16 or float32")
+        if storage_dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}",
+                                 "use bfloat16, float16, float32 or float8_e4m3fn")
         result = run_extract(input_dir, options)
     except DinocacheError as exc:
         _fail(exc)
@@ -120,6 +136,59 @@ def extract(
         typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
     if world_size and world_size > 1:
         typer.echo(f"rank {rank} of {world_size} done: run `dinocache merge {out}` once every rank has finished")
+
+
+@app.command()
+def plan(
+    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    buckets: Path = typer.Option(..., "--buckets", "-b", help="Bucket config YAML."),
+    model: str = typer.Option("facebook/dinov3-vitl16-pretrain-lvd1689m", "--model", "-m",
+                              help="Only its shape matters: a Hub id naming the size, a local folder, or random:<arch>."),
+    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype (see extract)."),
+    keep_registers: bool = typer.Option(False, "--keep-registers"),
+    pool: int = typer.Option(1, min=1, max=64),
+    layers: Optional[str] = typer.Option(None, help="Extra blocks to store, e.g. 8,16."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help="Where the cache would go (for the free-space check)."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+):
+    """Show what an extraction would do, without loading a model: buckets, distortion, size, time.
+
+    Example: dinocache plan data/images --buckets configs/dit-1024.yaml --model facebook/dinov3-vitl16-pretrain-lvd1689m
+    """
+    import dataclasses
+
+    from .config import load_bucket_config
+    from .plan import format_plan, plan_extraction
+
+    try:
+        config = load_bucket_config(buckets)
+        report = plan_extraction(input_dir, config, model, storage_dtype, keep_registers, pool, _layer_list(layers), out)
+    except DinocacheError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json else format_plan(report, config, model, storage_dtype))
+
+
+@app.command()
+def show(
+    out: Path = typer.Argument(..., help="Cache folder."),
+    key: str = typer.Argument(..., help="The image's key (its path relative to the input folder)."),
+    output: Path = typer.Option(Path("dinocache_show.png"), "--output", "-o", help="PNG to write."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Image folder (default: the one the cache recorded)."),
+):
+    """Write the image beside an RGB picture of its features (first 3 PCA components of the patches).
+
+    Example: dinocache show dinocache_out photos/cat.jpg -o cat-features.png
+    """
+    from .show import render
+
+    try:
+        picture = render(out, key, source)
+        picture.save(output)
+    except DinocacheError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(DinocacheError(f"cannot write {output}: {exc.strerror or exc}", "pass a writable --output path"))
+    typer.echo(f"wrote {output} ({picture.width}x{picture.height})")
 
 
 @app.command()

@@ -40,6 +40,8 @@ class ExtractOptions:
     dtype: str = "auto"  # compute dtype
     storage_dtype: str = "bfloat16"
     keep_registers: bool = False
+    pool: int = 1  # average-pool the patch grid by pool x pool before storing
+    layers: tuple[int, ...] = ()  # also store the (un-normed) outputs of these blocks, 1-based
     image_mean: tuple[float, float, float] | None = None  # None: from the checkpoint
     image_std: tuple[float, float, float] | None = None
     batch_size: int | None = None  # overrides the config's

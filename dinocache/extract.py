@@ -38,7 +38,8 @@ from .lock import CacheLock
 from .distributed import RankContext, split_by_cost
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST_NAME, RANK_DIR, SHARD_DIR, SHARD_SUFFIX,
                        atomic_write_bytes, load_samples, read_manifest, write_manifest)
-from .model import LoadedModel, load_model, split_tokens
+from .features import stored_grid, stored_tensors
+from .model import LoadedModel, load_model
 from .scan import SourceFile, probe, scan_folder
 from .writer import ShardWriter, sha256_file
 
@@ -101,8 +102,10 @@ def cache_settings(loaded: LoadedModel, buckets: list[Bucket], options: ExtractO
                           "resize": options.buckets.resize, "resample": "bilinear", "antialias": True,
                           "rescale": "1/255 (16-bit: 1/65535)", "alpha_background": [255, 255, 255],
                           "exif_transpose": True, "jpeg_draft": options.jpeg_draft},
-        "storage": {"dtype": options.storage_dtype, "registers": options.keep_registers},
-        "buckets": [b.to_record() for b in buckets],
+        "storage": {"dtype": options.storage_dtype, "registers": options.keep_registers, "pool": options.pool,
+                    "layers": list(options.layers), "layers_normed": False,
+                    "scaled": options.storage_dtype.startswith("float8")},
+        "buckets": [b.to_record() | {"stored_grid": list(stored_grid(b.grid, options.pool))} for b in buckets],
     }))
 
 
@@ -445,6 +448,10 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
     buckets = make_buckets(options.buckets.sizes, loaded.patch_size)
     settings = cache_settings(loaded, buckets, options)
     result = ExtractResult(out=root, scanned=len(sources))
+    bad_layers = [k for k in options.layers if not 1 <= k <= loaded.config.get("num_hidden_layers", 0)]
+    if bad_layers:
+        raise ConfigError(f"--layers {','.join(map(str, bad_layers))}: this model has blocks 1.."
+                          f"{loaded.config.get('num_hidden_layers')}", "pick block numbers in that range")
     if ctx.multi and not ctx.group and (options.overwrite or options.prune):
         raise ConfigError("--overwrite and --prune change the whole cache: run them without --rank/--world-size",
                           "run `dinocache merge OUT` after the ranks, then a single extract with the option")
@@ -559,8 +566,8 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
                         prefetch_factor=4 if workers else None,
                         worker_init_fn=_decode_worker_init if loaded.device.type == "cpu" else None)
-    writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, options.keep_registers)
-    run = {"started": _now(), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
+    writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes)
+    run = {"started": _now(), "input_dir": str(Path(input_dir).resolve()), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
            "tool_version": __version__, "rank": ctx.rank, "world_size": ctx.world_size}
     state.runs.append(run)
     run_started = time.perf_counter()
@@ -595,10 +602,11 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                 if pixels is not None:
                     bucket = buckets[batch_bucket]
                     began = time.perf_counter()
-                    hidden = loaded.forward(pixels)
-                    cls, registers, patches = split_tokens(hidden, loaded.num_registers, bucket.grid)
+                    hidden, intermediates = loaded.forward_layers(pixels, options.layers)
+                    tensors = stored_tensors(hidden, intermediates, loaded.num_registers, bucket.grid,
+                                             options.pool, options.keep_registers)
                     # add() copies to the host, which waits for the forward: both count as "forward".
-                    writer.add(bucket, cls, registers, patches, [plan[i].record(h) for i, h in zip(indices, hashes)])
+                    writer.add(bucket, tensors, [plan[i].record(h) for i, h in zip(indices, hashes)])
                     waited = writer.take_wait_seconds()
                     stages["write_wait"] += waited
                     stages["forward"] += time.perf_counter() - began - waited

@@ -90,15 +90,19 @@ def schema_problems(manifest: Any) -> list[str]:
     if not isinstance(model.get("id"), str):
         problems.append("model.id must be a string")
     storage = manifest["storage"]
-    if storage.get("dtype") not in ("bfloat16", "float16", "float32") or not isinstance(storage.get("registers"), bool):
-        problems.append("storage must have a dtype (bfloat16, float16, float32) and a registers flag")
+    if storage.get("dtype") not in ("bfloat16", "float16", "float32", "float8_e4m3fn") \
+            or not isinstance(storage.get("registers"), bool) or not _is_int(storage.get("pool", 1), 1, 64) \
+            or not all(_is_int(k, 1, 1000) for k in storage.get("layers", [])):
+        problems.append("storage must have a known dtype, a registers flag, a pool of 1..64 and block numbers")
     samples = manifest["samples"]
     for key, kind in (("file", str), ("count", int), ("bytes", int), ("sha256", str)):
         if not isinstance(samples.get(key), kind) or isinstance(samples.get(key), bool):
             problems.append(f"samples.{key} is missing or not a {kind.__name__}")
     for i, bucket in enumerate(manifest["buckets"]):
         grid = bucket.get("grid") if isinstance(bucket, dict) else None
+        stored = bucket.get("stored_grid", grid) if isinstance(bucket, dict) else None
         if not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1, 1 << 16) for g in grid)
+                and isinstance(stored, list) and len(stored) == 2 and all(_is_int(g, 1, 1 << 16) for g in stored)
                 and isinstance(bucket.get("name"), str) and bucket.get("index") == i
                 and all(_is_int(bucket.get(k), 1, 1 << 20) for k in ("width", "height", "input_width", "input_height"))):
             problems.append(f"buckets[{i}] must have its index, a name, sizes and a [rows, cols] grid")

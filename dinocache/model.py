@@ -68,10 +68,17 @@ class LoadedModel:
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """last_hidden_state (already final-LayerNormed) for a batch of one exact shape."""
+        return self.forward_layers(pixels)[0]
+
+    @torch.inference_mode()
+    def forward_layers(self, pixels: torch.Tensor, layers: tuple[int, ...] = ()):
+        """(last_hidden_state, {k: output of block k}) -- intermediate outputs are NOT normed."""
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         model = self.compiled if self.compiled is not None else self.model
         with sdpa_context(self.sdpa_backend):
-            return model(pixel_values=pixels).last_hidden_state
+            out = model(pixel_values=pixels, output_hidden_states=bool(layers))
+        # hidden_states[0] is the embedding output, hidden_states[k] the output of block k.
+        return out.last_hidden_state, {k: out.hidden_states[k] for k in layers}
 
     def enable_compile(self, mode: str | None = None) -> None:
         """torch.compile with static shapes: one graph per bucket shape, compiled on first use.

@@ -25,7 +25,9 @@ from .manifest import DEFAULT_OUT, load_samples, read_manifest, shard_path
 
 class FeatureCache(Dataset):
     """A read-only view of a cache: `cache[key]` or `cache[i]` -> dict with
-    "cls" [D], "patches" [rows, cols, D], optionally "registers" [R, D], and "key", "bucket", "grid"."""
+    "cls" [D], "patches" [rows, cols, D], optionally "registers" [R, D] and, with --layers k,
+    "layer{k}_cls" / "layer{k}_patches" (not normed), and "key", "bucket", "grid" (the stored
+    grid: halved by --pool 2). float8 caches are dequantized (float32) on read."""
 
     def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64):
         self.root = Path(root)
@@ -76,28 +78,28 @@ class FeatureCache(Dataset):
             raise CacheError(f"{self.root}: sample {i} names bucket {bucket_index}, which does not exist",
                              "run `dinocache verify` for details")
         bucket = self.buckets[bucket_index]
-        rows, cols = bucket["grid"]
+        rows, cols = bucket.get("stored_grid", bucket["grid"])  # --pool stores a smaller grid
         handle = self._handle(shard_index)
         if not 0 <= row < self.shards[shard_index]["rows"]:
             raise CacheError(f"{self.root}: sample {i} points past the end of its shard", "run `dinocache verify`")
+        out = {"key": self.table.key(i), "bucket": bucket["name"], "bucket_index": bucket_index, "grid": (rows, cols)}
         try:
-            out = {
-                "key": self.table.key(i),
-                "bucket": bucket["name"],
-                "bucket_index": bucket_index,
-                "grid": (rows, cols),
-                "cls": handle.get_slice("cls")[row],
-                "patches": handle.get_slice("patches")[row].reshape(rows, cols, -1),
-            }
-            if "registers" in handle.keys():
-                out["registers"] = handle.get_slice("registers")[row]
+            for name in handle.keys():
+                if name.endswith("_scale"):
+                    continue
+                value = handle.get_slice(name)[row]
+                if name + "_scale" in handle.keys():  # float8 storage: one scale per row
+                    value = value.float() * handle.get_slice(name + "_scale")[row : row + 1]
+                if name.endswith("patches"):
+                    value = value.reshape(rows, cols, -1)
+                out[name] = value
         except Exception as exc:  # a shard that does not match its manifest entry
             raise CacheError(f"cannot read row {row} of {self.shards[shard_index]['file']} as a {rows}x{cols} grid: "
                              f"{str(exc).splitlines()[0]}", "run `dinocache verify` for details") from None
         if self.dtype is not None:
-            for name in ("cls", "patches", "registers"):
-                if name in out:
-                    out[name] = out[name].to(self.dtype)
+            for name, value in out.items():
+                if isinstance(value, torch.Tensor):
+                    out[name] = value.to(self.dtype)
         return out
 
     def _handle(self, shard_index: int):

@@ -48,10 +48,9 @@ def verify_cache(root: str | Path, check_values: bool = True, source: str | Path
         return report
     model, buckets, shards = manifest["model"], manifest["buckets"], manifest["shards"]
     hidden, registers = model.get("hidden_size"), model.get("num_registers")
-    keep_registers = manifest["storage"].get("registers", False)
     report.shards = len(shards)
     for index, shard in enumerate(shards):
-        report.problems += _check_shard(root, index, shard, buckets, hidden, registers, keep_registers, check_values)
+        report.problems += _check_shard(root, index, shard, buckets, hidden, registers, manifest["storage"], check_values)
 
     report.samples = manifest["samples"]["count"]
     report.problems += _check_samples(root, manifest)
@@ -98,7 +97,8 @@ def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed
 
     from .buckets import Bucket
     from .imaging import decode_image, preprocess, read_source
-    from .model import load_model, split_tokens
+    from .features import stored_tensors
+    from .model import load_model
     from .reader import FeatureCache
 
     model, prep = manifest["model"], manifest["preprocessing"]
@@ -121,11 +121,13 @@ def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed
         bucket = Bucket(b["index"], b["width"], b["height"], b["input_width"], b["input_height"], model["patch_size"])
         pixels = preprocess(decode_image(data, 2**62), tuple(record["box"]), (bucket.input_width, bucket.input_height),
                             loaded.image_mean, loaded.image_std)
-        cls, registers, patches = split_tokens(loaded.forward(pixels[None]), loaded.num_registers, bucket.grid)
+        storage = manifest["storage"]
+        layers = tuple(storage.get("layers", []))
+        hidden, intermediates = loaded.forward_layers(pixels[None], layers)
+        fresh = stored_tensors(hidden, intermediates, loaded.num_registers, bucket.grid, storage.get("pool", 1),
+                               storage.get("registers", False))
         stored = cache[i]
-        cosines = [_cosine(stored["cls"][None], cls), _cosine(stored["patches"].reshape(-1, patches.shape[-1]), patches[0])]
-        if "registers" in stored:
-            cosines.append(_cosine(stored["registers"], registers[0]))
+        cosines = [_cosine(stored[name].reshape(value[0].shape), value[0]) for name, value in fresh.items()]
         worst = min(float(c.min()) for c in cosines)
         if worst < RECOMPUTE_MIN_COSINE:
             report.problems.append(f"{key}: recomputed features differ from the stored ones (worst token cosine "
@@ -180,7 +182,7 @@ def _check_samples(root: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _check_shard(root, index, shard, buckets, hidden, registers, keep_registers, check_values) -> list[str]:
+def _check_shard(root, index, shard, buckets, hidden, registers, storage, check_values) -> list[str]:
     from safetensors import safe_open
 
     name = shard.get("file")
@@ -198,11 +200,16 @@ def _check_shard(root, index, shard, buckets, hidden, registers, keep_registers,
     bucket_i = shard.get("bucket")
     if not isinstance(bucket_i, int) or not 0 <= bucket_i < len(buckets):
         return [f"shard {name} names bucket {bucket_i!r}, which is not in the bucket table"]
-    rows_, cols_ = buckets[bucket_i]["grid"]
+    rows_, cols_ = buckets[bucket_i].get("stored_grid", buckets[bucket_i]["grid"])
     n = shard.get("rows")
     expected = {"cls": [n, hidden], "patches": [n, rows_ * cols_, hidden]}
-    if keep_registers:
+    if storage.get("registers"):
         expected["registers"] = [n, registers, hidden]
+    for k in storage.get("layers", []):
+        expected[f"layer{k}_cls"] = [n, hidden]
+        expected[f"layer{k}_patches"] = [n, rows_ * cols_, hidden]
+    if storage.get("scaled"):
+        expected.update({f"{name}_scale": [n] for name in list(expected)})
     problems = []
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -216,7 +223,7 @@ def _check_shard(root, index, shard, buckets, hidden, registers, keep_registers,
                 if got != shape:
                     problems.append(f"shard {name}: {tensor_name} has shape {got}, expected {shape} "
                                     f"(bucket {buckets[bucket_i]['name']}, grid {rows_}x{cols_}, hidden {hidden})")
-                elif check_values and not torch.isfinite(fh.get_tensor(tensor_name)).all():
+                elif check_values and not torch.isfinite(fh.get_tensor(tensor_name).float()).all():
                     problems.append(f"shard {name}: {tensor_name} contains NaN or Inf")
     except Exception as exc:
         problems.append(f"shard {name} is not a readable safetensors file: {exc}")

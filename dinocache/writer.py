@@ -27,15 +27,23 @@ from .manifest import FORMAT_NAME, FORMAT_VERSION, SHARD_DIR, SHARD_SUFFIX, fsyn
 
 log = logging.getLogger("dinocache")
 
-STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                  "float8_e4m3fn": torch.float8_e4m3fn}
+FLOAT8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 e4m3 with one float32 scale per row (sample): row = q.float() * scale."""
+    amax = x.detach().float().abs().flatten(1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / FLOAT8_MAX, torch.ones_like(amax))
+    q = (x.float() / scale.view(-1, *([1] * (x.dim() - 1)))).to(torch.float8_e4m3fn)
+    return q, scale
 
 
 @dataclass
 class _Buffer:
     bucket: Bucket
-    cls: list[torch.Tensor] = field(default_factory=list)
-    registers: list[torch.Tensor] = field(default_factory=list)
-    patches: list[torch.Tensor] = field(default_factory=list)
+    tensors: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per-batch chunks
     samples: list[dict] = field(default_factory=list)
     nbytes: int = 0
 
@@ -57,13 +65,12 @@ class ShardWriter:
     """
 
     def __init__(self, root: Path, storage_dtype: str = "bfloat16", max_bytes: int = 512 * 1024**2,
-                 keep_registers: bool = False, max_pending: int = 2):
+                 max_pending: int = 2):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
         self.root = Path(root)
         self.dtype = STORAGE_DTYPES[storage_dtype]
         self.max_bytes = max_bytes
-        self.keep_registers = keep_registers
         self.run_id = uuid.uuid4().hex[:8]
         self._seq = 0
         self._buffers: dict[int, _Buffer] = {}
@@ -74,22 +81,26 @@ class ShardWriter:
         self._wait_seconds = 0.0  # time the caller spent blocked on the disk (backpressure, close)
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
-    def add(self, bucket: Bucket, cls: torch.Tensor, registers: torch.Tensor, patches: torch.Tensor,
-            samples: list[dict]) -> None:
-        """Queue one batch of rows (tensors on any device) for this bucket's current shard."""
-        keep_registers = self.keep_registers
-        row_bytes = (cls[0].numel() + patches[0].numel() + (registers[0].numel() if keep_registers else 0)) \
-            * torch.empty((), dtype=self.dtype).element_size()
+    def add(self, bucket: Bucket, tensors: dict[str, torch.Tensor], samples: list[dict]) -> None:
+        """Queue one batch of rows for this bucket's current shard: `tensors` maps a name to a
+        [batch, ...] tensor on any device (float8 storage adds a per-row `NAME_scale`)."""
+        if self.dtype == torch.float8_e4m3fn:
+            quantized = {}
+            for name, x in tensors.items():
+                quantized[name], quantized[f"{name}_scale"] = quantize_rows(x)
+            tensors = quantized
+        row_bytes = sum(x[0].numel() * x.element_size() if x.dtype == torch.float32 and name.endswith("_scale")
+                        else x[0].numel() * torch.empty((), dtype=self.dtype).element_size()
+                        for name, x in tensors.items())
         start = 0
         while start < len(samples):
             buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
             room = max(1, -(-(self.max_bytes - buf.nbytes) // row_bytes))  # rows until the shard is full
             stop = min(len(samples), start + room)
             # One copy per batch, owned by the shard (never a view that keeps the batch's storage alive).
-            buf.cls.append(cls[start:stop].to("cpu", self.dtype, copy=True))
-            buf.patches.append(patches[start:stop].to("cpu", self.dtype, copy=True))
-            if keep_registers:
-                buf.registers.append(registers[start:stop].to("cpu", self.dtype, copy=True))
+            for name, x in tensors.items():
+                dtype = torch.float32 if name.endswith("_scale") else self.dtype
+                buf.tensors.setdefault(name, []).append(x[start:stop].to("cpu", dtype, copy=True))
             buf.samples.extend(samples[start:stop])
             buf.nbytes += (stop - start) * row_bytes
             if buf.nbytes >= self.max_bytes:
@@ -160,11 +171,9 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         rows, cols = buf.bucket.grid
-        tensors = {"cls": torch.cat(buf.cls), "patches": torch.cat(buf.patches)}
-        buf.cls.clear(), buf.patches.clear()  # the concatenated copies are all that is needed now
-        if buf.registers:
-            tensors["registers"] = torch.cat(buf.registers)
-            buf.registers.clear()
+        tensors = {}
+        for tensor_name in list(buf.tensors):
+            tensors[tensor_name] = torch.cat(buf.tensors.pop(tensor_name))  # the concatenated copy is all that is kept
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
