@@ -26,6 +26,11 @@ def cache_stats(root: str | Path) -> dict:
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     referenced = set(np.unique(table.columns["shard"]).tolist())
     runs = manifest.get("runs", [])
+    sizes = np.asarray(table.columns["source_size"], dtype=np.float64).reshape(-1, 2)
+    aspects = sizes[:, 0] / np.maximum(sizes[:, 1], 1) if len(sizes) else np.zeros(0)
+    hist, _ = np.histogram(aspects, bins=[0.0, *ASPECT_EDGES, np.inf])
+    labels = [f"< {ASPECT_EDGES[0]:.2f}"] + [f"{a:.2f}-{b:.2f}" for a, b in zip(ASPECT_EDGES, ASPECT_EDGES[1:])] \
+        + [f">= {ASPECT_EDGES[-1]:.2f}"]
     return {
         "cache": str(root),
         "images": total,
@@ -42,8 +47,13 @@ def cache_stats(root: str | Path) -> dict:
         "storage_dtype": manifest["storage"]["dtype"],
         "registers_stored": manifest["storage"].get("registers", False),
         "resize": manifest["preprocessing"].get("resize"),
+        "aspect_histogram": [{"aspect": label, "images": int(n)} for label, n in zip(labels, hist)],
         "runs": runs,
     }
+
+
+# Source aspect ratio (width / height) bin edges: 1:4 ... 4:1.
+ASPECT_EDGES = [0.25, 0.5, 0.667, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0, 4.0]
 
 
 def _human_bytes(n: float) -> str:
@@ -74,8 +84,17 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
             lines.append(f"  - {f['key']}: {f['reason']} ({f['detail']})")
         if len(stats["failures"]) > max_failures_listed:
             lines.append(f"  ... {len(stats['failures']) - max_failures_listed} more (see --json)")
+    if stats["images"]:
+        lines += ["", "source aspect ratio (width / height):"]
+        peak = max(h["images"] for h in stats["aspect_histogram"]) or 1
+        for h in stats["aspect_histogram"]:
+            lines.append(f"  {h['aspect']:>11} {h['images']:>8}  " + "#" * round(40 * h["images"] / peak))
     if stats["runs"]:
-        last = stats["runs"][-1]
-        lines += ["", f"last run   {last.get('processed', 0)} images in {last.get('seconds', 0):.1f} s "
-                      f"({last.get('images_per_second', 0):.1f} img/s) on {last.get('device')}"]
+        lines += ["", f"{'run started':<26} {'rank':>5} {'images':>8} {'failed':>7} {'seconds':>9} {'img/s':>8}  device"]
+        for run in stats["runs"]:
+            if not isinstance(run, dict):
+                continue
+            rank = f"{run.get('rank', 0)}/{run.get('world_size', 1)}"
+            lines.append(f"{str(run.get('started', '?')):<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
+                         f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}")
     return "\n".join(lines)

@@ -210,3 +210,14 @@ def test_verify_recompute_passes_clean_and_catches_swapped_rows(mixed_images, tm
 def test_recompute_needs_source(cache_dir):
     result = runner.invoke(app, ["verify", str(cache_dir), "--recompute", "2"])
     assert result.exit_code == 2 and "--source" in result.output
+
+
+def test_stats_histogram_and_runs(cache_dir):
+    stats = json.loads(runner.invoke(app, ["stats", str(cache_dir), "--json"]).output)
+    hist = {h["aspect"]: h["images"] for h in stats["aspect_histogram"]}
+    assert sum(hist.values()) == stats["images"] == 4
+    assert hist["2.00-4.00"] == 1 and hist["0.95-1.05"] == 1 and hist["0.67-0.80"] == 1 and hist["1.25-1.50"] == 1
+    (run,) = stats["runs"]
+    assert run["processed"] == 4 and run["images_per_second"] > 0
+    human = runner.invoke(app, ["stats", str(cache_dir)]).output
+    assert "source aspect ratio" in human and "img/s" in human and "2.00-4.00" in human
