@@ -178,6 +178,11 @@ def load_model(spec: str, revision: str | None = None, device: str = "auto", dty
         torch.manual_seed(seed)
         model = DINOv3ViTModel(config)
         processor_cfg: dict = {}
+    elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
+        from .official import load_official_model
+
+        model, config = load_official_model(spec)
+        processor_cfg = {}
     else:
         config = _load_config(spec, revision)
         try:

@@ -1,0 +1,125 @@
+"""Official Meta DINOv3 checkpoints (`dinov3_vitl16_pretrain_lvd1689m-*.pth`) into the
+transformers architecture, by key mapping -- the same mapping as transformers' conversion script:
+
+    official                              transformers DINOv3ViTModel
+    cls_token [1, 1, D]                   embeddings.cls_token
+    storage_tokens [1, R, D]              embeddings.register_tokens
+    mask_token [1, D]                     embeddings.mask_token [1, 1, D]
+    patch_embed.proj.{weight,bias}        embeddings.patch_embeddings.{weight,bias}
+    blocks.i.norm1/norm2.*                (model.)layer.i.norm1/norm2.*
+    blocks.i.attn.qkv.weight [3D, D]      layer.i.attention.{q,k,v}_proj.weight
+    blocks.i.attn.qkv.bias [3D]           layer.i.attention.{q,v}_proj.bias (the key bias is masked: dropped)
+    blocks.i.attn.proj.*                  layer.i.attention.o_proj.*
+    blocks.i.ls1.gamma / ls2.gamma        layer.i.layer_scale1.lambda1 / layer_scale2.lambda1
+    blocks.i.mlp.fc1 / fc2.*              layer.i.mlp.up_proj / down_proj.*              (MLP)
+    blocks.i.mlp.w1 / w2 / w3.*           layer.i.mlp.gate_proj / up_proj / down_proj.*  (SwiGLU)
+    norm.*                                norm.*
+    rope_embed.periods                    (recomputed from rope_theta = 100)
+
+The file is read with `torch.load(weights_only=True)`: tensors only, no arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
+IGNORED = ("rope_embed.periods",)
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {path} as an official DINOv3 checkpoint: {str(exc).splitlines()[0]}",
+                             "pass the .pth file downloaded from Meta, or a transformers folder / Hub id") from None
+    for wrapper in ("teacher", "model", "state_dict"):  # training checkpoints nest the weights
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items()} if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ModelLoadError(f"{path} does not look like an official DINOv3 ViT checkpoint (no cls_token / patch_embed)",
+                             "ConvNeXt checkpoints are not supported; pass a ViT .pth")
+    return sd
+
+
+def official_config(sd: dict[str, torch.Tensor]):
+    """The DINOv3ViTConfig the tensors' shapes describe."""
+    from transformers import DINOv3ViTConfig
+
+    hidden = sd["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    gated = "blocks.0.mlp.w1.weight" in sd
+    inner = sd["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    if hidden not in HEADS_BY_WIDTH:
+        raise ModelLoadError(f"unknown DINOv3 width {hidden}", f"known widths: {sorted(HEADS_BY_WIDTH)}")
+    registers = sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0
+    return DINOv3ViTConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=HEADS_BY_WIDTH[hidden],
+                           intermediate_size=inner, use_gated_mlp=gated, num_register_tokens=registers,
+                           patch_size=sd["patch_embed.proj.weight"].shape[-1], layerscale_value=1.0)
+
+
+def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> dict[str, torch.Tensor]:
+    """Rename (and split the fused qkv of) an official state dict; `layer_prefix` is the
+    transformers version's block prefix ("model.layer." in 5.x, "layer." before)."""
+    out = {
+        "embeddings.cls_token": sd["cls_token"].reshape(1, 1, -1),
+        "embeddings.mask_token": sd["mask_token"].reshape(1, 1, -1),
+        "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+    }
+    if "storage_tokens" in sd:
+        out["embeddings.register_tokens"] = sd["storage_tokens"]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        b, h = f"blocks.{i}.", f"{layer_prefix}{i}."
+        q, k, v = sd[b + "attn.qkv.weight"].chunk(3, dim=0)
+        out[h + "attention.q_proj.weight"], out[h + "attention.k_proj.weight"], out[h + "attention.v_proj.weight"] = q, k, v
+        if b + "attn.qkv.bias" in sd:
+            qb, _, vb = sd[b + "attn.qkv.bias"].chunk(3)
+            out[h + "attention.q_proj.bias"], out[h + "attention.v_proj.bias"] = qb, vb
+        renames = [("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.o_proj")]
+        renames += ([("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
+                    if b + "mlp.w1.weight" in sd else [("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")])
+        for src, dst in renames:
+            for suffix in ("weight", "bias"):
+                if f"{b}{src}.{suffix}" in sd:
+                    out[f"{h}{dst}.{suffix}"] = sd[f"{b}{src}.{suffix}"]
+        out[h + "layer_scale1.lambda1"] = sd[b + "ls1.gamma"]
+        out[h + "layer_scale2.lambda1"] = sd[b + "ls2.gamma"]
+    return out
+
+
+def load_official_model(path: str | Path):
+    """(DINOv3ViTModel with the official weights, its config)."""
+    from transformers import DINOv3ViTModel
+
+    sd = load_official_state_dict(path)
+    config = official_config(sd)
+    model = DINOv3ViTModel(config)
+    prefix = "model.layer." if any(k.startswith("model.layer.") for k in model.state_dict()) else "layer."
+    converted = official_to_transformers(sd, prefix)
+    expected = set(model.state_dict())
+    unknown = sorted(k for k in sd if not k.startswith(IGNORED) and not k.endswith("bias_mask")
+                     and not _mapped(k, converted, sd))
+    missing = sorted(expected - set(converted))
+    if missing or unknown:
+        raise ModelLoadError(f"{path}: keys the mapping does not cover: missing {missing[:5]}, unused {unknown[:5]}",
+                             "this checkpoint's layout is not supported; convert it with transformers' script")
+    model.load_state_dict(converted, strict=True)
+    return model.eval(), config
+
+
+def _mapped(key: str, converted: dict, sd: dict) -> bool:
+    """Whether an official key was used by the mapping (by tensor identity)."""
+    tensor = sd[key]
+    if key.endswith("attn.qkv.weight") or key.endswith("attn.qkv.bias"):
+        return True
+    return any(t is tensor or (t.data_ptr() == tensor.data_ptr() and t.numel() == tensor.numel())
+               for t in converted.values())
