@@ -442,6 +442,10 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
     root = Path(options.out)
     started = time.perf_counter()
     sources = scan_folder(input_dir)
+    try:  # cheap input checks before the model loads
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
     loaded = loaded or load_model(options.model, options.revision, ctx.device(options.device), options.dtype,
                                   options.image_mean, options.image_std, options.seed, options.compile,
                                   options.sdpa_backend)
@@ -455,10 +459,6 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
     if ctx.multi and not ctx.group and (options.overwrite or options.prune):
         raise ConfigError("--overwrite and --prune change the whole cache: run them without --rank/--world-size",
                           "run `dinocache merge OUT` after the ranks, then a single extract with the option")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
     leader = ctx.rank == 0 and (ctx.group or not ctx.multi)  # the one process that commits
     with CacheLock(root) if leader else contextlib.nullcontext():
         if leader:

@@ -146,10 +146,14 @@ def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_pat
     (["extract", "{images}", "--buckets", "{cfg}", "--model", "random:vitz99"], ["unknown architecture", "random:vits16"]),
     (["extract", "{images}", "--buckets", "{cfg}", "--storage-dtype", "int8"], ["storage-dtype"]),
     (["extract", "{images}", "--buckets", "{cfg}", "--image-mean", "0.5,0.5"], ["--image-mean"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--out", "{tmp}/a-file", "--model", "random:vits16"],
+     ["cannot create the output folder", "--out"]),
+    (["extract", "{images}", "--buckets", "{cfg}", "--layers", "x"], ["--layers"]),
     (["verify", "{tmp}/nothing-here"], ["does not exist"]),
     (["stats", "{tmp}"], ["no manifest.json"]),
 ])
 def test_user_errors_have_a_message_and_no_traceback(mixed_images, tmp_path, args, words):
+    (tmp_path / "a-file").write_text("I am a file, not a folder")
     args = [a.format(images=mixed_images, tmp=tmp_path, cfg=REPO / "configs" / "example-small.yaml") for a in args]
     result = runner.invoke(app, args + (["--no-progress"] if args[0] == "extract" else []))
     output = result.output + (result.stderr if result.stderr_bytes else "")
