@@ -51,7 +51,7 @@ class SampleTable:
         self.key_bytes = key_bytes
         self.key_offsets = key_offsets
         self.columns = columns
-        self._raw = memoryview(key_bytes.tobytes()) if not isinstance(key_bytes, np.memmap) else memoryview(key_bytes)
+        self._raw = memoryview(np.ascontiguousarray(key_bytes))  # zero-copy view, also over a memory map
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -101,15 +101,8 @@ class SampleTable:
 
     def find(self, key: str) -> int:
         """Index of `key`, or -1."""
-        target = key.encode()
-        lo, hi = 0, len(self)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._key_bytes(mid) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo if lo < len(self) and self._key_bytes(lo) == target else -1
+        i = self._insert_point(key)
+        return i if i < len(self) and self._key_bytes(i) == key.encode() else -1
 
     def record(self, i: int) -> dict:
         out = {"key": self.key(i)}
@@ -149,6 +142,7 @@ class SampleTable:
         return SampleTable(key_bytes.astype(np.uint8, copy=False), offsets, columns)
 
     def _insert_point(self, key: str) -> int:
+        """Binary search: the first row whose key is >= `key`."""
         target = key.encode()
         lo, hi = 0, len(self)
         while lo < hi:

@@ -54,10 +54,15 @@ def run_cli(root, images, out, model_dir, fault=None):
     env.pop("DINOCACHE_FAULT", None)
     if fault:
         env["DINOCACHE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "dinocache", "extract", str(images), "--buckets", str(root / "buckets.yaml"),
-           "--out", str(out), "--model", str(model_dir), "--workers", "0", "--no-progress", "--dtype", "float32",
-           "--storage-dtype", "float32", "--batch-size", "1", "--shard-size-mb", str(SHARD_MB), "--commit-every", "0"]
+    cmd = [sys.executable, "-m", "dinocache", *extract_args(root, images, out, model_dir), "--commit-every", "0"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def extract_args(root, images, out, model_dir) -> list[str]:
+    """The CLI form of `options()`: the same run, as a command line."""
+    return ["extract", str(images), "--buckets", str(root / "buckets.yaml"), "--out", str(out), "--model", str(model_dir),
+            "--workers", "0", "--no-progress", "--dtype", "float32", "--storage-dtype", "float32", "--batch-size", "1",
+            "--shard-size-mb", str(SHARD_MB)]
 
 
 def durable_rows(out: Path) -> int:

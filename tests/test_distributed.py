@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dinocache import FeatureCache
 from dinocache.distributed import split_by_cost
 from dinocache.extract import extract, merge_cache
-from dinocache.verify import verify_cache
-from test_crash import N_IMAGES, dataset, durable_rows, options  # noqa: F401  (the fixture and the run options)
+from test_crash import (N_IMAGES, assert_same_as_reference, dataset, durable_rows, extract_args,  # noqa: F401
+                        options)
 
 
 def torchrun(root, images, out, model_dir, nproc, fault=None):
@@ -20,21 +19,9 @@ def torchrun(root, images, out, model_dir, nproc, fault=None):
     if fault:
         env["DINOCACHE_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "dinocache", "extract", str(images), "--buckets",
-           str(root / "buckets.yaml"), "--out", str(out), "--model", str(model_dir), "--workers", "0", "--no-progress",
-           "--device", "cpu", "--dtype", "float32", "--storage-dtype", "float32", "--batch-size", "1",
-           "--shard-size-mb", "0.03"]
+           str(29500 + os.getpid() % 1000), "-m", "dinocache", *extract_args(root, images, out, model_dir),
+           "--device", "cpu"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def assert_equals_reference(root, out):
-    report = verify_cache(out)
-    assert report.ok, report.problems
-    got, ref = FeatureCache(out), FeatureCache(root / "reference")
-    assert got.keys() == ref.keys() and len(got) == N_IMAGES
-    for key in ref.keys():
-        assert torch.equal(got[key]["patches"], ref[key]["patches"]), key
-        assert torch.equal(got[key]["cls"], ref[key]["cls"]), key
 
 
 def test_two_ranks_equal_one_process(dataset, tmp_path, tiny_model_dir):
@@ -42,7 +29,7 @@ def test_two_ranks_equal_one_process(dataset, tmp_path, tiny_model_dir):
     proc = torchrun(root, images, tmp_path / "out", tiny_model_dir, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{N_IMAGES} extracted by 2 ranks" in proc.stdout
-    assert_equals_reference(root, tmp_path / "out")
+    assert_same_as_reference(root, tmp_path / "out")
     runs = FeatureCache(tmp_path / "out").manifest["runs"]
     assert sorted(r["rank"] for r in runs[-2:]) == [0, 1] and all(r["processed"] == N_IMAGES // 2 for r in runs[-2:])
     assert not (tmp_path / "out" / "ranks").exists()
@@ -61,7 +48,7 @@ def test_a_rank_dies_and_a_rerun_with_another_world_size_completes(dataset, tmp_
     else:
         again = torchrun(root, images, out, tiny_model_dir, rerun_ranks)
         assert again.returncode == 0, again.stderr[-3000:]
-    assert_equals_reference(root, out)
+    assert_same_as_reference(root, out)
 
 
 def test_explicit_ranks_then_merge(dataset, tmp_path, tiny_model_dir):
@@ -75,7 +62,7 @@ def test_explicit_ranks_then_merge(dataset, tmp_path, tiny_model_dir):
     assert len(list((out / "ranks").glob("*.json"))) == 2
     merged = merge_cache(out)
     assert merged.rank_reports == 2 and merged.samples == N_IMAGES and merged.processed == N_IMAGES
-    assert_equals_reference(root, out)
+    assert_same_as_reference(root, out)
 
 
 def test_split_by_cost_balances_tokens_and_covers_everything():
