@@ -84,7 +84,7 @@ def parse_max_failures(text: str | None) -> int | float | None:
 
 def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be a whole number, got {value!r}", f"write it as e.g. 1024")
+        raise ConfigError(f"{where} must be a whole number, got {value!r}", "write it as e.g. 1024")
     if value <= 0:
         raise ConfigError(f"{where} must be positive, got {value}", "use a size of at least 16 pixels")
     return value

@@ -125,7 +125,7 @@ def child_recipe(model_dir: str, images: list[str], side: int, device: str) -> d
     for path in images:
         with torch.no_grad():
             out = model(pixel_values=pixels(path).to(device)).last_hidden_state
-        cls, patches = out[0, 0].cpu(), out[0, 5:].cpu()
+        _cls, _patches = out[0, 0].cpu(), out[0, 5:].cpu()  # the recipe's token split and host copy
     seconds = time.perf_counter() - began
     return {"images": len(images), "seconds": seconds, "preprocessing": prep}
 

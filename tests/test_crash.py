@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config

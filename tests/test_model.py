@@ -1,7 +1,5 @@
 """Model loading: the paths a user takes, and the errors they get."""
 
-import json
-
 import pytest
 import torch
 
