@@ -84,6 +84,9 @@ def extract(
     sdpa_backend: str = typer.Option("auto", help="Attention kernel: auto, cudnn, flash, efficient, math."),
     jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode large JPEGs at reduced scale (DCT scaling) "
                                     "when the bucket is much smaller: faster, slightly different pixels."),
+    resize_on_device: Optional[bool] = typer.Option(None, "--resize-on-device/--resize-in-workers",
+                                                    help="Where images are resized (default: on the GPU when "
+                                                    "there is one, else in the decode workers)."),
     rank: Optional[int] = typer.Option(None, min=0, help="This process's share, without torchrun (e.g. a SLURM "
                                        "array task); run `dinocache merge OUT` when all ranks are done."),
     world_size: Optional[int] = typer.Option(None, min=1, help="Number of shares, with --rank."),
@@ -107,7 +110,8 @@ def extract(
             commit_every_s=commit_every,
             max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
             max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
-            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size)
+            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size,
+            resize_on_device=resize_on_device)
         if storage_dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
             raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}",
                                  "use bfloat16, float16, float32 or float8_e4m3fn")

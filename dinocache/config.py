@@ -59,7 +59,8 @@ class ExtractOptions:
     sdpa_backend: str = "auto"
     rank: int | None = None  # explicit rank / world size (no process group; `dinocache merge` after)
     world_size: int | None = None
-    jpeg_draft: bool = False  # let libjpeg decode at a reduced scale when the bucket is much smaller
+    jpeg_draft: bool = False
+    resize_on_device: bool | None = None  # None: on CUDA, workers only decode and the GPU resizes  # let libjpeg decode at a reduced scale when the bucket is much smaller
     extra: dict[str, Any] = field(default_factory=dict)
 
 

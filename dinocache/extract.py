@@ -169,9 +169,10 @@ class DecodeDataset(Dataset):
     """Read, hash, decode and preprocess one planned image; failures are returned, not raised."""
 
     def __init__(self, root: Path, plan: list[PlannedImage], buckets: list[Bucket], mean, std, max_pixels: int,
-                 jpeg_draft: bool = False):
+                 jpeg_draft: bool = False, resize_on_device: bool = False):
         self.root, self.plan, self.buckets = root, plan, buckets
         self.mean, self.std, self.max_pixels, self.jpeg_draft = mean, std, max_pixels, jpeg_draft
+        self.resize_on_device = resize_on_device  # return the cropped uint8 region; the device resizes
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -188,7 +189,7 @@ class DecodeDataset(Dataset):
             if self.jpeg_draft:  # the smallest full-image size whose crop box still covers the bucket
                 box_w, box_h = box[2] - box[0], box[3] - box[1]
                 draft = (math.ceil(size[0] * item.source_size[0] / box_w), math.ceil(size[1] * item.source_size[1] / box_h))
-            pixels = decode_image(data, self.max_pixels, draft_size=draft)
+            pixels = decode_image(data, self.max_pixels, draft_size=draft, keep_uint8=self.resize_on_device)
             height, width = pixels.shape[1:]
             if (width, height) != item.source_size:
                 scale_x, scale_y = width / item.source_size[0], height / item.source_size[1]
@@ -197,7 +198,10 @@ class DecodeDataset(Dataset):
                                                  f"{item.source_size[0]}x{item.source_size[1]} (file replaced during "
                                                  "the run, or EXIF stored after the pixels)")
                 box = (round(box[0] * scale_x), round(box[1] * scale_y), round(box[2] * scale_x), round(box[3] * scale_y))
-            x = preprocess(pixels, box, size, self.mean, self.std)
+            if self.resize_on_device:
+                x = pixels[:, box[1]:box[3], box[0]:box[2]].contiguous()
+            else:
+                x = preprocess(pixels, box, size, self.mean, self.std)
             return i, x, sha256, None
         except DecodeError as exc:
             return i, None, None, (exc.reason, exc.detail)
@@ -206,10 +210,21 @@ class DecodeDataset(Dataset):
 
 
 def collate_decoded(items):
+    """Model-ready images stack into one batch; cropped regions of different sizes (resize on the
+    device) stay a list."""
     ok = [(i, x, h) for i, x, h, err in items if err is None]
     failed = [(i, err) for i, x, h, err in items if err is not None]
-    pixels = torch.stack([x for _, x, _ in ok]) if ok else None
+    pixels = [x for _, x, _ in ok] if ok else None
+    if pixels and len({x.shape for x in pixels}) == 1 and pixels[0].dtype == torch.float32:
+        pixels = torch.stack(pixels)
     return [i for i, _, _ in ok], [h for _, _, h in ok], pixels, failed
+
+
+def resize_on(device: torch.device, regions: list[torch.Tensor], size: tuple[int, int], mean, std) -> torch.Tensor:
+    """Upload each cropped region (uint8 where the source was 8-bit) and resize + normalize it on
+    `device`: the same math as the workers' path, without its CPU cost (~40 ms per 3 MP image)."""
+    return torch.stack([preprocess(r.to(device, non_blocking=True), (0, 0, r.shape[2], r.shape[1]), size, mean, std)
+                        for r in regions])
 
 
 class BucketBatches:
@@ -356,8 +371,9 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
     from tqdm import tqdm
 
     batch_size = options.batch_size or options.buckets.batch_size
+    on_device = loaded.device.type == "cuda" if options.resize_on_device is None else options.resize_on_device
     dataset = DecodeDataset(input_dir, plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels,
-                            options.jpeg_draft)
+                            options.jpeg_draft, on_device)
     workers = default_workers() if options.workers is None else options.workers
     loader = DataLoader(dataset, batch_sampler=BucketBatches(plan, buckets, batch_size, loaded.device.type), num_workers=workers,
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
@@ -399,6 +415,9 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                 if pixels is not None:
                     bucket = buckets[batch_bucket]
                     began = time.perf_counter()
+                    if isinstance(pixels, list):
+                        pixels = resize_on(loaded.device, pixels, (bucket.input_width, bucket.input_height),
+                                           loaded.image_mean, loaded.image_std)
                     hidden, intermediates = loaded.forward_layers(pixels, options.layers)
                     tensors = stored_tensors(hidden, intermediates, loaded.num_registers, bucket.grid,
                                              options.pool, options.keep_registers)

@@ -41,13 +41,15 @@ def read_source(path: str) -> bytes:
 
 
 def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE,
-                 draft_size: tuple[int, int] | None = None) -> torch.Tensor:
+                 draft_size: tuple[int, int] | None = None, keep_uint8: bool = False) -> torch.Tensor:
     """Decode the first frame of an image (a path or its bytes), upright, as float32 RGB in [0, 1],
     shape [3, H, W]. Raises DecodeError with a stable reason code for anything unusable.
 
     `draft_size` (upright width, height) lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale
     (its DCT scaling, much cheaper than a full decode) while staying at least that large; the
     result is then smaller than the source and the caller scales its crop box to match.
+    `keep_uint8` returns 8-bit sources as uint8 [3, H, W] (4x less to move; the caller divides by
+    255), other sources as float as always.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -66,7 +68,7 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
                 img.draft("RGB", tuple(reversed(draft_size)) if transposed else draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_float_rgb(img, background)
+            return _to_rgb(img, background, keep_uint8)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -75,7 +77,7 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
 
 
-def _to_float_rgb(img, background: tuple[int, int, int]) -> torch.Tensor:
+def _to_rgb(img, background: tuple[int, int, int], keep_uint8: bool = False) -> torch.Tensor:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (and PNG's 32-bit "I" holding 16-bit samples): full range is 65535, not 255.
@@ -102,6 +104,8 @@ def _to_float_rgb(img, background: tuple[int, int, int]) -> torch.Tensor:
     # Convert in the decoder's HWC layout (contiguous, ~20% faster on a 3 MP image) and return a
     # [3, H, W] view of it; resize accepts channels-last input and returns the same values.
     rgb = torch.from_numpy(np.array(img, dtype=np.uint8))
+    if keep_uint8:
+        return rgb.permute(2, 0, 1)
     return rgb.float().div_(255.0).permute(2, 0, 1)
 
 
@@ -112,14 +116,17 @@ def preprocess(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
 ) -> torch.Tensor:
-    """Crop `box` (left, top, right, bottom) out of [3, H, W] pixels in [0, 1], resize to
-    `size` = (width, height) with antialiased bilinear, and normalize. Returns [3, height, width]."""
+    """Crop `box` (left, top, right, bottom) out of [3, H, W] pixels in [0, 1] (or uint8 0..255),
+    resize to `size` = (width, height) with antialiased bilinear, and normalize. Returns float
+    [3, height, width] on the pixels' device."""
     left, top, right, bottom = box
     region = pixels[:, top:bottom, left:right]
+    if region.dtype == torch.uint8:
+        region = region.float().div_(255.0)
     width, height = size
     if region.shape[1:] != (height, width):
         region = F.interpolate(region[None], size=(height, width), mode="bilinear",
                                align_corners=False, antialias=True)[0]
-    mean_t = torch.tensor(mean, dtype=region.dtype).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=region.dtype).view(3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=region.dtype, device=region.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=region.dtype, device=region.device).view(3, 1, 1)
     return (region - mean_t) / std_t

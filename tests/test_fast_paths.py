@@ -53,3 +53,19 @@ def test_compiled_model_matches_eager(photos, tmp_path, tiny_model_dir):
         torch.testing.assert_close(a[key]["patches"], b[key]["patches"], atol=1e-4, rtol=1e-4)
         assert token_cosine(a[key]["cls"], b[key]["cls"]) >= 0.9999
     assert NUM_REGISTERS == 4
+
+
+def test_resizing_on_the_device_matches_the_workers(photos, tmp_path, tiny_model_dir):
+    """The GPU path (workers only decode and crop; the device resizes) run on the CPU device:
+    same math, so the same features up to float rounding."""
+    import numpy as np
+    from PIL import Image
+
+    gray16 = (np.arange(500 * 400, dtype=np.uint32).reshape(400, 500) % 65536).astype(np.uint16)
+    Image.fromarray(gray16).save(photos / "gray16.png")  # decodes to float, not uint8: the mixed case
+    run(photos, tmp_path / "workers", tiny_model_dir, resize_on_device=False, batch_size=3)
+    run(photos, tmp_path / "device", tiny_model_dir, resize_on_device=True, batch_size=3)
+    a, b = FeatureCache(tmp_path / "workers"), FeatureCache(tmp_path / "device")
+    assert a.keys() == b.keys() and len(a) == 5
+    for key in a.keys():
+        torch.testing.assert_close(a[key]["patches"], b[key]["patches"], atol=1e-5, rtol=1e-5)
