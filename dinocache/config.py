@@ -6,7 +6,7 @@ reaches the model (and never produces a traceback).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class ExtractOptions:
     world_size: int | None = None
     jpeg_draft: bool = False
     resize_on_device: bool | None = None  # None: on CUDA, workers only decode and the GPU resizes  # let libjpeg decode at a reduced scale when the bucket is much smaller
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_max_failures(text: str | None) -> int | float | None:

@@ -379,7 +379,7 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
                         prefetch_factor=4 if workers else None,
                         worker_init_fn=_decode_worker_init if loaded.device.type == "cpu" else None)
-    writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes)
+    writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, pool=options.pool)
     run = {"started": now(), "input_dir": str(Path(input_dir).resolve()), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
            "tool_version": __version__, "rank": ctx.rank, "world_size": ctx.world_size}
     state.runs.append(run)

@@ -65,6 +65,7 @@ class CacheState:
             (root / MANIFEST_NAME).unlink(missing_ok=True)
             shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
             shutil.rmtree(root / INDEX_DIR, ignore_errors=True)
+            shutil.rmtree(root / RANK_DIR, ignore_errors=True)
         if (root / MANIFEST_NAME).exists():
             manifest = read_manifest(root)
             old = {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}

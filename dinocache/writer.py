@@ -23,6 +23,7 @@ import torch
 
 from .buckets import Bucket
 from .faults import fault_point
+from .features import stored_grid
 from .manifest import FORMAT_NAME, FORMAT_VERSION, SHARD_DIR, SHARD_SUFFIX, fsync_dir
 
 log = logging.getLogger("dinocache")
@@ -48,6 +49,10 @@ class _Buffer:
     nbytes: int = 0
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -65,12 +70,13 @@ class ShardWriter:
     """
 
     def __init__(self, root: Path, storage_dtype: str = "bfloat16", max_bytes: int = 512 * 1024**2,
-                 max_pending: int = 2):
+                 max_pending: int = 2, pool: int = 1):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
         self.root = Path(root)
         self.dtype = STORAGE_DTYPES[storage_dtype]
         self.max_bytes = max_bytes
+        self.pool = pool  # for the stored grid recorded in each shard's metadata
         self.run_id = uuid.uuid4().hex[:8]
         self._seq = 0
         self._buffers: dict[int, _Buffer] = {}
@@ -89,8 +95,7 @@ class ShardWriter:
             for name, x in tensors.items():
                 quantized[name], quantized[f"{name}_scale"] = quantize_rows(x)
             tensors = quantized
-        row_bytes = sum(x[0].numel() * x.element_size() if x.dtype == torch.float32 and name.endswith("_scale")
-                        else x[0].numel() * torch.empty((), dtype=self.dtype).element_size()
+        row_bytes = sum(x[0].numel() * _element_size(torch.float32 if name.endswith("_scale") else self.dtype)
                         for name, x in tensors.items())
         start = 0
         while start < len(samples):
@@ -170,7 +175,7 @@ class ShardWriter:
     def _write(self, name: str, buf: _Buffer) -> tuple[dict, list[dict]]:
         from safetensors.torch import save_file
 
-        rows, cols = buf.bucket.grid
+        rows, cols = stored_grid(buf.bucket.grid, self.pool)
         tensors = {}
         for tensor_name in list(buf.tensors):
             tensors[tensor_name] = torch.cat(buf.tensors.pop(tensor_name))  # the concatenated copy is all that is kept
