@@ -14,12 +14,21 @@ from test_crash import (N_IMAGES, assert_same_as_reference, dataset, durable_row
                         options)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (each torchrun gets its own: no TIME_WAIT clashes)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def torchrun(root, images, out, model_dir, nproc, fault=None):
     env = {k: v for k, v in os.environ.items() if k not in ("DINOCACHE_FAULT", "RANK", "WORLD_SIZE")}
     if fault:
         env["DINOCACHE_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "dinocache", *extract_args(root, images, out, model_dir),
+           str(free_port()), "-m", "dinocache", *extract_args(root, images, out, model_dir),
            "--device", "cpu"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
