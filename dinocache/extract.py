@@ -270,7 +270,10 @@ def _decode_worker_init(_worker_id: int) -> None:
 
 
 def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """One decode process per spare core, at most 8; under torchrun the node's cores are shared
+    by its LOCAL_WORLD_SIZE ranks."""
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cores - 1))
 
 
 def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, total: int) -> None:
