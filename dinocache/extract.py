@@ -37,7 +37,7 @@ from .manifest import MANIFEST_NAME, RANK_DIR, atomic_write_bytes
 from .model import LoadedModel, load_model
 from .scan import SourceFile, probe, scan_folder
 from .state import CacheState, merge_cache, now
-from .writer import ShardWriter
+from .writer import ShardWriter, sha256_file
 
 log = logging.getLogger("dinocache")
 
@@ -107,8 +107,8 @@ def cache_settings(loaded: LoadedModel, buckets: list[Bucket], options: ExtractO
 
 def _file_sha256(path: str) -> str | None:
     try:
-        return hashlib.sha256(read_source(path)).hexdigest()
-    except DecodeError:
+        return sha256_file(Path(path))
+    except OSError:
         return None
 
 
@@ -378,13 +378,20 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
     dataset = DecodeDataset(input_dir, plan, buckets, loaded.image_mean, loaded.image_std, options.max_pixels,
                             options.jpeg_draft, on_device)
     workers = default_workers() if options.workers is None else options.workers
-    loader = DataLoader(dataset, batch_sampler=BucketBatches(plan, buckets, batch_size, loaded.device.type), num_workers=workers,
+    loader = DataLoader(dataset, batch_sampler=BucketBatches(plan, buckets, batch_size, loaded.device.type),
+                        num_workers=workers,
                         collate_fn=collate_decoded, pin_memory=loaded.device.type == "cuda",
                         prefetch_factor=4 if workers else None,
                         worker_init_fn=_decode_worker_init if loaded.device.type == "cpu" else None)
     writer = ShardWriter(state.root, options.storage_dtype, options.shard_max_bytes, pool=options.pool)
-    run = {"started": now(), "input_dir": str(Path(input_dir).resolve()), "planned": len(plan), "processed": 0, "failed": 0, "device": str(loaded.device),
-           "tool_version": __version__, "rank": ctx.rank, "world_size": ctx.world_size}
+
+    def landed(shards: list[tuple[dict, list[dict]]]) -> None:
+        for record, samples in shards:
+            state.add_shard(record, samples)
+            written.append(record)
+            result.shards_written += 1
+    run = {"started": now(), "input_dir": str(Path(input_dir).resolve()), "planned": len(plan),
+           "device": str(loaded.device), "tool_version": __version__, "rank": ctx.rank, "world_size": ctx.world_size}
     state.runs.append(run)
     run_started = time.perf_counter()
     last_commit = time.monotonic()
@@ -429,10 +436,7 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
                     waited = writer.take_wait_seconds()
                     stages["write_wait"] += waited
                     stages["forward"] += time.perf_counter() - began - waited
-                for record, samples in writer.completed():
-                    state.add_shard(record, samples)
-                    written.append(record)
-                    result.shards_written += 1
+                landed(writer.completed())
                 result.processed += len(indices)
                 bar.update(len(indices) + len(failed))
                 if commits and time.monotonic() - last_commit >= commit_interval:
@@ -450,10 +454,7 @@ def _run_plan(input_dir: Path, plan, buckets, loaded, state: CacheState, options
             raise
         finally:
             bar.close()
-            for record, samples in closing:
-                state.add_shard(record, samples)
-                written.append(record)
-                result.shards_written += 1
+            landed(closing)
             seconds = time.perf_counter() - run_started
             stages["write_wait"] += writer.take_wait_seconds()
             run.update(finished=now(), processed=result.processed, failed=result.failed_this_run,

@@ -17,6 +17,7 @@ from .config import BucketConfig
 from .errors import ConfigError, DecodeError
 from .model import ARCHITECTURES, RANDOM_PREFIX
 from .scan import probe, scan_folder
+from .stats import human_bytes
 
 STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 ASSUMED_GPU_FLOPS = 0.5 * 989e12  # 50% MFU on one H100/H200, dense bf16 (what `extract --compile` targets)
@@ -51,10 +52,14 @@ def model_shape(spec: str) -> ModelShape:
 
 
 def forward_flops(shape: ModelShape, grid: tuple[int, int]) -> float:
-    tokens = 1 + shape.num_registers + grid[0] * grid[1]
+    """Forward FLOPs (2 per multiply-add) for one image: blocks (projections, MLP, attention)
+    plus the patch embedding. ViT-L/16 at 1024x1024: 4.14 TFLOP."""
+    patches = grid[0] * grid[1]
+    tokens = 1 + shape.num_registers + patches
     d, inner = shape.hidden_size, shape.intermediate_size
     mats = 3 if shape.gated else 2
-    return shape.num_hidden_layers * (2 * tokens * (4 * d * d + mats * d * inner) + 4 * tokens * tokens * d)
+    blocks = shape.num_hidden_layers * (2 * tokens * (4 * d * d + mats * d * inner) + 4 * tokens * tokens * d)
+    return blocks + 2 * patches * 3 * shape.patch_size**2 * d
 
 
 @dataclass
@@ -125,14 +130,6 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, sto
         report.warnings.append(f"{report.upscaled} of {report.images} images are smaller than their bucket and "
                                "will be upscaled: consider smaller buckets")
     return report
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
 
 
 def human_seconds(s: float) -> str:

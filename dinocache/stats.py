@@ -56,9 +56,9 @@ def cache_stats(root: str | Path) -> dict:
 ASPECT_EDGES = [0.25, 0.5, 0.667, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0, 4.0]
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} B"
@@ -71,7 +71,7 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         f"dtype      compute {stats['compute_dtype']}, stored {stats['storage_dtype']}"
         + (", registers kept" if stats["registers_stored"] else ""),
         f"images     {stats['images']} cached, {stats['failed']} failed",
-        f"on disk    {_human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
+        f"on disk    {human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
         "",
         f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7}",
     ]

@@ -51,15 +51,10 @@ PRESETS = {
 
 
 def flops_per_image(arch: str, side: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of a DINOv3 ViT at side x side."""
-    from dinocache.model import ARCHITECTURES
+    """Forward FLOPs of a random:<arch> DINOv3 ViT at side x side (the formula `plan` uses)."""
+    from dinocache.plan import forward_flops, model_shape
 
-    a = ARCHITECTURES[arch]
-    d, layers, inner = a["hidden_size"], a["num_hidden_layers"], a["intermediate_size"]
-    tokens = 1 + 4 + (side // 16) ** 2
-    mlp_mats = 3 if a.get("use_gated_mlp") else 2
-    per_layer = 2 * tokens * (4 * d * d + mlp_mats * d * inner) + 4 * tokens * tokens * d
-    return layers * per_layer + 2 * tokens * 3 * 16 * 16 * d  # + patch embedding
+    return forward_flops(model_shape(f"random:{arch}"), (side // 16, side // 16))
 
 
 def _write_jpeg(args):
