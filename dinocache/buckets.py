@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 RESIZE_MODES = ("stretch", "crop")
+MIN_SIDE = 16  # one DINOv3 patch
+MAX_SIDE = 8192  # 512 patches a side; larger buckets are a typo (an 8192x8192 bucket is 262k tokens)
 
 
 def round_to_patch(side: int, patch_size: int) -> int:
@@ -50,7 +52,8 @@ class Bucket:
     def log_aspect(self) -> float:
         return math.log(self.width / self.height)
 
-    def to_record(self) -> dict:
+    def to_record(self, pool: int = 1) -> dict:
+        """The manifest's bucket record; `stored_grid` is the grid after --pool."""
         rows, cols = self.grid
         return {
             "index": self.index,
@@ -60,6 +63,7 @@ class Bucket:
             "input_width": self.input_width,
             "input_height": self.input_height,
             "grid": [rows, cols],
+            "stored_grid": [-(-rows // pool), -(-cols // pool)],
         }
 
 

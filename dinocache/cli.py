@@ -1,33 +1,51 @@
-"""The `dinocache` command: parses options, calls the library, maps errors to exit codes.
+"""The `dinocache` command: parses options, calls the library, maps outcomes to exit codes.
 
-Exit codes: 0 success, 1 the cache has problems (verify), 2 a user error (message + fix, no traceback).
+Exit codes, the same for every command: 0 success (verify: intact), 1 problems found (verify),
+2 a usage or input error (message + fix, no traceback), 130 / 143 interrupted by SIGINT /
+SIGTERM after committing what was done.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from . import __version__
 from .errors import DinocacheError
-from .manifest import DEFAULT_OUT
+from .names import DEFAULT_MODEL, DEFAULT_OUT
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+EXIT_PROBLEMS, EXIT_USAGE = 1, 2
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                   help="Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.")
 
-OUT_HELP = f"Cache folder (default: ./{DEFAULT_OUT})."
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dinocache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.
+
+    Exit codes: 0 ok, 1 problems found (verify), 2 usage error, 130/143 interrupted.
+    """
 
 
 def _fail(exc: DinocacheError) -> None:
     typer.echo(f"error: {exc.message}", err=True)
     if exc.hint:
         typer.echo(f"  fix: {exc.hint}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _layer_list(text: Optional[str]) -> tuple[int, ...]:
@@ -36,7 +54,8 @@ def _layer_list(text: Optional[str]) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
-        raise DinocacheError(f"--layers must be block numbers separated by commas, got {text!r}", "e.g. --layers 8,16") from None
+        raise DinocacheError(f"--layers must be block numbers separated by commas, got {text!r}",
+                             "e.g. --layers 8,16") from None
 
 
 def _floats3(text: Optional[str], name: str):
@@ -47,140 +66,209 @@ def _floats3(text: Optional[str], name: str):
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise DinocacheError(f"{name} must be three comma-separated numbers, got {text!r}", f"e.g. {name} 0.485,0.456,0.406")
+        raise DinocacheError(f"{name} must be three comma-separated numbers, got {text!r}",
+                             f"e.g. {name} 0.485,0.456,0.406")
     return values
 
 
-@app.command()
+OUT_ARG = typer.Argument(Path(DEFAULT_OUT), metavar="OUT", show_default=False,
+                         help=f"Cache folder (default: ./{DEFAULT_OUT}).")
+STORAGE_HELP = "Stored dtype: bfloat16, float16, float32, float8_e4m3fn."
+POOL_HELP = "Average-pool the patch grid POOL x POOL (2: 4x smaller)."
+LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
+REGISTERS_HELP = "Also store the register tokens."
+FLIP_HELP = "Also store the features of the mirrored image."
+
+
+@app.command(no_args_is_help=True)
 def extract(
-    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    buckets: Path = typer.Option(..., "--buckets", "-b", help="Bucket config YAML (see configs/dit-buckets.yaml)."),
-    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help=OUT_HELP),
-    model: str = typer.Option("facebook/dinov3-vitl16-pretrain-lvd1689m", "--model", "-m",
-                              help="Hub id, local HF folder, or random:<arch> (vits16, vitb16, vitl16, ...; random weights)."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on CUDA and bf16-capable CPUs), bfloat16, float16, float32."),
-    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16, float32, float8_e4m3fn "
-                                      "(per-row scale, half of bf16's size)."),
-    pool: int = typer.Option(1, min=1, max=64, help="Average-pool the patch grid by POOL x POOL before storing "
-                             "(2: 4x smaller)."),
-    layers: Optional[str] = typer.Option(None, help="Also store these blocks' outputs (1-based, not normed), "
-                                         "e.g. 8,16 for REPA-style targets."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Images per batch (default: config's, else ~64k patch tokens per batch)."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode worker processes (default: cores - 1, at most 8)."),
-    keep_registers: bool = typer.Option(False, "--keep-registers", help="Also store the register tokens."),
-    image_mean: Optional[str] = typer.Option(None, help="Override the normalization mean, e.g. 0.485,0.456,0.406."),
-    image_std: Optional[str] = typer.Option(None, help="Override the normalization std, e.g. 0.229,0.224,0.225."),
-    shard_size_mb: float = typer.Option(512, min=0.001, help="Largest shard size in MB."),
-    commit_every: float = typer.Option(30.0, min=0, help="Seconds between manifest commits during a run."),
-    max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse images with more pixels (decompression bombs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with different settings."),
-    rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash, not size + mtime."),
-    prune: bool = typer.Option(False, "--prune", help="Drop cached images whose source file is gone."),
-    max_failures: Optional[str] = typer.Option(None, help="Stop when more images fail: a count (100) or a fraction (0.05, 5%)."),
+    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", show_default=False,
+                                     help="Folder of images (searched recursively)."),
+    buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML",
+                                           help="Bucket config, e.g. configs/dit-1024.yaml."),
+    crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL",
+                                         help="The trainer's own crops: key, size, box per line."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Cache folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", metavar="MODEL",
+                              help="Hub id, local folder, official .pth, or random:<arch>."),
+    revision: Optional[str] = typer.Option(None, metavar="REV", help="Hub branch, tag or commit."),
+    device: str = typer.Option("auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", metavar="DTYPE", help="Compute: auto, bfloat16, float16, float32."),
+    storage_dtype: str = typer.Option("bfloat16", metavar="DTYPE", help=STORAGE_HELP),
+    pool: int = typer.Option(1, min=1, max=64, metavar="N", help=POOL_HELP),
+    layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
+    keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
+    flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
+    batch_size: Optional[int] = typer.Option(None, min=1, metavar="N",
+                                             help="Images per forward (default: config's, else by size)."),
+    workers: Optional[int] = typer.Option(None, min=0, metavar="N",
+                                          help="Decode processes (default: cores - 1, at most 8)."),
+    image_mean: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's mean."),
+    image_std: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's std."),
+    shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
+    commit_every: float = typer.Option(30.0, min=0, metavar="S", help="Seconds between manifest commits."),
+    max_pixels: int = typer.Option(178_956_970, min=1, metavar="N", help="Refuse larger images (bombs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with other settings."),
+    rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash."),
+    repair: bool = typer.Option(False, "--repair", help="Hash every shard; recompute damaged ones."),
+    prune: bool = typer.Option(False, "--prune", help="Drop cached images whose file is gone."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks",
+                                         help="Read links that lead outside INPUT_DIR."),
+    max_failures: Optional[str] = typer.Option(None, metavar="N|F",
+                                               help="Stop past N failures, or a fraction (5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (one static graph per bucket; "
-                                 "pays off on GPUs for large datasets)."),
-    sdpa_backend: str = typer.Option("auto", help="Attention kernel: auto, cudnn, flash, efficient, math."),
-    jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode large JPEGs at reduced scale (DCT scaling) "
-                                    "when the bucket is much smaller: faster, slightly different pixels."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPUs)."),
+    sdpa_backend: str = typer.Option("auto", metavar="NAME",
+                                     help="Attention: auto, cudnn, flash, efficient, math."),
+    jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode big JPEGs at reduced scale."),
     resize_on_device: Optional[bool] = typer.Option(None, "--resize-on-device/--resize-in-workers",
-                                                    help="Where images are resized (default: on the GPU when "
-                                                    "there is one, else in the decode workers)."),
-    rank: Optional[int] = typer.Option(None, min=0, help="This process's share, without torchrun (e.g. a SLURM "
-                                       "array task); run `dinocache merge OUT` when all ranks are done."),
-    world_size: Optional[int] = typer.Option(None, min=1, help="Number of shares, with --rank."),
+                                                    show_default=False,
+                                                    help="Where to resize (default: GPU if any)."),
+    rank: Optional[int] = typer.Option(None, min=0, metavar="I", help="This share, without torchrun."),
+    world_size: Optional[int] = typer.Option(None, min=1, metavar="N", help="Number of shares, with --rank."),
 ):
-    """Extract features for every image in INPUT_DIR.
+    """Extract features for every image in INPUT_DIR into OUT.
 
-    Example: dinocache extract data/images --buckets configs/dit-1024.yaml --out cache/
-
-    On 8 GPUs: torchrun --nproc_per_node=8 -m dinocache extract data/images --buckets configs/dit-1024.yaml --out cache/
+    \b
+    Examples:
+      dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
+      dinocache extract data/images --crops crops.jsonl -o cache/
+      torchrun --nproc_per_node=8 -m dinocache extract data/images \\
+          --buckets configs/dit-1024.yaml -o cache/
     """
-    from .config import ExtractOptions, load_bucket_config, parse_max_failures
+    from .config import BucketConfig, ExtractOptions, load_bucket_config, parse_max_failures
+    from .extract import Interrupted
     from .extract import extract as run_extract
 
     try:
-        if storage_dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
-            raise DinocacheError(f"unknown --storage-dtype {storage_dtype!r}",
-                                 "use bfloat16, float16, float32 or float8_e4m3fn")
+        if buckets is None and crops is None:
+            raise DinocacheError("extract needs --buckets (a bucket config), --crops (the trainer's crops), or both",
+                                 "e.g. --buckets configs/dit-1024.yaml")
+        config = load_bucket_config(buckets) if buckets is not None else None
+        if crops is not None:
+            from .crops import buckets_for_crops
+
+            config = buckets_for_crops(crops, config)
         options = ExtractOptions(
-            out=out, buckets=load_bucket_config(buckets), model=model, revision=revision, device=device,
+            out=out, buckets=config or BucketConfig([]), model=model, revision=revision, device=device,
             dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers, pool=pool,
-            layers=_layer_list(layers),
+            layers=_layer_list(layers), flip=flip,
             image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
             batch_size=batch_size, workers=workers, shard_max_bytes=int(shard_size_mb * 1024**2),
-            commit_every_s=commit_every,
-            max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
-            max_failures=parse_max_failures(max_failures), progress=progress, compile=compile,
-            sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank, world_size=world_size,
-            resize_on_device=resize_on_device)
+            commit_every_s=commit_every, max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
+            repair=repair, follow_symlinks=follow_symlinks, max_failures=parse_max_failures(max_failures),
+            progress=progress, compile=compile, sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank,
+            world_size=world_size, resize_on_device=resize_on_device, crops=crops)
+        options.layout()  # an unknown --storage-dtype is reported before anything runs
         result = run_extract(input_dir, options)
+    except Interrupted as exc:
+        _print_extract_summary(exc.result, input_dir, world_size, rank, out)
+        typer.echo(f"interrupted: {exc.kept} image(s) kept; rerun the same command to resume", err=True)
+        raise typer.Exit(exc.exit_code)
     except DinocacheError as exc:
         _fail(exc)
-    if int(os.environ.get("RANK", "0")) > 0:
+    _print_extract_summary(result, input_dir, world_size, rank, out)
+
+
+def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path) -> None:
+    from .distributed import LauncherEnv
+
+    if LauncherEnv.read().rank > 0:
         return  # under torchrun, rank 0 speaks for the job
-    rate = result.processed / result.seconds if result.seconds else 0.0
-    if result.job_processed is not None:
-        typer.echo(f"{result.job_processed} extracted by {os.environ.get('WORLD_SIZE')} ranks, {result.skipped} "
-                   f"already cached, {result.failed} failed in the cache -> {result.out}")
-    else:
-        typer.echo(f"{result.processed} extracted, {result.skipped} already cached, {result.failed_this_run} failed "
-                   f"({rate:.1f} img/s overall) -> {result.out}")
+    listed = 5
+    for file, why in result.repaired_shards.items():
+        typer.echo(f"repaired: {file} was damaged ({why}); its rows were recomputed")
+    if result.lost:
+        typer.echo(f"lost: {len(result.lost)} image(s) of damaged shards have no source any more: "
+                   + ", ".join(result.lost[:listed]) + (" ..." if len(result.lost) > listed else ""))
     if result.shards_adopted:
-        typer.echo(f"{result.shards_adopted} shard(s) finished by an interrupted run were kept")
-    if result.failures_by_reason:
-        typer.echo("failures: " + ", ".join(f"{r}={n}" for r, n in sorted(result.failures_by_reason.items()))
-                   + "  (details: dinocache stats)")
+        typer.echo(f"kept {result.shards_adopted} shard(s) finished by an interrupted run")
+    if result.job_processed is not None:
+        typer.echo(f"{result.job_processed} extracted by {LauncherEnv.read().world_size} ranks, {result.skipped} "
+                   f"already cached -> {result.out}")
+    else:
+        rate = f" in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s)" if result.processed else ""
+        typer.echo(f"{result.processed} extracted{rate}, {result.skipped} already cached -> {result.out}")
+    if result.failed_this_run:
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(result.failures_this_run.items()))
+        typer.echo(f"{result.failed_this_run} failed this run ({reasons}): `dinocache stats {out}` lists them")
+    if result.failed_before:
+        typer.echo(f"{result.failed_before} image(s) failed in an earlier run and are unchanged (not retried)")
     if result.missing_sources:
-        typer.echo(f"{result.missing_sources} cached image(s) no longer exist in {input_dir} (--prune drops them)")
+        gone = result.missing_sources
+        typer.echo(f"{len(gone)} cached image(s) are no longer in {input_dir}: " + ", ".join(gone[:listed])
+                   + (" ..." if len(gone) > listed else "") + " (--prune drops them)")
     if result.pruned:
         typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
     if world_size and world_size > 1:
         typer.echo(f"rank {rank} of {world_size} done: run `dinocache merge {out}` once every rank has finished")
 
 
-@app.command()
+@app.command(no_args_is_help=True)
 def plan(
-    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    buckets: Path = typer.Option(..., "--buckets", "-b", help="Bucket config YAML."),
-    model: str = typer.Option("facebook/dinov3-vitl16-pretrain-lvd1689m", "--model", "-m",
-                              help="Only its shape matters: a Hub id naming the size, a local folder, or random:<arch>."),
-    storage_dtype: str = typer.Option("bfloat16", help="Stored dtype (see extract)."),
-    keep_registers: bool = typer.Option(False, "--keep-registers"),
-    pool: int = typer.Option(1, min=1, max=64),
-    layers: Optional[str] = typer.Option(None, help="Extra blocks to store, e.g. 8,16."),
-    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help="Where the cache would go (for the free-space check)."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", show_default=False,
+                                     help="Folder of images (searched recursively)."),
+    buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML", help="Bucket config."),
+    crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL", help="The trainer's own crops."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", metavar="MODEL",
+                              help="Only its shape matters (Hub id, folder, random:<arch>)."),
+    storage_dtype: str = typer.Option("bfloat16", metavar="DTYPE", help=STORAGE_HELP),
+    pool: int = typer.Option(1, min=1, max=64, metavar="N", help=POOL_HELP),
+    layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
+    keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
+    flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
+    shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", metavar="OUT",
+                             help="Where the cache would go (free space)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every file)."),
 ):
-    """Show what an extraction would do, without loading a model: buckets, distortion, size, time.
+    """Show what extract would do, without a model: buckets, distortion, size, time.
 
-    Example: dinocache plan data/images --buckets configs/dit-1024.yaml --model facebook/dinov3-vitl16-pretrain-lvd1689m
+    \b
+    Example:
+      dinocache plan data/images --buckets configs/dit-1024.yaml -m random:vitl16
     """
     import dataclasses
 
     from .config import load_bucket_config
+    from .layout import Layout, storage_dtype as check_dtype
     from .plan import format_plan, plan_extraction
 
     try:
-        config = load_bucket_config(buckets)
-        report = plan_extraction(input_dir, config, model, storage_dtype, keep_registers, pool, _layer_list(layers), out)
+        if buckets is None and crops is None:
+            raise DinocacheError("plan needs --buckets, --crops, or both", "e.g. --buckets configs/dit-1024.yaml")
+        config = load_bucket_config(buckets) if buckets is not None else None
+        crop_table = None
+        if crops is not None:
+            from .crops import buckets_for_crops, load_crops
+            from .scan import scan_folder
+
+            config = buckets_for_crops(crops, config)
+            crop_table = load_crops(crops, config, scan_folder(input_dir, exclude=[out]))
+        check_dtype(storage_dtype)
+        layout = Layout(dtype=storage_dtype, registers=keep_registers, pool=pool, layers=_layer_list(layers), flip=flip)
+        report = plan_extraction(input_dir, config, model, layout, out, shard_max_bytes=int(shard_size_mb * 1024**2),
+                                 crops=crop_table)
     except DinocacheError as exc:
         _fail(exc)
-    typer.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json else format_plan(report, config, model, storage_dtype))
+    typer.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json
+               else format_plan(report, config, model, storage_dtype))
 
 
-@app.command()
+@app.command(no_args_is_help=True)
 def show(
-    out: Path = typer.Argument(..., help="Cache folder."),
-    key: str = typer.Argument(..., help="The image's key (its path relative to the input folder)."),
-    output: Path = typer.Option(Path("dinocache_show.png"), "--output", "-o", help="PNG to write."),
-    source: Optional[Path] = typer.Option(None, "--source", help="Image folder (default: the one the cache recorded)."),
+    out: Path = typer.Argument(..., metavar="OUT", show_default=False, help="Cache folder."),
+    key: str = typer.Argument(..., metavar="KEY", show_default=False,
+                              help="The image's path relative to the input folder."),
+    output: Path = typer.Option(Path("dinocache_show.png"), "--output", "-o", metavar="PNG", help="Picture to write."),
+    source: Optional[Path] = typer.Option(None, "--source", metavar="DIR",
+                                          help="Image folder (default: the recorded one)."),
 ):
-    """Write the image beside an RGB picture of its features (first 3 PCA components of the patches).
+    """Write the image beside an RGB picture of its features (PCA of the patches).
 
-    Example: dinocache show dinocache_out photos/cat.jpg -o cat-features.png
+    \b
+    Example:
+      dinocache show dinocache_out photos/cat.jpg -o cat-features.png
     """
     from .show import render
 
@@ -189,21 +277,54 @@ def show(
         picture.save(output)
     except DinocacheError as exc:
         _fail(exc)
-    except OSError as exc:
-        _fail(DinocacheError(f"cannot write {output}: {exc.strerror or exc}", "pass a writable --output path"))
+    except (OSError, ValueError) as exc:
+        _fail(DinocacheError(f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}",
+                             "pass a writable --output path ending in .png"))
     typer.echo(f"wrote {output} ({picture.width}x{picture.height})")
 
 
 @app.command()
-def merge(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP)):
+def keys(out: Path = OUT_ARG,
+         match: Optional[str] = typer.Option(None, "--match", metavar="GLOB", help="Only keys matching, e.g. 'cats/*'."),
+         failed: bool = typer.Option(False, "--failed", help="List failed images with their reason instead.")):
+    """List the cached keys (or the failed images), one per line.
+
+    \b
+    Example:
+      dinocache keys dinocache_out --match 'photos/*.jpg'
+    """
+    import fnmatch
+
+    from .manifest import read_manifest
+
+    try:
+        if failed:
+            for f in read_manifest(out)["failures"]:
+                if match is None or fnmatch.fnmatchcase(f["key"], match):
+                    typer.echo(f"{f['key']}\t{f['reason']}\t{f.get('detail', '')}")
+            return
+        from .manifest import load_samples
+
+        table = load_samples(out, read_manifest(out))
+        for key in table.iter_keys():
+            if match is None or fnmatch.fnmatchcase(key, match):
+                typer.echo(key)
+    except DinocacheError as exc:
+        _fail(exc)
+
+
+@app.command()
+def merge(out: Path = OUT_ARG):
     """Fold the shards and reports of a multi-process run into the manifest.
 
     torchrun runs do this by themselves; use it after ranks that ran separately
     (extract --rank I --world-size N, e.g. SLURM array tasks) or after a job died.
 
-    Example: dinocache merge cache/
+    \b
+    Example:
+      dinocache merge cache/
     """
-    from .extract import merge_cache
+    from .state import merge_cache
 
     try:
         result = merge_cache(out)
@@ -214,46 +335,67 @@ def merge(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP)):
 
 
 @app.command()
-def verify(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
-           source: Optional[Path] = typer.Option(None, "--source", help="Image folder: list images missing from the "
-                                                 "cache and cached images whose source changed."),
-           recompute: int = typer.Option(0, min=0, help="Re-extract N random samples from --source and compare features."),
-           seed: int = typer.Option(0, help="Which random samples --recompute takes."),
-           device: str = typer.Option("auto", help="Device for --recompute."),
-           skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums still run).")):
-    """Check that a cache is complete and intact. Exit 0 if clean, 1 with a report if not.
+def verify(paths: Optional[List[Path]] = typer.Argument(None, metavar="[PATH]...", show_default=False,
+                                                        help="Cache folders, shards/ folders or shard files "
+                                                        f"(default: ./{DEFAULT_OUT})."),
+           source: Optional[Path] = typer.Option(None, "--source", metavar="DIR",
+                                                 help="Image folder: find missing and changed images."),
+           recompute: int = typer.Option(0, min=0, metavar="N", help="Re-extract N random samples and compare."),
+           seed: int = typer.Option(0, metavar="S", help="Which samples --recompute takes."),
+           device: str = typer.Option("auto", metavar="DEV", help="Device for --recompute."),
+           skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums run)."),
+           follow_symlinks: bool = typer.Option(False, "--follow-symlinks",
+                                                help="Read --source links that lead outside it."),
+           as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+           listed: int = typer.Option(50, metavar="N", help="Problems to print (all with --json).")):
+    """Check that a cache (or loose shards) is complete and intact.
 
-    Example: dinocache verify cache/ --source data/images --recompute 20
+    Exit 0 if intact, 1 with a report of each problem, 2 on a usage error.
+
+    \b
+    Examples:
+      dinocache verify cache/ --source data/images --recompute 20
+      dinocache verify cache/shards/            (the whole cache)
+      dinocache verify copied-shards/*.safetensors --json
     """
-    from .verify import RECOMPUTE_MIN_COSINE, verify_cache
+    from .verify import RECOMPUTE_MIN_COSINE, verify_paths
 
     try:
-        report = verify_cache(out, check_values=not skip_values, source=source, recompute=recompute, seed=seed,
-                              device=device)
+        report = verify_paths(paths or [Path(DEFAULT_OUT)], check_values=not skip_values, source=source,
+                              recompute=recompute, seed=seed, device=device, follow_symlinks=follow_symlinks)
     except DinocacheError as exc:
         _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        raise typer.Exit(0 if report.ok else EXIT_PROBLEMS)
+    where = ", ".join(report.paths)
     for note in report.notes:
         typer.echo(f"note: {note}")
+    for skipped in report.skipped:
+        typer.echo(f"skipped: {skipped}")
     if report.recomputed:
         typer.echo(f"recomputed {report.recomputed} sample(s) from their sources (pass: every token cosine >= "
                    f"{RECOMPUTE_MIN_COSINE})")
     if report.ok:
-        typer.echo(f"OK: {report.samples} samples in {report.shards} shard(s) verified in {out}")
+        what = "shard(s) checked on their own" if report.mode != "cache" else "shard(s) verified"
+        typer.echo(f"OK: {report.samples} samples in {report.shards} {what} in {where}")
         return
-    typer.echo(f"FAILED: {len(report.problems)} problem(s) in {out}", err=True)
-    for problem in report.problems[:200]:
-        typer.echo(f"  - {problem}", err=True)
-    if len(report.problems) > 200:
-        typer.echo(f"  ... and {len(report.problems) - 200} more", err=True)
-    raise typer.Exit(1)
+    typer.echo(f"FAILED: {len(report.problems)} problem(s) in {where}", err=True)
+    for problem in report.problems[:listed]:
+        typer.echo(f"  - {problem.message}", err=True)
+    if len(report.problems) > listed:
+        typer.echo(f"  ... and {len(report.problems) - listed} more (--json lists all)", err=True)
+    raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command()
-def stats(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
-          as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
-    """Report what a cache holds: images per bucket, failures by reason, bytes, model and dtype.
+def stats(out: Path = OUT_ARG,
+          as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every failure).")):
+    """Report what a cache holds: images per bucket, failures, bytes, model, runs.
 
-    Example: dinocache stats cache/ --json
+    \b
+    Example:
+      dinocache stats cache/ --json
     """
     from .stats import cache_stats, format_stats
 
@@ -264,11 +406,31 @@ def stats(out: Path = typer.Argument(Path(DEFAULT_OUT), help=OUT_HELP),
     typer.echo(json.dumps(result, indent=2) if as_json else format_stats(result))
 
 
+def _quiet_hub() -> None:
+    """Hub retries and transformers' progress bars say nothing our own error does not: keep them
+    quiet, and make huggingface_hub give up at once when offline (HF_HUB_OFFLINE is honoured)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    warnings.filterwarnings("ignore", module="huggingface_hub")
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "huggingface_hub", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)  # retries are reported by our own error
-    app()
+    import logging
+
+    try:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        _quiet_hub()
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before extraction's own handler is in place (e.g. importing torch)
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .buckets import RESIZE_MODES, generate_sizes
+from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES, generate_sizes
 from .errors import ConfigError
 
 CONFIG_KEYS = ("buckets", "generate", "resize", "batch_size")
@@ -59,8 +59,20 @@ class ExtractOptions:
     sdpa_backend: str = "auto"
     rank: int | None = None  # explicit rank / world size (no process group; `dinocache merge` after)
     world_size: int | None = None
-    jpeg_draft: bool = False
-    resize_on_device: bool | None = None  # None: on CUDA, workers only decode and the GPU resizes  # let libjpeg decode at a reduced scale when the bucket is much smaller
+    jpeg_draft: bool = False  # let libjpeg decode at a reduced scale when the bucket is much smaller
+    resize_on_device: bool | None = None  # None: on CUDA, workers only decode and the GPU resizes
+    repair: bool = False  # hash every shard the cache relies on (a cheap size check always runs)
+    flip: bool = False  # also store the features of the horizontally mirrored model input
+    ln_stats: bool = True  # per-token final-norm statistics (the ln_noaffine / prenorm flavours)
+    follow_symlinks: bool = False  # read links that lead outside the input folder
+    crops: Path | None = None  # a JSONL file of the trainer's own crops (key, size, box)
+
+    def layout(self):
+        from .layout import Layout, storage_dtype
+
+        storage_dtype(self.storage_dtype)  # a clear error for an unknown name
+        return Layout(dtype=self.storage_dtype, registers=self.keep_registers, pool=self.pool,
+                      layers=tuple(self.layers), flip=self.flip, ln_stats=self.ln_stats)
 
 
 def parse_max_failures(text: str | None) -> int | float | None:
@@ -86,7 +98,16 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be a whole number, got {value!r}", "write it as e.g. 1024")
     if value <= 0:
-        raise ConfigError(f"{where} must be positive, got {value}", "use a size of at least 16 pixels")
+        raise ConfigError(f"{where} must be positive, got {value}", "write a positive whole number")
+    return value
+
+
+def _side(value: Any, where: str) -> int:
+    """A bucket side in pixels: the bounds the manifest check applies too."""
+    value = _positive_int(value, where)
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise ConfigError(f"{where} is {value} pixels; a bucket side must be {MIN_SIDE}..{MAX_SIDE}",
+                          f"use a size between {MIN_SIDE} (one patch) and {MAX_SIDE}, e.g. 1024")
     return value
 
 
@@ -132,8 +153,8 @@ def _parse_bucket_list(items: Any, source: str) -> list[tuple[int, int]]:
         where = f"{source}: buckets[{i}]"
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise ConfigError(f"{where} must be a [width, height] pair, got {item!r}", "write it as [1024, 1024]")
-        w = _positive_int(item[0], f"{where} width")
-        h = _positive_int(item[1], f"{where} height")
+        w = _side(item[0], f"{where} width")
+        h = _side(item[1], f"{where} height")
         if (w, h) in seen:
             raise ConfigError(f"{where} = [{w}, {h}] duplicates buckets[{seen[w, h]}]", "remove one of them")
         seen[w, h] = i
@@ -151,7 +172,8 @@ def _parse_generate(spec: Any, source: str) -> list[tuple[int, int]]:
                           f"allowed keys are {', '.join(GENERATE_KEYS)}")
     if "resolution" not in spec:
         raise ConfigError(f"{source}: generate.resolution is missing", "add e.g. resolution: 1024 (side of the square bucket)")
-    kwargs = {k: _positive_int(spec[k], f"{source}: generate.{k}") for k in GENERATE_KEYS[:4] if k in spec}
+    kwargs = {k: (_positive_int if k == "step" else _side)(spec[k], f"{source}: generate.{k}")
+              for k in GENERATE_KEYS[:4] if k in spec}
     if "max_aspect" in spec:
         aspect = spec["max_aspect"]
         if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or aspect < 1:
@@ -172,7 +194,7 @@ def load_bucket_config(path: str | Path) -> BucketConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"bucket config {path} does not exist",
-                          "pass --buckets with a YAML file, e.g. configs/dit-buckets.yaml")
+                          "pass --buckets with a YAML file, e.g. configs/dit-1024.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

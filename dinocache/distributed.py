@@ -17,36 +17,66 @@ import torch
 from .errors import ConfigError
 
 
+@dataclass(frozen=True)
+class LauncherEnv:
+    """What torchrun (or SLURM via torchrun) put in the environment; read here and nowhere else."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def read(cls) -> "LauncherEnv":
+        def number(name: str, default: int) -> int:
+            try:
+                return int(os.environ.get(name, default))
+            except ValueError:
+                raise ConfigError(f"the environment variable {name}={os.environ[name]!r} is not a number",
+                                  "unset it, or launch with torchrun") from None
+        return cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1))
+
+
 @dataclass
 class RankContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     group: bool = False  # a torch.distributed process group is up
+    local_world_size: int = 1  # ranks on this node (they share its cores)
 
     @property
     def multi(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def leader(self) -> bool:
+        """The one process that commits: rank 0 of a process group, or a lone process."""
+        return self.rank == 0 and (self.group or not self.multi)
+
     @classmethod
     def create(cls, rank: int | None, world_size: int | None, device: str) -> "RankContext":
-        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        env = LauncherEnv.read()
         if rank is not None or world_size is not None:  # explicit: no process group
             if rank is None or world_size is None or not 0 <= rank < world_size:
                 raise ConfigError(f"--rank {rank} --world-size {world_size} is not a valid pair",
                                   "pass both, with 0 <= rank < world size")
-            return cls(rank, world_size, 0, False)
-        if env_world <= 1:
-            return cls()
+            return cls(rank, world_size, 0, False, env.local_world_size)
+        if env.world_size <= 1:
+            return cls(local_world_size=env.local_world_size)
         import torch.distributed as dist
 
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device != "cpu"
         if use_cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(env.local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        return cls(rank, env_world, local_rank, True)
+        return cls(env.rank, env.world_size, env.local_rank, True, env.local_world_size)
+
+    def default_workers(self) -> int:
+        """One decode process per spare core, at most 8; the node's cores are shared by its ranks."""
+        cores = (os.cpu_count() or 1) // max(1, self.local_world_size)
+        return max(0, min(8, cores - 1))
 
     def device(self, requested: str) -> str:
         """One GPU per rank: `auto`/`cuda` become cuda:LOCAL_RANK under torchrun."""

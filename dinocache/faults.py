@@ -1,7 +1,9 @@
 """Named fault points, so tests can crash or fill the disk at exact moments of a real run.
 
 Set DINOCACHE_FAULT="point:n:action" (several separated by commas): the n-th time this process
-reaches `point`, it either dies with SIGKILL (action `kill`) or raises ENOSPC (action `enospc`).
+reaches `point`, it dies with SIGKILL (`kill`), raises ENOSPC (`enospc`), sends itself SIGTERM
+or SIGINT (`sigterm`, `sigint`: a real signal, as `scancel` or Ctrl-C deliver it), or raises
+torch's out-of-memory error (`oom`).
 "point:n:action@R" applies only to the process whose RANK is R (torchrun).
 Unset (always, outside tests) a fault point costs one dictionary lookup.
 """
@@ -12,25 +14,27 @@ import errno
 import os
 import signal
 
-POINTS = ("decode", "shard_write", "shard_renamed", "manifest_write")
+POINTS = ("decode", "forward", "batch_done", "shard_write", "shard_renamed", "manifest_write")
 _hits: dict[str, int] = {}
 
 
-def _plan() -> dict[str, tuple[int, str]]:
-    plan = {}
+def _configured_faults() -> dict[str, tuple[int, str]]:
+    from .distributed import LauncherEnv
+
+    faults = {}
     for item in filter(None, os.environ.get("DINOCACHE_FAULT", "").split(",")):
         item, _, rank = item.partition("@")
-        if rank and rank != os.environ.get("RANK", "0"):
+        if rank and int(rank) != LauncherEnv.read().rank:
             continue
         point, n, action = item.split(":")
-        plan[point] = (int(n), action)
-    return plan
+        faults[point] = (int(n), action)
+    return faults
 
 
 def fault_point(name: str) -> None:
     if "DINOCACHE_FAULT" not in os.environ:
         return
-    planned = _plan().get(name)
+    planned = _configured_faults().get(name)
     if planned is None:
         return
     _hits[name] = _hits.get(name, 0) + 1
@@ -40,3 +44,9 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if planned[1] == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+    if planned[1] in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if planned[1] == "sigterm" else signal.SIGINT)
+    if planned[1] == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")

@@ -1,19 +1,14 @@
-"""From the model's hidden states to the tensors a shard stores (one place, used by extract
-and by verify --recompute so both apply the same storage options)."""
+"""From pixels to the named feature tensors a shard stores (one place, used by extract and by
+verify --recompute, so both apply the same layout): forward, token split, final-norm statistics,
+--pool, --layers, and the mirrored view for --flip. Names follow layout.py."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .model import split_tokens
-
-
-def stored_grid(grid: tuple[int, int], pool: int) -> tuple[int, int]:
-    """The patch grid after `pool` x `pool` average pooling (edge windows averaged over what exists)."""
-    return math.ceil(grid[0] / pool), math.ceil(grid[1] / pool)
+from .layout import Layout
+from .model import LoadedModel, Tokens, split_tokens
 
 
 def pool_patches(patches: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
@@ -26,16 +21,55 @@ def pool_patches(patches: torch.Tensor, grid: tuple[int, int], pool: int) -> tor
     return x.permute(0, 2, 3, 1).flatten(1, 2).to(patches.dtype)
 
 
-def stored_tensors(last_hidden: torch.Tensor, intermediates: dict[int, torch.Tensor], num_registers: int,
-                   grid: tuple[int, int], pool: int = 1, keep_registers: bool = False) -> dict[str, torch.Tensor]:
-    """Named [B, ...] tensors for the writer: cls, patches (pooled), registers (if kept), and for
-    each requested intermediate layer k: layer{k}_cls and layer{k}_patches (not normed)."""
-    cls, registers, patches = split_tokens(last_hidden, num_registers, grid)
-    out = {"cls": cls, "patches": pool_patches(patches, grid, pool)}
-    if keep_registers:
-        out["registers"] = registers
-    for k, hidden in intermediates.items():
+def token_stats(prenorm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per token (mean, std) of the final LayerNorm's input, float32 [B, T, 2], with
+    std = sqrt(var + eps) (biased variance, as LayerNorm uses), so that
+    ln_noaffine = (x - mean) / std and x = ln_noaffine * std + mean."""
+    x = prenorm.float()
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False)
+    return torch.stack([mean, torch.sqrt(var + eps)], dim=-1)
+
+
+def feature_tensors(tokens: Tokens, num_registers: int, grid: tuple[int, int], layout: Layout,
+                    eps: float) -> dict[str, torch.Tensor]:
+    """Named [B, ...] tensors of one view: cls, patches (pooled), registers (if kept), their
+    `_lnstats` (if the layout keeps them), and layer{k}_cls / layer{k}_patches (not normed)."""
+    cls, registers, patches = split_tokens(tokens.normed, num_registers, grid)
+    values = {"cls": cls, "patches": pool_patches(patches, grid, layout.pool), "registers": registers}
+    stats = None
+    if layout.ln_stats:
+        stats = dict(zip(("cls", "registers", "patches"),
+                         split_tokens(token_stats(tokens.prenorm, eps), num_registers, grid)))
+    out = {}
+    for feature in layout.features():
+        if feature.name in values:
+            out[feature.name] = values[feature.name]
+            if layout.has_lnstats(feature):
+                out[feature.name + "_lnstats"] = stats[feature.name]
+    for k, hidden in tokens.layers.items():
         layer_cls, _, layer_patches = split_tokens(hidden, num_registers, grid)
         out[f"layer{k}_cls"] = layer_cls
-        out[f"layer{k}_patches"] = pool_patches(layer_patches, grid, pool)
+        out[f"layer{k}_patches"] = pool_patches(layer_patches, grid, layout.pool)
     return out
+
+
+def stored_features(loaded: LoadedModel, pixels: torch.Tensor, grid: tuple[int, int],
+                    layout: Layout) -> dict[str, torch.Tensor]:
+    """Every tensor a shard row holds for a batch of model inputs [B, 3, H, W] (before the
+    storage cast): the plain view, and with `layout.flip` the view of the horizontally mirrored
+    input, whose names end in `_flip` (its patches in its own row-major order: patch (r, c) of
+    the flipped view covers column cols-1-c of the plain one)."""
+    out = {}
+    for view in layout.views():
+        x = pixels.flip(-1) if view == "_flip" else pixels
+        tokens = loaded.forward_tokens(x, layout.layers)
+        for name, value in feature_tensors(tokens, loaded.num_registers, grid, layout, loaded.norm_eps).items():
+            out[_with_view(name, view)] = value
+    return out
+
+
+def _with_view(name: str, view: str) -> str:
+    """patches + _flip -> patches_flip; patches_lnstats + _flip -> patches_flip_lnstats."""
+    if name.endswith("_lnstats"):
+        return name[: -len("_lnstats")] + view + "_lnstats"
+    return name + view

@@ -13,8 +13,11 @@ the core does not need torchvision.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +28,49 @@ from .errors import DecodeError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
+RESAMPLE = "bilinear"
+RESCALE = "1/255 (16-bit: 1/65535)"
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes the model's input; `record()` is what the manifest stores, so a cache
+    never mixes two of these."""
+
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"  # how the crop box is chosen (buckets.crop_box)
+    jpeg_draft: bool = False
+    background: tuple[int, int, int] = WHITE
+
+    def record(self) -> dict:
+        return {"image_mean": list(self.image_mean), "image_std": list(self.image_std), "resize": self.resize,
+                "resample": RESAMPLE, "antialias": True, "rescale": RESCALE,
+                "alpha_background": list(self.background), "exif_transpose": True, "jpeg_draft": self.jpeg_draft}
+
+    @classmethod
+    def from_record(cls, prep: dict) -> "Preprocessing":
+        return cls(tuple(prep["image_mean"]), tuple(prep["image_std"]), prep.get("resize", "stretch"),
+                   bool(prep.get("jpeg_draft", False)), tuple(prep.get("alpha_background", WHITE)))
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int):
+    """Pillow's own decompression-bomb guard set to our limit while we open one image, and
+    restored after: a training job that imports dinocache keeps the guard it had."""
+    import warnings
+
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():  # over the limit is our DecodeError, not Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_source(path: str) -> bytes:
@@ -53,18 +99,17 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
     if isinstance(source, str):
         source = read_source(source)
     try:
-        with Image.open(io.BytesIO(source)) as img:
+        with pillow_pixel_limit(max_pixels), Image.open(io.BytesIO(source)) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
                                                f"{max_pixels} (raise --max-pixels if this image is legitimate)")
             img.seek(0)  # animated GIF/WebP/APNG: the first frame
             if draft_size is not None and img.format == "JPEG":
-                transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                transposed = img.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS
                 img.draft("RGB", tuple(reversed(draft_size)) if transposed else draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -73,10 +118,10 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
         raise
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", "Pillow does not recognise this file as an image") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
-
-
 def _to_rgb(img, background: tuple[int, int, int], keep_uint8: bool = False) -> torch.Tensor:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -109,6 +154,31 @@ def _to_rgb(img, background: tuple[int, int, int], keep_uint8: bool = False) -> 
     return rgb.float().div_(255.0).permute(2, 0, 1)
 
 
+def resize(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[3, h, w] float -> [3, height, width] for `size` = (width, height): bilinear, antialiased,
+    as transformers' processor does. The two axes are resized one after the other, in the order
+    whose intermediate is smaller, so memory is bounded by the source and the output, never by
+    their product: a 4x1,000,000 strip into 1024x1024 would otherwise need a 1,000,000x1024
+    intermediate (12 GB). torch does width first; the other order differs by < 1e-6."""
+    width, height = size
+    h, w = region.shape[1:]
+    if (h, w) == (height, width):
+        return region
+    x = region[None]
+    if h * width <= height * w:  # width first: torch's own order, exactly one call
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        x = F.interpolate(x, size=(height, w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x[0]
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean_t) / std_t
+
+
 def preprocess(
     pixels: torch.Tensor,
     box: tuple[int, int, int, int],
@@ -123,10 +193,33 @@ def preprocess(
     region = pixels[:, top:bottom, left:right]
     if region.dtype == torch.uint8:
         region = region.float().div_(255.0)
-    width, height = size
-    if region.shape[1:] != (height, width):
-        region = F.interpolate(region[None], size=(height, width), mode="bilinear",
-                               align_corners=False, antialias=True)[0]
-    mean_t = torch.tensor(mean, dtype=region.dtype, device=region.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=region.dtype, device=region.device).view(3, 1, 1)
-    return (region - mean_t) / std_t
+    return normalize(resize(region, size), mean, std)
+
+
+def draft_size_for(source_size: tuple[int, int], box: tuple[int, int, int, int],
+                   input_size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest full-image size (upright) at which the crop box still covers the model input."""
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    return (math.ceil(input_size[0] * source_size[0] / box_w), math.ceil(input_size[1] * source_size[1] / box_h))
+
+
+def model_input(data: bytes, source_size: tuple[int, int], box: tuple[int, int, int, int],
+                input_size: tuple[int, int], prep: Preprocessing, max_pixels: int,
+                crop_only: bool = False) -> torch.Tensor:
+    """The one path from a file's bytes to what the model sees, used by extract's workers,
+    `verify --recompute` and `show`: decode (with the cache's JPEG draft setting) -> check the
+    size the plan assumed -> crop -> resize -> normalize. `crop_only` stops after the crop and
+    keeps 8-bit sources as uint8 (the GPU resizes them: `preprocess` on the device)."""
+    draft = draft_size_for(source_size, box, input_size) if prep.jpeg_draft else None
+    pixels = decode_image(data, max_pixels, prep.background, draft_size=draft, keep_uint8=crop_only)
+    height, width = pixels.shape[1:]
+    if (width, height) != tuple(source_size):
+        if draft is None or width < draft[0] or height < draft[1]:
+            raise DecodeError("changed", f"decoded size {width}x{height} differs from the header's "
+                                         f"{source_size[0]}x{source_size[1]} (file replaced during "
+                                         "the run, or EXIF stored after the pixels)")
+        scale_x, scale_y = width / source_size[0], height / source_size[1]
+        box = (round(box[0] * scale_x), round(box[1] * scale_y), round(box[2] * scale_x), round(box[3] * scale_y))
+    if crop_only:
+        return pixels[:, box[1]:box[3], box[0]:box[2]].contiguous()
+    return preprocess(pixels, box, input_size, prep.image_mean, prep.image_std)

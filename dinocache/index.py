@@ -11,19 +11,22 @@ plain arrays so that millions of samples open in milliseconds and stay memory-ma
     source_sha256    uint8 [N, 32]
     source_size      int32 [N, 2] (width, height) of the upright source
     box              int32 [N, 4] (left, top, right, bottom) region resized to the bucket
+    placement        uint8 [N]    how bucket and box were chosen: 0 the bucket rule, 1 a --crops file
 
-Sorted UTF-8 bytes order equals Python's str order, so lookups are a binary search.
+Sorted UTF-8 bytes order equals Python's str order, so lookups are a binary search. A sample
+record (a row as a dict) travels as JSON in shard metadata: `record_to_json`/`record_from_json`.
 """
 
 from __future__ import annotations
 
-import json
-import struct
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import CacheError
+from .keys import check_key, first_bad_key, key_problem
 
 COLUMNS: dict[str, tuple[type, tuple[int, ...]]] = {
     "shard": (np.int32, ()),
@@ -34,8 +37,11 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...]]] = {
     "source_sha256": (np.uint8, (32,)),
     "source_size": (np.int32, (2,)),
     "box": (np.int32, (4,)),
+    "placement": (np.uint8, ()),
 }
-_ST_DTYPES = {"U8": np.uint8, "I32": np.int32, "I64": np.int64}
+OPTIONAL_COLUMNS = {"placement": 0}  # absent from version-1 tables: filled with this value
+PLACEMENTS = ("rule", "crops")  # placement code -> meaning
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _column_value(name: str, value):
@@ -75,7 +81,7 @@ class SampleTable:
         key_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
         columns = {}
         for name, (dtype, shape) in COLUMNS.items():
-            data = [_column_value(name, r[name]) for r in records]
+            data = [_column_value(name, r[name] if name in r else OPTIONAL_COLUMNS[name]) for r in records]
             columns[name] = np.array(data, dtype=dtype).reshape(len(keys), *shape)
         return cls(key_bytes, offsets, columns)
 
@@ -84,7 +90,12 @@ class SampleTable:
         return len(self.key_offsets) - 1
 
     def key(self, i: int) -> str:
-        return bytes(self._raw[self.key_offsets[i]:self.key_offsets[i + 1]]).decode()
+        raw = bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
+        try:
+            return check_key(raw.decode("utf-8"), "the sample table")
+        except UnicodeDecodeError:
+            raise CacheError(f"the sample table holds a key that is not UTF-8: {raw!r}",
+                             "the cache was edited or is corrupt; rebuild it with extract --overwrite") from None
 
     def _key_bytes(self, i: int) -> bytes:
         return bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
@@ -95,9 +106,19 @@ class SampleTable:
             yield self.key(i)
 
     def keys(self) -> list[str]:
+        self.check_keys()
         raw = bytes(self._raw)
         offs = self.key_offsets.tolist()
         return [raw[offs[i]:offs[i + 1]].decode() for i in range(len(self))]
+
+    def check_keys(self) -> None:
+        """Every key's syntax, vectorised (CacheError naming the first bad one)."""
+        bad = first_bad_key(self.key_bytes, self.key_offsets)
+        if bad is not None:
+            i, problem = bad
+            shown = bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
+            raise CacheError(f"the sample table holds the key {shown.decode('utf-8', 'backslashreplace')!r}: "
+                             f"{problem}", "the cache was edited or is corrupt; rebuild it with extract --overwrite")
 
     def find(self, key: str) -> int:
         """Index of `key`, or -1."""
@@ -141,6 +162,12 @@ class SampleTable:
         columns = {n: np.insert(np.asarray(self.columns[n])[kept], positions, new.columns[n], axis=0) for n in COLUMNS}
         return SampleTable(key_bytes.astype(np.uint8, copy=False), offsets, columns)
 
+    def with_shards_remapped(self, remap: np.ndarray) -> "SampleTable":
+        """The same rows with shard index i renamed remap[i] (after shards were removed)."""
+        columns = dict(self.columns)
+        columns["shard"] = np.asarray(remap)[np.asarray(self.columns["shard"], dtype=np.int64)].astype(np.int32)
+        return SampleTable(np.asarray(self.key_bytes), np.asarray(self.key_offsets), columns)
+
     def _insert_point(self, key: str) -> int:
         """Binary search: the first row whose key is >= `key`."""
         target = key.encode()
@@ -163,21 +190,84 @@ class SampleTable:
 
     @classmethod
     def load(cls, path: Path) -> "SampleTable":
-        """Memory-map the arrays (nothing is copied until touched)."""
-        arrays = mmap_safetensors(path)
+        """Memory-map the arrays (nothing is copied until touched), checking every column's dtype
+        and shape and the key offsets; key syntax is checked as keys are read (`check_keys` for all)."""
+        from .stfile import SafetensorsError, SafetensorsFile
+
+        try:
+            st = SafetensorsFile(path)
+            arrays = {name: st.array(name) for name in st.entries}
+        except SafetensorsError as exc:
+            raise CacheError(f"cannot read the sample table {path.name}: {exc}", "rerun extract with --overwrite") from None
+        if "key_offsets" in arrays and arrays["key_offsets"].ndim == 1:
+            n = len(arrays["key_offsets"]) - 1
+            for name, value in OPTIONAL_COLUMNS.items():
+                arrays.setdefault(name, np.full(max(n, 0), value, dtype=COLUMNS[name][0]))
         missing = [n for n in ("key_bytes", "key_offsets", *COLUMNS) if n not in arrays]
         if missing:
             raise CacheError(f"{path.name} lacks column(s) {', '.join(missing)}", "rerun extract with --overwrite")
-        n = len(arrays["key_offsets"]) - 1
+        offsets, key_bytes = arrays["key_offsets"], arrays["key_bytes"]
+        if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) < 1 \
+                or key_bytes.dtype != np.uint8 or key_bytes.ndim != 1:
+            raise CacheError(f"{path.name}: key_offsets must be int64 [N + 1] and key_bytes uint8 [total]",
+                             "rerun extract with --overwrite")
+        n = len(offsets) - 1
         for name, (dtype, shape) in COLUMNS.items():
             col = arrays[name]
             if col.dtype != dtype or col.shape != (n, *shape):
                 raise CacheError(f"{path.name}: column {name} has {col.dtype}{list(col.shape)}, "
                                  f"expected {np.dtype(dtype)}{[n, *shape]}", "rerun extract with --overwrite")
-        offsets = arrays["key_offsets"]
-        if n < 0 or offsets[0] != 0 or offsets[-1] != len(arrays["key_bytes"]) or np.any(np.diff(offsets) < 0):
+        if offsets[0] != 0 or offsets[-1] != len(key_bytes) or np.any(np.diff(offsets) < 0):
             raise CacheError(f"{path.name}: key offsets are inconsistent", "rerun extract with --overwrite")
-        return cls(arrays["key_bytes"], offsets, {n: arrays[n] for n in COLUMNS})
+        return cls(key_bytes, offsets, {n: arrays[n] for n in COLUMNS})
+
+
+def record_to_json(record: dict) -> dict:
+    """A sample record as it travels in JSON: source_mtime_ns as a decimal string (it exceeds
+    2^53, which JavaScript and other double-based JSON readers would round)."""
+    return {**{k: v for k, v in record.items() if k not in ("shard", "row")},
+            "source_mtime_ns": str(record["source_mtime_ns"])}
+
+
+def record_from_json(obj: Any, num_buckets: int | None = None) -> dict:
+    """Check and decode a sample record from shard metadata (version 1 or 2); ValueError names
+    the field. The key is checked; the numbers must make sense together."""
+    if not isinstance(obj, dict):
+        raise ValueError("a sample record is not an object")
+    problem = key_problem(obj.get("key"))
+    if problem:
+        raise ValueError(f"sample key {obj.get('key')!r}: {problem}")
+    out: dict[str, Any] = {"key": obj["key"]}
+    mtime = obj.get("source_mtime_ns")
+    if isinstance(mtime, str) and re.fullmatch(r"-?[0-9]{1,19}", mtime):
+        mtime = int(mtime)
+    for name, low in (("bucket", 0), ("source_bytes", 0)):
+        if not _int_in(obj.get(name), low, (num_buckets - 1) if name == "bucket" and num_buckets else 1 << 62):
+            raise ValueError(f"{obj['key']!r}: {name} is {obj.get(name)!r}")
+        out[name] = obj[name]
+    if not _int_in(mtime, -(1 << 63), (1 << 63) - 1):
+        raise ValueError(f"{obj['key']!r}: source_mtime_ns is {obj.get('source_mtime_ns')!r}")
+    out["source_mtime_ns"] = mtime
+    sha = obj.get("source_sha256")
+    if not isinstance(sha, str) or not (_SHA256.fullmatch(sha) or sha == ""):
+        raise ValueError(f"{obj['key']!r}: source_sha256 is not 64 hex digits")
+    out["source_sha256"] = sha
+    size, box = obj.get("source_size"), obj.get("box")
+    if not (isinstance(size, list) and len(size) == 2 and all(_int_in(v, 1, 1 << 30) for v in size)):
+        raise ValueError(f"{obj['key']!r}: source_size {size!r} is not [width, height]")
+    if not (isinstance(box, list) and len(box) == 4 and all(_int_in(v, 0, 1 << 30) for v in box)
+            and box[0] < box[2] <= size[0] and box[1] < box[3] <= size[1]):
+        raise ValueError(f"{obj['key']!r}: box {box!r} is not inside the {size} source")
+    out["source_size"], out["box"] = size, box
+    placement = obj.get("placement", 0)
+    if not _int_in(placement, 0, len(PLACEMENTS) - 1):
+        raise ValueError(f"{obj['key']!r}: placement {placement!r} is not one of 0..{len(PLACEMENTS) - 1}")
+    out["placement"] = placement
+    return out
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _runs(indices: np.ndarray):
@@ -188,29 +278,3 @@ def _runs(indices: np.ndarray):
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(indices)]])
     return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
-
-
-def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Zero-copy numpy views of a safetensors file's tensors (header parsed here, data memory-mapped)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > min(size - 8, 100 * 1024**2):
-                raise ValueError("header length out of range")
-            header = json.loads(fh.read(header_len))
-        base = 8 + header_len
-        mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _ST_DTYPES[info["dtype"]]
-            start, stop = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
-            if not 0 <= start <= stop <= size - base:
-                raise ValueError(f"{name}: data offsets out of range")
-            out[name] = mm[base + start:base + stop].view(dtype).reshape(shape)
-        return out
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as exc:
-        raise CacheError(f"cannot read the sample index {path.name}: {exc}", "rerun extract with --overwrite") from None

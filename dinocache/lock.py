@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from .errors import CacheError
-from .manifest import LOCK_NAME
+from .names import LOCK_NAME
 
 
 def _alive(pid: int) -> bool:

@@ -1,45 +1,42 @@
-"""The manifest: the cache's index, its format version and every on-disk name, in one place.
+"""The manifest: the cache's root record, every on-disk name, and the checks a reader applies.
 
-The manifest is replaced atomically (temp file -> fsync -> rename -> fsync dir), and only ever
-references shards that are already durable. docs/FORMAT.md is the spec; keep the two in step.
+A cache folder is untrusted input (it may be copied, downloaded, edited or damaged): the
+manifest is schema-checked field by field before anything uses it, files are opened only
+inside the cache and never through a symbolic link, and every failure is a CacheError that says
+what is wrong. The manifest is replaced atomically and only ever names durable files.
+docs/FORMAT.md is the spec; keep the two in step.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
 from .errors import CacheError
+from .fileio import atomic_write_bytes, contained_file, is_link
+from .layout import stored_grid, storage_problems
+from .names import (DEFAULT_OUT, FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, LOCK_NAME, MANIFEST_NAME,  # noqa: F401
+                    NORM_FILE, RANK_DIR, READABLE_VERSIONS, SHARD_DIR, SHARD_SUFFIX, STATS_DIR)
+from .stfile import parse_json_bounded
 
-FORMAT_NAME = "dinocache"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SHARD_DIR = "shards"
-INDEX_DIR = "index"
-RANK_DIR = "ranks"  # reports of the ranks of a multi-process run, until merged into the manifest  # the sample table (dinocache/index.py), one file per committed generation
-SHARD_SUFFIX = ".safetensors"
-LOCK_NAME = ".lock"
-DEFAULT_OUT = "dinocache_out"
+MAX_MANIFEST_BYTES = 1 << 30
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# The names dinocache gives its own files: nothing else is ever deleted.
+OWNED = {
+    SHARD_DIR: re.compile(r"b\d{3,}-\d+x\d+-[0-9a-f]{8}-\d{5,}\.safetensors"),
+    INDEX_DIR: re.compile(r"samples-[0-9a-f]{12}\.safetensors"),
+    RANK_DIR: re.compile(r"rank-\d{5,}-[0-9a-f]{8}\.json"),
+    STATS_DIR: re.compile(r"[a-z_]+-[0-9a-f]{12}\.safetensors"),
+}
+TEMP = re.compile(r"\.[^/]+\.tmp(-\d+)?")  # `.NAME.tmp` (shards) and `.NAME.tmp-PID` (atomic writes)
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old content or all of the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+MAX_BUCKETS = 10_000
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -47,91 +44,202 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Load and sanity-check a manifest; errors name the cache and say what to do."""
+    """Load and check a manifest; errors name the cache and say what to do."""
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise CacheError(f"cache folder {root} does not exist",
                          f"run `dinocache extract DIR --out {root}` first, or pass the folder your cache is in")
+    if is_link(path):
+        raise CacheError(f"{path} is a symbolic link: dinocache reads a cache's files only inside its folder",
+                         "replace the link with the file it points to")
     if not path.is_file():
-        raise CacheError(f"{root} has no {MANIFEST_NAME}: it is not a dinocache cache (or its first run never finished a shard)",
-                         "pass the folder given to extract --out, or rerun extract to finish the cache")
+        shards = root / SHARD_DIR
+        hint = ("this looks like a cache whose first run never committed; rerun the same extract to finish it"
+                if shards.is_dir() else "pass the folder given to extract --out")
+        raise CacheError(f"{root} has no {MANIFEST_NAME}: it is not a dinocache cache", hint)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CacheError(f"{path} is not readable JSON: {exc}", "restore it from a backup or rerun extract with --overwrite") from None
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = parse_json_bounded(path.read_bytes(), MANIFEST_NAME)
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{path} is not readable: {exc}",
+                         "restore it from a backup, or rebuild the cache with extract --overwrite") from None
     problems = schema_problems(manifest)
     if problems:
         raise CacheError(f"{path} is not a valid manifest: " + "; ".join(problems[:5]),
-                         "rerun extract with --overwrite to rebuild the cache")
+                         "restore it from a backup, or rebuild the cache with extract --overwrite")
     return manifest
 
 
+def settings_of(manifest: dict) -> dict:
+    """What a cache was built with (everything that changes the stored features)."""
+    return {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}
+
+
 def schema_problems(manifest: Any) -> list[str]:
-    """Structural problems of a manifest (the parts every reader relies on)."""
+    """Every structural problem of a manifest: the parts any reader (ours or not) relies on."""
     if not isinstance(manifest, dict):
         return ["top level is not an object"]
     if manifest.get("format") != FORMAT_NAME:
-        return [f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}"]
+        return [f"format is {_show(manifest.get('format'))}, expected {FORMAT_NAME!r}"]
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        return [f"format_version is {version!r}; this dinocache reads version {FORMAT_VERSION} (upgrade dinocache?)"]
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        return [f"format_version is {_show(version)}; this dinocache reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (a newer dinocache wrote it? upgrade)"]
     problems = []
     for key, kind in (("model", dict), ("preprocessing", dict), ("storage", dict), ("buckets", list),
-                      ("shards", list), ("samples", dict), ("failures", list)):
-        if not isinstance(manifest.get(key), kind):
-            problems.append(f"'{key}' is missing or not a {kind.__name__}")
+                      ("shards", list), ("samples", dict), ("failures", list), ("runs", list)):
+        if not isinstance(manifest.get(key, [] if key == "runs" else None), kind):
+            problems.append(f"'{key}' is missing or not a{'n' if kind is dict else ''} {kind.__name__}")
     if problems:
         return problems
-    model = manifest["model"]
-    for key, low in (("hidden_size", 1), ("num_registers", 0), ("patch_size", 1)):
-        if not _is_int(model.get(key), low):
-            problems.append(f"model.{key} must be an integer >= {low}")
+    problems += _model_problems(manifest["model"])
+    problems += _preprocessing_problems(manifest["preprocessing"])
+    problems += storage_problems(manifest["storage"])
+    if problems:
+        return problems
+    problems += _bucket_problems(manifest["buckets"], manifest["model"]["patch_size"], manifest["storage"].get("pool", 1))
+    problems += _shard_problems(manifest["shards"], len(manifest["buckets"]))
+    problems += _file_record_problems(manifest["samples"], "samples", INDEX_DIR, count=True)
+    for i, failure in enumerate(manifest["failures"]):
+        if not (isinstance(failure, dict) and isinstance(failure.get("key"), str) and 0 < len(failure["key"]) <= 8192
+                and isinstance(failure.get("reason"), str) and isinstance(failure.get("detail", ""), str)
+                and _is_int(failure.get("source_bytes", 0), -1)
+                and _int_value(failure.get("source_mtime_ns", 0)) is not None):
+            problems.append(f"failures[{i}] must have a key, a reason, a detail and the source's size and mtime")
+            break
+    else:
+        keys = [f["key"] for f in manifest["failures"]]
+        if len(set(keys)) != len(keys):
+            problems.append("failures list a key more than once")
+    for i, run in enumerate(manifest.get("runs", [])):
+        if not isinstance(run, dict) or any(
+                not _is_number(run[k]) for k in ("planned", "processed", "failed", "seconds", "images_per_second",
+                                                  "rank", "world_size") if k in run):
+            problems.append(f"runs[{i}] must be an object whose counts and times are numbers")
+            break
+    statistics = manifest.get("statistics", [])
+    if not isinstance(statistics, list):
+        problems.append("'statistics' must be a list")
+    else:
+        for i, entry in enumerate(statistics):
+            problems += _file_record_problems(entry, f"statistics[{i}]", STATS_DIR)
+    return problems
+
+
+def _model_problems(model: dict) -> list[str]:
+    problems = []
+    for key, low, high in (("hidden_size", 1, 1 << 16), ("num_registers", 0, 1 << 10), ("patch_size", 1, 1 << 10)):
+        if not _is_int(model.get(key), low, high):
+            problems.append(f"model.{key} must be an integer in {low}..{high}")
     if not isinstance(model.get("id"), str):
         problems.append("model.id must be a string")
-    storage = manifest["storage"]
-    if storage.get("dtype") not in ("bfloat16", "float16", "float32", "float8_e4m3fn") \
-            or not isinstance(storage.get("registers"), bool) or not _is_int(storage.get("pool", 1), 1, 64) \
-            or not all(_is_int(k, 1, 1000) for k in storage.get("layers", [])):
-        problems.append("storage must have a known dtype, a registers flag, a pool of 1..64 and block numbers")
-    samples = manifest["samples"]
-    for key, kind in (("file", str), ("count", int), ("bytes", int), ("sha256", str)):
-        if not isinstance(samples.get(key), kind) or isinstance(samples.get(key), bool):
-            problems.append(f"samples.{key} is missing or not a {kind.__name__}")
-    for i, bucket in enumerate(manifest["buckets"]):
-        grid = bucket.get("grid") if isinstance(bucket, dict) else None
-        stored = bucket.get("stored_grid", grid) if isinstance(bucket, dict) else None
-        if not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1, 1 << 16) for g in grid)
-                and isinstance(stored, list) and len(stored) == 2 and all(_is_int(g, 1, 1 << 16) for g in stored)
-                and isinstance(bucket.get("name"), str) and bucket.get("index") == i
-                and all(_is_int(bucket.get(k), 1, 1 << 20) for k in ("width", "height", "input_width", "input_height"))):
-            problems.append(f"buckets[{i}] must have its index, a name, sizes and a [rows, cols] grid")
-            break
-    for i, shard in enumerate(manifest["shards"]):
-        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("sha256"), str)
-                and _is_int(shard.get("bucket"), 0, len(manifest["buckets"]) - 1)
-                and _is_int(shard.get("rows"), 0) and _is_int(shard.get("bytes"), 0)):
-            problems.append(f"shards[{i}] must have a file, a bucket of the table, rows, bytes and sha256")
-            break
-    for i, failure in enumerate(manifest["failures"]):
-        if not isinstance(failure, dict) or not isinstance(failure.get("key"), str) or not isinstance(failure.get("reason"), str):
-            problems.append(f"failures[{i}] must have a key and a reason")
-            break
+    if model.get("revision") is not None and not isinstance(model.get("revision"), str):
+        problems.append("model.revision must be a string or null")
+    if model.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        problems.append(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+    if not isinstance(model.get("config", {}), dict):
+        problems.append("model.config must be an object")
+    norm = model.get("final_norm")
+    if norm is not None and not (isinstance(norm, dict) and norm.get("file") == NORM_FILE
+                                 and _is_sha(norm.get("sha256")) and _is_number(norm.get("eps"))):
+        problems.append(f"model.final_norm must name {NORM_FILE} with its sha256 and eps")
     return problems
+
+
+def _preprocessing_problems(prep: dict) -> list[str]:
+    problems = []
+    for key in ("image_mean", "image_std"):
+        value = prep.get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)):
+            problems.append(f"preprocessing.{key} must be three numbers")
+        elif key == "image_std" and not all(v > 0 for v in value):
+            problems.append("preprocessing.image_std must be positive")
+    if prep.get("resize") not in RESIZE_MODES:
+        problems.append(f"preprocessing.resize must be one of {', '.join(RESIZE_MODES)}")
+    return problems
+
+
+def _bucket_problems(buckets: list, patch: int, pool: int) -> list[str]:
+    if len(buckets) > MAX_BUCKETS:
+        return [f"more than {MAX_BUCKETS} buckets"]
+    names = set()
+    for i, b in enumerate(buckets):
+        ok = isinstance(b, dict) and b.get("index") == i and all(
+            _is_int(b.get(k), MIN_SIDE, MAX_SIDE) for k in ("width", "height", "input_width", "input_height"))
+        if ok:
+            grid = [b["input_height"] // patch, b["input_width"] // patch]
+            ok = (b.get("name") == f"{b['width']}x{b['height']}" and b["input_width"] % patch == 0
+                  and b["input_height"] % patch == 0 and b.get("grid") == grid
+                  and b.get("stored_grid", grid) == list(stored_grid(grid, pool)) and b["name"] not in names)
+        if not ok:
+            return [f"buckets[{i}] must have its index, a WxH name, sizes in {MIN_SIDE}..{MAX_SIDE} (model input a "
+                    f"multiple of {patch}), its grid and stored grid, and a name no other bucket has"]
+        names.add(b["name"])
+    return []
+
+
+def _shard_problems(shards: list, num_buckets: int) -> list[str]:
+    seen = set()
+    for i, shard in enumerate(shards):
+        problems = _file_record_problems(shard, f"shards[{i}]", SHARD_DIR)
+        if problems:
+            return problems
+        if not (_is_int(shard.get("bucket"), 0, num_buckets - 1) and _is_int(shard.get("rows"), 1, 1 << 31)):
+            return [f"shards[{i}] must have a bucket of the table and a row count"]
+        if shard["file"] in seen:
+            return [f"shards[{i}]: {shard['file']} is listed more than once"]
+        seen.add(shard["file"])
+    return []
+
+
+def _file_record_problems(entry: Any, where: str, folder: str, count: bool = False) -> list[str]:
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _is_int(entry.get("bytes"), 0)
+            and _is_sha(entry.get("sha256")) and (not count or _is_int(entry.get("count"), 0))):
+        return [f"{where} must have a file, bytes{', count' if count else ''} and a sha256"]
+    if not _inside(entry["file"], folder):
+        return [f"{where}: path {entry['file']!r} escapes the cache folder (not a plain name inside {folder}/)"]
+    return []
+
+
+def _inside(file: str, folder: str) -> bool:
+    parts = file.split("/")
+    return (len(parts) == 2 and parts[0] == folder and parts[1] not in ("", ".", "..")
+            and "\\" not in file and "\0" not in file)
 
 
 def _is_int(value: Any, low: int, high: int = 1 << 62) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+def _int_value(value: Any) -> int | None:
+    """An integer written as a number or (for values beyond 2^53) a decimal string."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
+        value = int(value)
+    return value if _is_int(value, -(1 << 63), (1 << 63) - 1) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def cache_path(root: Path, file: str, folder: str = SHARD_DIR) -> Path:
-    """The absolute path of a file named in the manifest, refusing names that escape `folder`."""
-    if not isinstance(file, str) or not file.startswith(folder + "/") or "\\" in file or "\0" in file:
-        raise CacheError(f"path {file!r} is not inside {folder}/", "the manifest was edited or is corrupt")
-    resolved = (root / file).resolve()
-    if not resolved.is_relative_to((root / folder).resolve()):
-        raise CacheError(f"path {file!r} escapes the cache folder", "the manifest was edited or is corrupt")
-    return resolved
+    """The path of a file the manifest names: a plain name inside `folder`, inside the cache,
+    reached through no symbolic link (a link would let a cache make us read any file)."""
+    if not isinstance(file, str) or not _inside(file, folder):
+        raise CacheError(f"path {file!r} escapes the cache folder (not a plain name inside {folder}/)",
+                         "the manifest was edited or is corrupt")
+    return contained_file(root, file, "cache file")
 
 
 def shard_path(root: Path, file: str) -> Path:
@@ -145,12 +253,12 @@ def load_samples(root: Path, manifest: dict):
     info = manifest["samples"]
     path = cache_path(root, info["file"], INDEX_DIR)
     if not path.is_file():
-        raise CacheError(f"the sample index {info['file']} is missing", "rerun extract to rebuild the cache")
+        raise CacheError(f"the sample table {info['file']} is missing", "rebuild the cache with extract --overwrite")
     if path.stat().st_size != info["bytes"]:
-        raise CacheError(f"the sample index {info['file']} has {path.stat().st_size} bytes, the manifest says "
-                         f"{info['bytes']}", "rerun extract with --overwrite")
+        raise CacheError(f"the sample table {info['file']} has {path.stat().st_size} bytes, the manifest says "
+                         f"{info['bytes']}", "rebuild the cache with extract --overwrite")
     table = SampleTable.load(path)
     if len(table) != info["count"]:
-        raise CacheError(f"the sample index holds {len(table)} samples, the manifest says {info['count']}",
-                         "rerun extract with --overwrite")
+        raise CacheError(f"the sample table holds {len(table)} samples, the manifest says {info['count']}",
+                         "rebuild the cache with extract --overwrite")
     return table

@@ -22,7 +22,8 @@ from .imaging import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("dinocache")
 
-DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+from .names import DEFAULT_MODEL, NORM_FILE
+
 RANDOM_PREFIX = "random:"
 
 # Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim).
@@ -48,8 +49,35 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 @dataclass
+class Tokens:
+    """One forward's tokens, [B, 1 + R + rows*cols, D] each: `prenorm` is the last block's output
+    (hidden_states[-1]), `normed` the final LayerNorm of it (last_hidden_state)."""
+
+    prenorm: torch.Tensor
+    normed: torch.Tensor
+    layers: dict[int, torch.Tensor]  # block k's output (1-based), not normed
+
+
+class _TokenForward(torch.nn.Module):
+    """The transformers model with its final LayerNorm applied here, so that the input of that
+    norm (the last block's output) is available too; what `torch.compile` compiles."""
+
+    def __init__(self, vit: torch.nn.Module, final_norm: torch.nn.Module):
+        super().__init__()
+        self.vit, self.final_norm = vit, final_norm
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        out = self.vit(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        prenorm = out.last_hidden_state  # vit.norm is an Identity: this is the last block's output
+        return prenorm, self.final_norm(prenorm), out.hidden_states
+
+
+@dataclass
 class LoadedModel:
-    """A DINOv3 ViT ready for inference, with what the manifest must record about it."""
+    """A DINOv3 ViT ready for inference, with what the manifest must record about it.
+
+    `model` is the transformers DINOv3ViTModel with its final LayerNorm moved to `final_norm`
+    (`model.norm` is an Identity), so one forward yields the tokens before and after that norm."""
 
     model: torch.nn.Module
     model_id: str
@@ -61,24 +89,37 @@ class LoadedModel:
     image_std: tuple[float, float, float]
     device: torch.device
     dtype: torch.dtype
+    final_norm: torch.nn.Module = field(repr=False, default=None)
     config: dict = field(repr=False, default_factory=dict)
     sdpa_backend: str = "auto"
     compiled: torch.nn.Module | None = field(repr=False, default=None)
+    spec: "ModelSpec | None" = field(repr=False, default=None)
+
+    def __post_init__(self):
+        self._forward = _TokenForward(self.model, self.final_norm)
+
+    @property
+    def norm_eps(self) -> float:
+        return float(self.final_norm.eps)
+
+    def norm_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final LayerNorm's weight and bias, float32 on the CPU."""
+        return (self.final_norm.weight.detach().float().cpu().contiguous(),
+                self.final_norm.bias.detach().float().cpu().contiguous())
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """last_hidden_state (already final-LayerNormed) for a batch of one exact shape."""
-        return self.forward_layers(pixels)[0]
+        """last_hidden_state (final LayerNorm applied) for a batch of one exact shape."""
+        return self.forward_tokens(pixels).normed
 
     @torch.inference_mode()
-    def forward_layers(self, pixels: torch.Tensor, layers: tuple[int, ...] = ()):
-        """(last_hidden_state, {k: output of block k}) -- intermediate outputs are NOT normed."""
+    def forward_tokens(self, pixels: torch.Tensor, layers: tuple[int, ...] = ()) -> Tokens:
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        model = self.compiled if self.compiled is not None else self.model
+        run = self.compiled if self.compiled is not None else self._forward
         with sdpa_context(self.sdpa_backend):
-            out = model(pixel_values=pixels, output_hidden_states=bool(layers))
+            prenorm, normed, hidden_states = run(pixels, bool(layers))
         # hidden_states[0] is the embedding output, hidden_states[k] the output of block k.
-        return out.last_hidden_state, {k: out.hidden_states[k] for k in layers}
+        return Tokens(prenorm, normed, {k: hidden_states[k] for k in layers})
 
     def enable_compile(self, mode: str | None = None) -> None:
         """torch.compile with static shapes: one graph per bucket shape, compiled on first use.
@@ -88,7 +129,7 @@ class LoadedModel:
         if mode is None:
             mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else "default"
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled = torch.compile(self.model, dynamic=False, mode=mode)
+        self.compiled = torch.compile(self._forward, dynamic=False, mode=mode)
 
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -162,47 +203,177 @@ def random_config(arch: str):
     return DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1e-5, **ARCHITECTURES[arch])
 
 
-def load_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-               image_mean=None, image_std=None, seed: int = 0, compile: bool = False,
-               sdpa_backend: str = "auto") -> LoadedModel:
-    """Load a DINOv3 ViT from a Hub id, a local folder or `random:<arch>`."""
+@dataclass
+class ModelSpec:
+    """A model without its weights: what the cache's settings need, so that a run can be refused
+    (other settings, a held lock, nothing to do) before minutes of loading. Only the final
+    LayerNorm's weight and bias are read, cheaply, because the cache records them (the flavours
+    are derived with them, and a changed checkpoint is caught by their hash)."""
+
+    id: str
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+    config: object = field(repr=False)
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    norm_weight: torch.Tensor = field(repr=False)
+    norm_bias: torch.Tensor = field(repr=False)
+    kind: str = "pretrained"  # "random", "official" or "pretrained"
+    seed: int = 0
+    preloaded: torch.nn.Module | None = field(repr=False, default=None)  # official .pth: loaded to read it
+
+    @property
+    def patch_size(self) -> int:
+        return _patch_size(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_registers(self) -> int:
+        return int(self.config.num_register_tokens)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def norm_eps(self) -> float:
+        return float(self.config.layer_norm_eps)
+
+    def config_fields(self) -> dict:
+        return {k: getattr(self.config, k) for k in ARCHITECTURE_FIELDS if hasattr(self.config, k)}
+
+    def norm_file(self) -> bytes:
+        """The final LayerNorm as a small safetensors file (weight, bias float32; eps in metadata)."""
+        from safetensors.torch import save
+
+        return save({"weight": self.norm_weight.float().contiguous(), "bias": self.norm_bias.float().contiguous()},
+                    metadata={"eps": repr(self.norm_eps)})
+
+    def record(self) -> dict:
+        """The manifest's `model` section."""
+        import hashlib
+
+        return {"id": self.id, "revision": self.revision, "patch_size": self.patch_size,
+                "hidden_size": self.hidden_size, "num_registers": self.num_registers,
+                "compute_dtype": str(self.dtype).removeprefix("torch."), "config": self.config_fields(),
+                "final_norm": {"file": NORM_FILE, "sha256": hashlib.sha256(self.norm_file()).hexdigest(),
+                               "eps": self.norm_eps}}
+
+
+def resolve_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+                  image_mean=None, image_std=None, seed: int = 0) -> ModelSpec:
+    """Everything about a model but its weights: Hub id, local folder, official .pth, or random:<arch>."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    preloaded = None
+    if spec.startswith(RANDOM_PREFIX):
+        config = random_config(spec[len(RANDOM_PREFIX):])
+        kind, processor_cfg = "random", {}
+        # transformers initialises every LayerNorm to the identity affine
+        weight, bias = torch.ones(config.hidden_size), torch.zeros(config.hidden_size)
+    elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
+        from .official import load_official_model
+
+        preloaded, config = load_official_model(spec)
+        kind, processor_cfg = "official", {}
+        weight, bias = preloaded.norm.weight.detach(), preloaded.norm.bias.detach()
+    else:
+        config = _load_config(spec, revision)
+        kind = "pretrained"
+        processor_cfg = _load_processor_config(spec, revision)
+        found = _read_final_norm(spec, revision)
+        if found is None:  # not a safetensors checkpoint: read the norm from the loaded model
+            preloaded = _from_pretrained(spec, revision, config)
+            found = (preloaded.norm.weight.detach(), preloaded.norm.bias.detach())
+        weight, bias = found
+    mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
+    std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
+    return ModelSpec(spec, revision, dev, torch_dtype, config, mean, std, weight.float().cpu(), bias.float().cpu(),
+                     kind, seed, preloaded)
+
+
+def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "auto") -> LoadedModel:
+    """The model itself, in eval mode, on its device and in its compute dtype."""
     from transformers import DINOv3ViTModel
 
     if sdpa_backend not in SDPA_BACKENDS:
         raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if spec.startswith(RANDOM_PREFIX):
-        config = random_config(spec[len(RANDOM_PREFIX):])
-        log.warning("%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", spec)
-        torch.manual_seed(seed)
-        model = DINOv3ViTModel(config)
-        processor_cfg: dict = {}
-    elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
-        from .official import load_official_model
-
-        model, config = load_official_model(spec)
-        processor_cfg = {}
+    if mspec.preloaded is not None:
+        model = mspec.preloaded
+        mspec.preloaded = None
+    elif mspec.kind == "random":
+        log.warning("%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", mspec.id)
+        torch.manual_seed(mspec.seed)
+        model = DINOv3ViTModel(mspec.config)
     else:
-        config = _load_config(spec, revision)
-        try:
-            model = DINOv3ViTModel.from_pretrained(spec, revision=revision, config=config)
-        except OSError as exc:
-            raise ModelLoadError(f"could not load the weights of {spec}: {exc}", _weights_hint(spec)) from None
-        processor_cfg = _load_processor_config(spec, revision)
-    mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
-    std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
-    model = model.to(device=dev, dtype=torch_dtype).eval()  # eval: no RoPE jitter, no drop-path
+        model = _from_pretrained(mspec.id, mspec.revision, mspec.config)
+    model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
+    final_norm, model.norm = model.norm, torch.nn.Identity()
     loaded = LoadedModel(
-        model=model, model_id=spec, revision=revision, patch_size=_patch_size(config),
-        hidden_size=config.hidden_size, num_registers=config.num_register_tokens,
-        image_mean=mean, image_std=std, device=dev, dtype=torch_dtype,
-        config={k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)},
-        sdpa_backend=sdpa_backend,
+        model=model, model_id=mspec.id, revision=mspec.revision, patch_size=mspec.patch_size,
+        hidden_size=mspec.hidden_size, num_registers=mspec.num_registers,
+        image_mean=mspec.image_mean, image_std=mspec.image_std, device=mspec.device, dtype=mspec.dtype,
+        final_norm=final_norm, config=mspec.config_fields(), sdpa_backend=sdpa_backend, spec=mspec,
     )
     if compile:
         loaded.enable_compile()
     return loaded
+
+
+def load_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+               image_mean=None, image_std=None, seed: int = 0, compile: bool = False,
+               sdpa_backend: str = "auto") -> LoadedModel:
+    """Load a DINOv3 ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
+    if sdpa_backend not in SDPA_BACKENDS:
+        raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
+    return load_weights(resolve_model(spec, revision, device, dtype, image_mean, image_std, seed), compile,
+                        sdpa_backend)
+
+
+def _from_pretrained(spec: str, revision: str | None, config):
+    from transformers import DINOv3ViTModel
+
+    try:
+        return DINOv3ViTModel.from_pretrained(spec, revision=revision, config=config)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load the weights of {spec}: {str(exc).splitlines()[0]}",
+                             _weights_hint(spec)) from None
+
+
+def _read_final_norm(spec: str, revision: str | None):
+    """(weight, bias) of the final LayerNorm read straight from a safetensors checkpoint (one
+    small read), or None when the checkpoint is not in safetensors form."""
+    from safetensors import safe_open
+
+    def fetch(name: str) -> Path | None:
+        if Path(spec).is_dir():
+            return Path(spec) / name if (Path(spec) / name).is_file() else None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(spec, name, revision=revision))
+        except Exception:
+            return None
+
+    index = fetch("model.safetensors.index.json")
+    files = [index and json.loads(index.read_text()).get("weight_map", {}).get("norm.weight")] if index else []
+    path = fetch(files[0]) if files and files[0] else fetch("model.safetensors")
+    if path is None:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+            name = next((k for k in ("norm.weight", "dinov3_vit.norm.weight", "model.norm.weight") if k in keys), None)
+            if name is None:
+                return None
+            return fh.get_tensor(name), fh.get_tensor(name[: -len("weight")] + "bias")
+    except Exception as exc:  # a damaged file: from_pretrained will say so
+        raise ModelLoadError(f"could not read the weights of {spec}: {str(exc).splitlines()[0]}",
+                             _weights_hint(spec)) from None
 
 
 def _patch_size(config) -> int:

@@ -6,21 +6,24 @@ cache size for a model / dtype / storage options, a time estimate, and whether i
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .buckets import assign_bucket, crop_box, make_buckets
+from .buckets import make_buckets
 from .config import BucketConfig
-from .errors import ConfigError, DecodeError
-from .model import ARCHITECTURES, RANDOM_PREFIX
-from .scan import probe, scan_folder
+from .errors import ConfigError
+from .imaging import Preprocessing
+from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
+from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, resolve_model
+from .placement import place, probe_source
+from .scan import require_images, scan_folder
 from .stats import human_bytes
 
-STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 ASSUMED_GPU_FLOPS = 0.5 * 989e12  # 50% MFU on one H100/H200, dense bf16 (what `extract --compile` targets)
+DEFAULT_SHARD_BYTES = 512 * 1024**2
+_PLACEHOLDER_SHA = "0" * 64
 
 
 @dataclass
@@ -33,22 +36,26 @@ class ModelShape:
     patch_size: int = 16
 
 
-def model_shape(spec: str) -> ModelShape:
-    """The model's shape without loading weights: random:<arch>, a local config.json, or the
-    architecture named in a Hub id (facebook/dinov3-vitl16-...)."""
-    if spec.startswith(RANDOM_PREFIX):
-        arch = spec[len(RANDOM_PREFIX):]
-    elif (Path(spec) / "config.json").is_file():
-        c = json.loads((Path(spec) / "config.json").read_text())
-        return ModelShape(c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], bool(c.get("use_gated_mlp")),
-                          c.get("num_register_tokens", 0), c.get("patch_size", 16))
-    else:
-        arch = next((a for a in sorted(ARCHITECTURES, key=len, reverse=True) if a in spec.lower()), "")
+def plan_model(spec: str) -> ModelSpec:
+    """The model as extract will see it, without loading weights: random:<arch> and local
+    folders exactly (config + final norm), a Hub id or .pth file by the architecture its name
+    names."""
+    if spec.startswith(RANDOM_PREFIX) or (Path(spec) / "config.json").is_file():
+        return resolve_model(spec, device="cpu", dtype="auto")
+    arch = next((a for a in sorted(ARCHITECTURES, key=len, reverse=True) if a in Path(spec).name.lower()
+                 or a in spec.lower()), "")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"cannot tell the architecture of {spec!r} without loading it",
                           "pass --model random:<arch> with the same shape (e.g. random:vitl16) or a local folder")
-    a = ARCHITECTURES[arch]
-    return ModelShape(a["hidden_size"], a["num_hidden_layers"], a["intermediate_size"], bool(a.get("use_gated_mlp")))
+    plain = resolve_model(RANDOM_PREFIX + arch, device="cpu", dtype="auto")
+    plain.id = spec
+    return plain
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The model's shape without loading weights: random:<arch>, a local config.json, or the
+    architecture named in a Hub id (facebook/dinov3-vitl16-...)."""
+    return model_shape_of(plan_model(spec))
 
 
 def forward_flops(shape: ModelShape, grid: tuple[int, int]) -> float:
@@ -66,37 +73,63 @@ def forward_flops(shape: ModelShape, grid: tuple[int, int]) -> float:
 class PlanReport:
     images: int = 0
     unreadable: dict[str, int] = field(default_factory=dict)
+    unreadable_files: list[dict] = field(default_factory=list)  # {"key", "reason", "detail"}
     buckets: list[dict] = field(default_factory=list)
     mean_distortion: float = 0.0  # stretch: aspect change; crop: share of the picture cut away
     worst_distortion: float = 0.0
     worst_key: str | None = None
     upscaled: int = 0
-    projected_bytes: int = 0
+    upscaled_files: list[str] = field(default_factory=list)
+    projected_bytes: int = 0  # the shard files extract would write (safetensors headers included)
+    shards: int = 0
     estimated_gpu_seconds: float = 0.0
     disk_free_bytes: int | None = None
+    disk_checked_at: str | None = None
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, storage_dtype: str = "bfloat16",
-                    keep_registers: bool = False, pool: int = 1, layers: tuple[int, ...] = (),
-                    out: str | Path | None = None, max_pixels: int = 178_956_970) -> PlanReport:
-    shape = model_shape(model)
-    if storage_dtype not in STORAGE_BYTES:
-        raise ConfigError(f"unknown storage dtype {storage_dtype!r}", f"use one of {', '.join(STORAGE_BYTES)}")
-    buckets = make_buckets(config.sizes, shape.patch_size)
+def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, layout: Layout | None = None,
+                    out: str | Path | None = None, max_pixels: int = 178_956_970,
+                    shard_max_bytes: int = DEFAULT_SHARD_BYTES, jpeg_draft: bool = False, crops=None,
+                    follow_symlinks: bool = False) -> PlanReport:
+    """What `extract` would do with the same options, from the headers alone: the same scan,
+    the same placement (placement.place), the same layout and shard split, so the projected
+    bytes are what extract writes."""
+    from .extract import cache_settings
+
+    layout = layout or Layout()
+    mspec = plan_model(model)
+    buckets = make_buckets(config.sizes, mspec.patch_size)
+    settings = cache_settings(mspec, Preprocessing(mspec.image_mean, mspec.image_std, config.resize, jpeg_draft),
+                              layout, buckets)
     report = PlanReport()
-    counts = [0] * len(buckets)
+    per_bucket: list[list[dict]] = [[] for _ in buckets]
     distortions = []
-    for src in scan_folder(input_dir):
+    sources = scan_folder(input_dir, exclude=[out] if out else [], follow_symlinks=follow_symlinks)
+    require_images(sources, input_dir)
+    for src in sources:
+        status, a, b = probe_source(src, max_pixels)
         try:
-            width, height = probe(src.path, max_pixels)
-        except DecodeError as exc:
+            if status != "ok":
+                raise _Unusable(a, b)
+            width, height = a, b
+            where = place(width, height, buckets, config.resize, (crops or {}).get(src.key))
+        except _Unusable as exc:
             report.unreadable[exc.reason] = report.unreadable.get(exc.reason, 0) + 1
+            report.unreadable_files.append({"key": src.key, "reason": exc.reason, "detail": exc.detail})
             continue
-        bucket = assign_bucket(width, height, buckets)
-        counts[bucket.index] += 1
-        left, top, right, bottom = crop_box(width, height, bucket, config.resize)
-        if config.resize == "crop":
+        except Exception as exc:  # DecodeError: a crop that does not fit
+            reason = getattr(exc, "reason", "crop_outside")
+            report.unreadable[reason] = report.unreadable.get(reason, 0) + 1
+            report.unreadable_files.append({"key": src.key, "reason": reason, "detail": getattr(exc, "detail", str(exc))})
+            continue
+        bucket = buckets[where.bucket]
+        left, top, right, bottom = where.box
+        per_bucket[bucket.index].append({"key": src.key, "bucket": bucket.index, "source_bytes": src.size,
+                                         "source_mtime_ns": str(src.mtime_ns), "source_sha256": _PLACEHOLDER_SHA,
+                                         "source_size": [width, height], "box": list(where.box),
+                                         "placement": where.placement})
+        if config.resize == "crop" or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
             distortion = math.exp(abs(math.log(width / height) - bucket.log_aspect)) - 1
@@ -105,24 +138,32 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, sto
             report.worst_distortion, report.worst_key = distortion, src.key
         if right - left < bucket.input_width or bottom - top < bucket.input_height:
             report.upscaled += 1
-    report.images = sum(counts)
+            report.upscaled_files.append(src.key)
+    report.images = sum(len(r) for r in per_bucket)
     report.mean_distortion = sum(distortions) / len(distortions) if distortions else 0.0
-    element = STORAGE_BYTES[storage_dtype]
-    for bucket, n in zip(buckets, counts):
-        rows, cols = bucket.grid
-        stored_patches = math.ceil(rows / pool) * math.ceil(cols / pool)
-        tokens = (1 + stored_patches + (shape.num_registers if keep_registers else 0)) * (1 + len(layers))
-        row_bytes = tokens * shape.hidden_size * element + (4 * (1 + len(layers)) if storage_dtype.startswith("float8") else 0)
-        report.projected_bytes += n * row_bytes
-        report.estimated_gpu_seconds += n * forward_flops(shape, bucket.grid) / ASSUMED_GPU_FLOPS
+    for bucket, records in zip(buckets, per_bucket):
+        records.sort(key=lambda r: r["key"])  # the order extract writes them in
+        grid = tuple(settings["buckets"][bucket.index]["stored_grid"])
+        specs = layout.tensors(mspec.hidden_size, mspec.num_registers, grid)
+        per_shard = rows_per_shard(layout.row_bytes(mspec.hidden_size, mspec.num_registers, grid), shard_max_bytes)
+        nbytes = 0
+        for start in range(0, len(records), per_shard):
+            rows = records[start:start + per_shard]
+            metadata = shard_metadata(settings, settings["buckets"][bucket.index], encode_json(rows), layout.pool)
+            nbytes += shard_file_bytes(specs, len(rows), metadata)
+            report.shards += 1
+        report.projected_bytes += nbytes
+        report.estimated_gpu_seconds += len(records) * forward_flops(model_shape_of(mspec), bucket.grid) \
+            * len(layout.views()) / ASSUMED_GPU_FLOPS
         report.buckets.append({"name": bucket.name, "input": f"{bucket.input_width}x{bucket.input_height}",
-                               "grid": f"{rows}x{cols}", "images": n,
-                               "share": n / report.images if report.images else 0.0, "bytes": n * row_bytes})
+                               "grid": f"{grid[0]}x{grid[1]}", "images": len(records),
+                               "share": len(records) / report.images if report.images else 0.0, "bytes": nbytes})
     if out is not None:
-        target = Path(out)
+        target = Path(out).absolute()
         while not target.exists() and target != target.parent:
             target = target.parent
         report.disk_free_bytes = shutil.disk_usage(target).free
+        report.disk_checked_at = str(target)
         if report.projected_bytes > report.disk_free_bytes:
             report.warnings.append(f"the cache would need {human_bytes(report.projected_bytes)} but only "
                                    f"{human_bytes(report.disk_free_bytes)} are free under {target}")
@@ -130,6 +171,18 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, sto
         report.warnings.append(f"{report.upscaled} of {report.images} images are smaller than their bucket and "
                                "will be upscaled: consider smaller buckets")
     return report
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def model_shape_of(mspec: ModelSpec) -> ModelShape:
+    c = mspec.config
+    return ModelShape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, bool(getattr(c, "use_gated_mlp", False)),
+                      c.num_register_tokens, mspec.patch_size)
 
 
 def human_seconds(s: float) -> str:
@@ -142,7 +195,7 @@ def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dtype: str) -> str:
+def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dtype: str, listed: int = 5) -> str:
     lines = [f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7} {'projected':>10}"]
     for b in report.buckets:
         lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}% "
@@ -153,14 +206,22 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
         f"images        {report.images} usable" + (f", {sum(report.unreadable.values())} unusable "
                                                    f"({', '.join(f'{k}={v}' for k, v in sorted(report.unreadable.items()))})"
                                                    if report.unreadable else ""),
+    ]
+    for f in report.unreadable_files[:listed]:
+        lines.append(f"              - {f['key']}: {f['reason']} ({f['detail']})")
+    if len(report.unreadable_files) > listed:
+        lines.append(f"              ... {len(report.unreadable_files) - listed} more (--json lists all)")
+    lines += [
         f"distortion    mean {report.mean_distortion * 100:.1f}%, worst {report.worst_distortion * 100:.1f}% "
         f"({report.worst_key}) [{kind}, resize: {config.resize}]",
-        f"upscaled      {report.upscaled} image(s) smaller than their bucket",
-        f"cache size    {human_bytes(report.projected_bytes)} ({model}, {storage_dtype})",
+        f"upscaled      {report.upscaled} image(s) smaller than their bucket"
+        + (f": {', '.join(report.upscaled_files[:listed])}{', ...' if report.upscaled > listed else ''}"
+           if report.upscaled else ""),
+        f"cache size    {human_bytes(report.projected_bytes)} in {report.shards} shard(s) ({model}, {storage_dtype})",
         f"time          ~{human_seconds(report.estimated_gpu_seconds)} of one H100/H200 at 50% MFU "
         "(extract --compile); CPU runs are 100-1000x slower",
     ]
     if report.disk_free_bytes is not None:
-        lines.append(f"disk          {human_bytes(report.disk_free_bytes)} free")
+        lines.append(f"disk          {human_bytes(report.disk_free_bytes)} free under {report.disk_checked_at}")
     lines += [f"WARNING: {w}" for w in report.warnings]
     return "\n".join(lines)

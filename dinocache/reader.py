@@ -4,44 +4,85 @@
     sampler = BucketBatchSampler(cache, batch_size=32, seed=0, rank=rank, world_size=world)
     loader = DataLoader(cache, batch_sampler=sampler, collate_fn=collate_features, num_workers=4)
 
-Rows are read lazily through memory-mapped safetensors (never torch.load: no pickle).
+Rows are memory-mapped and gathered a batch at a time (one copy per tensor per shard, via
+`__getitems__`); nothing is unpickled. Every shard is checked against the layout when first
+opened (tensor names, dtypes, shapes), so a damaged or foreign file is an error, never a
+wrongly shaped tensor.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .errors import CacheError
-from .manifest import DEFAULT_OUT, load_samples, read_manifest, shard_path
+from .flavours import FLAVOURS, apply_flavour, flavour_problem
+from .layout import Layout, TensorSpec, dequantize, shard_tensor_problems
+from .manifest import DEFAULT_OUT, NORM_FILE, load_samples, read_manifest, shard_path
+from .stfile import SafetensorsError, SafetensorsFile
+
+_SHAPES = {"one": lambda grid, r: (), "registers": lambda grid, r: (r,), "grid": lambda grid, r: tuple(grid)}
+
+
+@dataclass
+class _Shard:
+    file: SafetensorsFile
+    specs: dict[str, TensorSpec]
+    grid: tuple[int, int]
+    bucket_index: int
 
 
 class FeatureCache(Dataset):
-    """A read-only view of a cache: `cache[key]` or `cache[i]` -> dict with
-    "cls" [D], "patches" [rows, cols, D], optionally "registers" [R, D] and, with --layers k,
-    "layer{k}_cls" / "layer{k}_patches" (not normed), and "key", "bucket", "grid" (the stored
-    grid: halved by --pool 2). float8 caches are dequantized (float32) on read."""
+    """A read-only view of a cache.
 
-    def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64):
+    `cache[key]` or `cache[i]` -> dict with "cls" [D], "patches" [rows, cols, D], optionally
+    "registers" [R, D], "layer{k}_cls" / "layer{k}_patches" (--layers k, not normed), and with a
+    --flip cache the same names ending in "_flip"; plus "key", "bucket" (its name),
+    "bucket_index" and "grid" (the stored grid: halved by --pool 2).
+    `cache[(i, True)]` gives the flipped view under the plain names (and "flipped": True):
+    what `BucketBatchSampler(..., flip=True)` asks for.
+
+    `flavour`: "normed" (stored: last_hidden_state), "ln_noaffine" (RAE) or "prenorm"
+    (hidden_states[-1]); see flavours.py. `normalize=True` applies the cache's dataset
+    statistics (`dinocache norm-stats`) for that flavour. float8 caches are dequantized on read.
+    """
+
+    def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64,
+                 flavour: str = "normed", normalize: bool = False):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.dtype = dtype
         self.table = load_samples(self.root, self.manifest)  # memory-mapped, sorted by key
-        self._shard = self.table.columns["shard"]
-        self._row = self.table.columns["row"]
-        self._bucket = self.table.columns["bucket"]
+        self._shard_col = self.table.columns["shard"]
+        self._row_col = self.table.columns["row"]
+        self._bucket_col = self.table.columns["bucket"]
         self.buckets = self.manifest["buckets"]
         self.shards = self.manifest["shards"]
-        self._open: OrderedDict[int, object] = OrderedDict()
+        self.layout = Layout.from_record(self.manifest["storage"])
+        model = self.manifest["model"]
+        self.hidden_size, self.num_registers = model["hidden_size"], model["num_registers"]
+        self.flavour = flavour
+        self._norm = self._load_norm() if flavour != "normed" else None
+        problem = flavour_problem(flavour, self._norm is not None or "final_norm" in model,
+                                  self.layout.ln_stats and self.layout.pool == 1, self.layout.pool)
+        if problem:
+            raise CacheError(f"{self.root}: {problem}", "rebuild the cache with the current dinocache "
+                             "(extract --overwrite, without --pool for prenorm) or read flavour='normed'")
+        self.statistics = None
+        if normalize:
+            from .normstats import load_statistics
+
+            self.statistics = load_statistics(self.root, self.manifest, flavour)
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
 
+    # ---- the index --------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.table)
 
@@ -53,11 +94,15 @@ class FeatureCache(Dataset):
         return isinstance(key, str) and self.table.find(key) >= 0
 
     def bucket_of(self, i: int) -> int:
-        return int(self._bucket[i])
+        return int(self._bucket_col[i])
 
     def bucket_indices(self) -> np.ndarray:
         """The bucket of every sample, as an array (for samplers)."""
-        return np.asarray(self._bucket)
+        return np.asarray(self._bucket_col)
+
+    def shard_indices(self) -> np.ndarray:
+        """The shard of every sample, as an array (for locality-aware samplers)."""
+        return np.asarray(self._shard_col)
 
     def record(self, item: int | str) -> dict:
         """The sample's bookkeeping: source size/mtime/sha256, upright size, crop box, shard, row, bucket."""
@@ -69,161 +114,175 @@ class FeatureCache(Dataset):
             raise KeyError(f"{key!r} is not in the cache at {self.root}")
         return i
 
-    def __getitem__(self, item: int | str) -> dict:
+    # ---- reading ----------------------------------------------------------------------------
+    def __getitem__(self, item) -> dict:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list) -> list[dict]:
+        """Read many samples at once: rows of one shard are gathered with one copy per tensor."""
+        resolved = [self._resolve(item) for item in items]
+        by_shard: dict[int, list[int]] = {}
+        for pos, (i, _) in enumerate(resolved):
+            by_shard.setdefault(int(self._shard_col[i]), []).append(pos)
+        out: list[dict | None] = [None] * len(items)
+        for shard_index, positions in by_shard.items():
+            shard = self._handle(shard_index)
+            rows = np.array([int(self._row_col[resolved[p][0]]) for p in positions], dtype=np.int64)
+            if rows.min() < 0 or rows.max() >= self.shards[shard_index]["rows"]:
+                raise CacheError(f"{self.root}: a sample points past the end of {self.shards[shard_index]['file']}",
+                                 "run `dinocache verify` for details")
+            views = {view for p in positions for view in self._views(resolved[p][1])}
+            batch = self._read(shard, shard_index, rows, views)
+            bucket = self.buckets[shard.bucket_index]
+            for j, p in enumerate(positions):
+                i, flipped = resolved[p]
+                item = {"key": self.table.key(i), "bucket": bucket["name"], "bucket_index": shard.bucket_index,
+                        "grid": shard.grid}
+                if flipped is None:
+                    item.update({name: value[j] for name, value in batch.items()})
+                else:
+                    suffix = "_flip" if flipped else ""
+                    item.update({name[: len(name) - len(suffix)] if suffix else name: value[j]
+                                 for name, value in batch.items() if self._view_of(name) == suffix})
+                    item["flipped"] = bool(flipped)
+                out[p] = item
+        return out  # type: ignore[return-value]
+
+    def _resolve(self, item) -> tuple[int, bool | None]:
+        flipped = None
+        if isinstance(item, tuple):
+            item, flipped = item
+            if flipped and not self.layout.flip:
+                raise CacheError(f"{self.root} holds no flipped view", "extract with --flip to store one")
+            flipped = bool(flipped)
         i = self.index_of(item) if isinstance(item, str) else int(item)
         if not 0 <= i < len(self.table):
             raise IndexError(f"index {i} out of range for a cache of {len(self.table)} samples")
-        shard_index, row, bucket_index = int(self._shard[i]), int(self._row[i]), int(self._bucket[i])
-        if not 0 <= bucket_index < len(self.buckets):
-            raise CacheError(f"{self.root}: sample {i} names bucket {bucket_index}, which does not exist",
-                             "run `dinocache verify` for details")
-        bucket = self.buckets[bucket_index]
-        rows, cols = bucket.get("stored_grid", bucket["grid"])  # --pool stores a smaller grid
-        handle = self._handle(shard_index)
-        if not 0 <= row < self.shards[shard_index]["rows"]:
-            raise CacheError(f"{self.root}: sample {i} points past the end of its shard", "run `dinocache verify`")
-        out = {"key": self.table.key(i), "bucket": bucket["name"], "bucket_index": bucket_index, "grid": (rows, cols)}
+        return i, flipped
+
+    def _views(self, flipped: bool | None) -> tuple[str, ...]:
+        if flipped is None:
+            return self.layout.views()
+        return ("_flip",) if flipped else ("",)
+
+    @staticmethod
+    def _view_of(name: str) -> str:
+        return "_flip" if name.endswith("_flip") else ""
+
+    def _read(self, shard: _Shard, shard_index: int, rows: np.ndarray, views: set[str]) -> dict[str, torch.Tensor]:
+        """Gather `rows` of every feature tensor of the wanted views: dequantized, flavoured,
+        normalized, shaped per row, cast to `dtype`."""
+        if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+            order = np.argsort(rows, kind="stable")
+            sorted_rows, inverse = rows[order], torch.from_numpy(np.argsort(order, kind="stable"))
+        else:  # already in file order: gather straight into place
+            sorted_rows, inverse = rows, None
+
+        def gather(tensor_name: str) -> torch.Tensor:
+            value = shard.file.tensor(tensor_name, _as_index(sorted_rows))
+            return value if inverse is None else value[inverse]
+
+        out = {}
         try:
-            for name in handle.keys():
-                if name.endswith("_scale"):
+            for name, spec in shard.specs.items():
+                if spec.role != "value" or self._view_of(name) not in views:
                     continue
-                value = handle.get_slice(name)[row]
-                if name + "_scale" in handle.keys():  # float8 storage: one scale per row
-                    value = value.float() * handle.get_slice(name + "_scale")[row : row + 1]
-                if name.endswith("patches"):
-                    value = value.reshape(rows, cols, -1)
-                out[name] = value
-        except Exception as exc:  # a shard that does not match its manifest entry
-            raise CacheError(f"cannot read row {row} of {self.shards[shard_index]['file']} as a {rows}x{cols} grid: "
-                             f"{str(exc).splitlines()[0]}", "run `dinocache verify` for details") from None
-        if self.dtype is not None:
-            for name, value in out.items():
-                if isinstance(value, torch.Tensor):
-                    out[name] = value.to(self.dtype)
+                value = gather(name)
+                scale_name = name + "_scale"
+                if scale_name in shard.specs:
+                    value = dequantize(value, gather(scale_name))
+                if spec.feature.normed and self.flavour != "normed":
+                    stats_name = name + "_lnstats"
+                    stats = gather(stats_name) if stats_name in shard.specs else None
+                    value = apply_flavour(self.flavour, value, self._norm[0], self._norm[1], stats)
+                if self.statistics is not None:
+                    value = self.statistics.apply(spec.feature, value)
+                shape = _SHAPES[spec.feature.tokens](shard.grid, self.num_registers)
+                value = value.reshape(len(rows), *shape, value.shape[-1])
+                out[name] = value.to(self.dtype) if self.dtype is not None else value
+        except (SafetensorsError, ValueError, OSError, RuntimeError) as exc:
+            raise CacheError(f"cannot read rows of {self.shards[shard_index]['file']}: {str(exc).splitlines()[0]}",
+                             "run `dinocache verify` for details") from None
         return out
 
-    def _handle(self, shard_index: int):
-        from safetensors import safe_open
-
-        handle = self._open.get(shard_index)
-        if handle is None:
-            if not 0 <= shard_index < len(self.shards):
-                raise CacheError(f"{self.root}: a sample points at shard #{shard_index}, which does not exist",
-                                 "run `dinocache verify` for details")
-            path = shard_path(self.root, self.shards[shard_index]["file"])
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:
-                raise CacheError(f"cannot open shard {self.shards[shard_index]['file']}: {exc}",
-                                 "run `dinocache verify`, then rerun extract to rebuild missing shards") from None
-            self._open[shard_index] = handle
-            if len(self._open) > self._max_open:
-                self._open.popitem(last=False)
-        else:
+    def _handle(self, shard_index: int) -> _Shard:
+        shard = self._open.get(shard_index)
+        if shard is not None:
             self._open.move_to_end(shard_index)
-        return handle
+            return shard
+        if not 0 <= shard_index < len(self.shards):
+            raise CacheError(f"{self.root}: a sample points at shard #{shard_index}, which does not exist",
+                             "run `dinocache verify` for details")
+        record = self.shards[shard_index]
+        path = shard_path(self.root, record["file"])
+        try:
+            file = SafetensorsFile(path)
+        except SafetensorsError as exc:
+            hint = ("rerun the extract command: it recomputes the rows of missing or damaged shards"
+                    if not path.exists() or path.stat().st_size != record["bytes"]
+                    else "run `dinocache verify`; rerun extract with --repair to recompute damaged shards")
+            raise CacheError(f"cannot open shard {record['file']}: {exc}", hint) from None
+        bucket = self.buckets[record["bucket"]]
+        grid = tuple(bucket["stored_grid"]) if "stored_grid" in bucket else tuple(bucket["grid"])
+        specs = self.layout.tensors(self.hidden_size, self.num_registers, grid)
+        problems = shard_tensor_problems(file.entries, specs, record["rows"])
+        if problems:
+            raise CacheError(f"shard {record['file']} does not match the manifest ({bucket['name']}, grid "
+                             f"{grid[0]}x{grid[1]}, hidden {self.hidden_size}): {'; '.join(problems[:3])}",
+                             "run `dinocache verify`; rerun extract with --repair to recompute it")
+        shard = _Shard(file, specs, grid, record["bucket"])
+        self._open[shard_index] = shard
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)[1].file.close()
+        return shard
 
-    def __getstate__(self):  # DataLoader workers reopen their own memory maps
+    def _load_norm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        info = self.manifest["model"].get("final_norm")
+        if info is None:
+            return None
+        path = self._root_file(info["file"])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CacheError(f"cannot read {info['file']}: {exc.strerror}", "rebuild the cache with extract --overwrite") from None
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CacheError(f"{info['file']} fails its sha256 checksum", "rerun extract to rewrite it")
+        try:
+            file = SafetensorsFile(path)
+            weight, bias = file.tensor("weight").float(), file.tensor("bias").float()
+        except (SafetensorsError, KeyError) as exc:
+            raise CacheError(f"{info['file']} is not a final-norm file: {exc}", "rerun extract to rewrite it") from None
+        if weight.shape != (self.hidden_size,) or bias.shape != (self.hidden_size,):
+            raise CacheError(f"{info['file']} holds a norm of {list(weight.shape)}, the model is {self.hidden_size} wide",
+                             "rebuild the cache with extract --overwrite")
+        return weight, bias
+
+    def _root_file(self, name: str) -> Path:
+        from .fileio import contained_file
+
+        if name != NORM_FILE:
+            raise CacheError(f"the manifest names {name!r} as the final norm", "the manifest was edited or is corrupt")
+        return contained_file(self.root, name, "final-norm file")
+
+    # ---- pickling for DataLoader workers ------------------------------------------------------
+    def __getstate__(self):  # workers reopen their own memory maps
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
-        for name in ("table", "_shard", "_row", "_bucket"):
+        for name in ("table", "_shard_col", "_row_col", "_bucket_col"):
             state.pop(name)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.table = load_samples(self.root, self.manifest)
-        self._shard, self._row, self._bucket = (self.table.columns[n] for n in ("shard", "row", "bucket"))
+        self._shard_col, self._row_col, self._bucket_col = (self.table.columns[n] for n in ("shard", "row", "bucket"))
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of sample indices that all come from one bucket.
-
-    Shuffled by (seed, epoch): the same seed and epoch give the same batches on every restart.
-    With `world_size` > 1 every rank gets a disjoint slice of the same global batch list and the
-    same number of batches (the list is padded by repeating its start, or cut with drop_last), so
-    no rank waits at a collective for one that ran out. To resume mid-epoch after a restart,
-    `set_epoch(epoch, start_step=steps_done)` skips the batches this rank already trained on.
-    """
-
-    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.epoch = 0
-        self.start_step = 0
-        buckets = cache.bucket_indices()
-        self._by_bucket = {int(b): np.flatnonzero(buckets == b).tolist() for b in np.unique(buckets)}
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch's shuffle; `start_step` skips that many of this rank's batches (resume)."""
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.epoch, self.start_step = epoch, start_step
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
-        self.set_epoch(state["epoch"], state.get("start_step", 0))
-
-    def _global_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        batches = []
-        for bucket in sorted(self._by_bucket):
-            indices = list(self._by_bucket[bucket])
-            if self.shuffle:
-                rng.shuffle(indices)
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)
-        if self.world_size > 1 and batches:
-            if self.drop_last:
-                batches = batches[: len(batches) - len(batches) % self.world_size]
-            else:
-                total = math.ceil(len(batches) / self.world_size) * self.world_size
-                batches += batches[: total - len(batches)]
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._global_batches()[self.rank::self.world_size][self.start_step:]
-
-    def __len__(self) -> int:
-        return len(self._global_batches()[self.rank::self.world_size][self.start_step:])
+def _as_index(rows: np.ndarray):
+    """A run of consecutive rows as a slice (one block copy), else the array (a gather)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) < 3 or np.all(np.diff(rows) == 1)):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
-def collate_features(items: list[dict]) -> dict:
-    """Stack samples of any buckets: patches padded to the longest sequence, with a mask.
-
-    Returns "cls" [B, D], "patches" [B, L, D] (row-major flattened grid, zero-padded),
-    "mask" [B, L] bool (True = real patch, the `context_mask` convention of the DiT block),
-    "grid" [B, 2] (rows, cols), "keys" and "buckets".
-    """
-    flat = [it["patches"].reshape(-1, it["patches"].shape[-1]) for it in items]
-    longest = max(p.shape[0] for p in flat)
-    dim = flat[0].shape[1]
-    patches = flat[0].new_zeros(len(items), longest, dim)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for b, p in enumerate(flat):
-        patches[b, : p.shape[0]] = p
-        mask[b, : p.shape[0]] = True
-    out = {
-        "cls": torch.stack([it["cls"] for it in items]),
-        "patches": patches,
-        "mask": mask,
-        "grid": torch.tensor([it["grid"] for it in items], dtype=torch.long),
-        "keys": [it["key"] for it in items],
-        "buckets": [it["bucket"] for it in items],
-    }
-    if all("registers" in it for it in items):
-        out["registers"] = torch.stack([it["registers"] for it in items])
-    return out
+__all__ = ["FeatureCache", "FLAVOURS"]

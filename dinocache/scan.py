@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DecodeError, DinocacheError
+from .keys import key_for_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -22,35 +23,55 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 class SourceFile:
     key: str  # POSIX path relative to the input folder: the sample's identity in the cache
     path: str
-    size: int  # bytes
+    size: int  # bytes (-1: could not stat)
     mtime_ns: int
+    problem: tuple[str, str] | None = None  # (reason, detail) known before decoding: a failure to record
 
 
-def scan_folder(root: str | Path) -> list[SourceFile]:
+def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlinks: bool = False) -> list[SourceFile]:
     """Every image file under `root` (extensions case-insensitive), sorted by key.
 
-    Directory symlinks are not followed (no loops); a file that cannot be stat'ed (a broken
-    or looping symlink) is still listed with size -1 so that it is reported, not skipped.
+    Folder links are not followed (no loops). A file that cannot be stat'ed (a broken or looping
+    link) is still listed with size -1 so that it is reported, not skipped; so is a file whose
+    name cannot be a key, and (unless `follow_symlinks`) a link to a file outside `root`.
+    Folders in `exclude` (the cache being written, when it lies inside the input) are skipped.
     """
     root = Path(root)
     if not root.is_dir():
         raise DinocacheError(f"input folder {root} does not exist or is not a folder",
                              "pass the folder that holds your images, e.g. dinocache extract data/images")
+    real_root = os.path.realpath(root)
+    skip = {os.path.realpath(p) for p in exclude}
     found: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in skip)
         for name in filenames:
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(dirpath, name)
-            key = Path(os.path.relpath(path, root)).as_posix()
+            key, key_problem = key_for_file(os.path.relpath(path, root))
+            if key_problem:
+                found.append(SourceFile(key, path, -1, -1, ("bad_filename", f"{key_problem}; rename the file")))
+                continue
+            problem = None
+            if not follow_symlinks and os.path.islink(path):
+                target = os.path.realpath(path)
+                if os.path.commonpath([real_root, target]) != real_root:
+                    problem = ("outside_source", f"a symbolic link to {target}, outside the input folder "
+                                                 "(pass --follow-symlinks to read it)")
             try:
                 st = os.stat(path)
-                found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns))
+                found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns, problem))
             except OSError:
-                found.append(SourceFile(key, path, -1, -1))
+                found.append(SourceFile(key, path, -1, -1, problem))
     found.sort(key=lambda s: s.key)
     return found
+
+
+def require_images(sources: list[SourceFile], root: str | Path) -> None:
+    if not sources:
+        raise DinocacheError(f"no images found in {root} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, any case, "
+                             "in all subfolders)", "check the path; point extract at the folder that holds your images")
 
 
 def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
@@ -60,9 +81,10 @@ def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
     """
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below
+    from .imaging import pillow_pixel_limit
+
     try:
-        with Image.open(path) as img:
+        with pillow_pixel_limit(max_pixels or (1 << 62)), Image.open(path) as img:
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise DecodeError("corrupt", f"header declares an empty image ({width}x{height})")
@@ -78,13 +100,13 @@ def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
         raise DecodeError("unreadable", "no permission to read the file") from None
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", "Pillow does not recognise this file as an image") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return width, height
-
-
 def _orientation(img) -> int:
     """EXIF orientation from what the header parse already holds: Pillow's PNG getexif() would
     decode the whole image to look for an eXIf chunk after the pixels, so PNGs use only an

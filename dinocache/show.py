@@ -1,13 +1,15 @@
 """`dinocache show`: a cached image beside an RGB picture of its features.
 
-The first three principal components of the patch tokens (computed over this image's grid),
-each stretched to [0, 1] between its 2nd and 98th percentile, become red, green and blue; the
-grid is upsampled to the picture's size so patch (r, c) sits over the pixels it describes.
-PIL only (no matplotlib).
+The picture is what the model saw (decoded, cropped and resized by the same code path as
+extract, then un-normalised). The first three principal components of the patch tokens
+(computed over this image's grid), each stretched to [0, 1] between its 2nd and 98th
+percentile, become red, green and blue; the grid is upsampled to the picture's size so patch
+(r, c) sits over the pixels it describes. PIL only (no matplotlib).
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 from PIL import Image
 
 from .errors import CacheError, DecodeError
-from .imaging import decode_image
+from .imaging import Preprocessing, model_input, read_source
+from .keys import source_path
 from .reader import FeatureCache
 
 DISPLAY_HEIGHT = 512
@@ -38,28 +41,45 @@ def pca_rgb(patches: torch.Tensor) -> np.ndarray:
     return (scaled.reshape(rows, cols, 3).numpy() * 255).round().astype(np.uint8)
 
 
-def render(cache_dir: str | Path, key: str, source_dir: str | Path | None = None) -> Image.Image:
+def render(cache_dir: str | Path, key: str, source_dir: str | Path | None = None,
+           follow_symlinks: bool = False) -> Image.Image:
     cache = FeatureCache(cache_dir)
     if key not in cache:
-        raise CacheError(f"{key!r} is not in the cache at {cache_dir}", "run `dinocache stats --json` to list keys")
+        raise CacheError(_not_cached(cache, key), f"list the keys with `dinocache keys {cache_dir}`")
     record, item = cache.record(key), cache[key]
     source_dir = Path(source_dir) if source_dir else _recorded_source(cache)
+    prep = Preprocessing.from_record(cache.manifest["preprocessing"])
+    bucket = cache.manifest["buckets"][record["bucket"]]
+    size = (bucket["input_width"], bucket["input_height"])
     try:
-        pixels = decode_image(str(source_dir / key), 2**62)
+        data = read_source(str(source_path(source_dir, key, follow_symlinks)))
+        pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]), size, prep, 1 << 62)
     except DecodeError as exc:
         raise CacheError(f"cannot read the source image {source_dir / key}: {exc.detail}",
                          "pass --source with the folder the cache was extracted from") from None
-    left, top, right, bottom = record["box"]
-    region = pixels[:, top:bottom, left:right]
-    bucket = cache.manifest["buckets"][record["bucket"]]
-    width = max(1, round(DISPLAY_HEIGHT * bucket["input_width"] / bucket["input_height"]))
-    picture = Image.fromarray((region.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
+    mean = torch.tensor(prep.image_mean).view(3, 1, 1)
+    std = torch.tensor(prep.image_std).view(3, 1, 1)
+    seen = (pixels * std + mean).clamp(0, 1)
+    width = max(1, round(DISPLAY_HEIGHT * size[0] / size[1]))
+    picture = Image.fromarray((seen.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
         (width, DISPLAY_HEIGHT), Image.Resampling.BILINEAR)
     features = Image.fromarray(pca_rgb(item["patches"])).resize((width, DISPLAY_HEIGHT), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (2 * width + GAP, DISPLAY_HEIGHT), (255, 255, 255))
     canvas.paste(picture, (0, 0))
     canvas.paste(features, (width + GAP, 0))
     return canvas
+
+
+def _not_cached(cache: FeatureCache, key: str) -> str:
+    failure = next((f for f in cache.manifest["failures"] if f["key"] == key), None)
+    if failure is not None:
+        return f"{key!r} could not be extracted: {failure['reason']} ({failure.get('detail', '')})"
+    message = f"{key!r} is not in the cache at {cache.root} (keys are paths relative to the input folder)"
+    if len(cache) <= 200_000:
+        close = difflib.get_close_matches(key, cache.keys(), n=3)
+        if close:
+            message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return message
 
 
 def _recorded_source(cache: FeatureCache) -> Path:

@@ -1,136 +1,265 @@
 """The cache while it is being written: the committed state (manifest + sample table), what a
-run adds, atomic commits, adoption of shards that no manifest names yet, and the merge of a
-multi-process run. extract.py drives it; nothing here computes features.
+run adds, atomic commits, adoption of shards that no manifest names yet, repair of damaged
+shards, and the merge of a multi-process run. extract.py drives it; nothing here computes
+features.
+
+Trust: every file this module deletes is one the cache's own records name, or one whose name
+follows dinocache's own patterns, directly inside the cache's real folders (never through a
+link); a shard is adopted only if its metadata matches the run's settings in full and its
+tensors match the layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import shutil
+import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
 from .errors import CacheError
 from .faults import fault_point
-from .index import SampleTable
+from .fileio import atomic_write_bytes, is_link, real_folder, remove_folder_if_empty, remove_owned, sha256_file
+from .index import SampleTable, record_from_json
+from .layout import FORMAT_NAME, FORMAT_VERSION, Layout, parse_shard_metadata, shard_tensor_problems
 from .lock import CacheLock
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST_NAME, RANK_DIR, SHARD_DIR, SHARD_SUFFIX,
-                       atomic_write_bytes, load_samples, read_manifest, write_manifest)
-from .writer import sha256_file
+from .manifest import (INDEX_DIR, MANIFEST_NAME, NORM_FILE, OWNED, RANK_DIR, SHARD_DIR, STATS_DIR, TEMP, cache_path,
+                       load_samples, read_manifest, settings_of, write_manifest)
+from .stfile import SafetensorsError, SafetensorsFile, parse_json_bounded
 
 log = logging.getLogger("dinocache")
+CACHE_FOLDERS = (SHARD_DIR, INDEX_DIR, RANK_DIR, STATS_DIR)
 
 
-def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        where = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += settings_differences(a, b, where + ".")
-        elif a != b:
-            diffs.append(f"{where}: cache has {a!r}, this run has {b!r}")
-    return diffs
+def settings_differences(old, new, prefix: str = "") -> list[str]:
+    """The fields that differ, one line each (`buckets[3].width: cache has 832, this run has 896`)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new), key=str):
+            diffs += settings_differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return diffs
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) \
+            and any(isinstance(v, (dict, list)) for v in old + new):
+        diffs = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            diffs += settings_differences(a, b, f"{prefix}[{i}]")
+        return diffs
+    if old != new:
+        return [f"{prefix}: cache has {_brief(old)}, this run has {_brief(new)}"]
+    return []
+
+
+def _brief(value) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return f"{len(value)} buckets ({', '.join(str(v['name']) for v in value[:6])}{', ...' if len(value) > 6 else ''})"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_cache_folders(root: Path) -> None:
+    """The cache's own folders must be real folders inside it (never links), so that nothing
+    dinocache writes or deletes lands elsewhere."""
+    for name in CACHE_FOLDERS:
+        real_folder(root / name, f"the cache's {name}/ folder")
+    if is_link(root / MANIFEST_NAME):
+        raise CacheError(f"{root / MANIFEST_NAME} is a symbolic link: dinocache writes and reads a cache's files only "
+                         "inside its folder", "replace the link with the file it points to")
+
+
+@dataclass
+class Damage:
+    """Shards whose bytes are not what the manifest recorded: index -> why."""
+
+    shards: dict[int, str] = field(default_factory=dict)
+    lost_keys: list[str] = field(default_factory=list)  # live rows of those shards
+    checked: int = 0
+    hashed: bool = False
 
 
 class CacheState:
     """The cache while it is being written: the committed sample table plus what this run added.
-    `commit` writes a new sample index, then the manifest that names it (both atomically)."""
+    `commit` writes a new sample table, then the manifest that names it (both atomically)."""
 
-    def __init__(self, root: Path, settings: dict):
+    def __init__(self, root: Path, settings: dict, extras: dict | None = None):
         self.root = root
         self.settings = settings
+        self.layout = Layout.from_record(settings["storage"])
+        self.extras = extras or {}  # files the manifest names besides shards: {name: bytes} (final_norm)
         self.shards: list[dict] = []
         self.table = SampleTable.empty()
         self.pending: list[dict] = []  # sample records (with shard + row) not yet in `table`
-        self.dropped: set[str] = set()  # keys to remove at the next commit (--prune)
+        self.dropped: set[str] = set()  # keys to remove at the next commit (--prune, images that failed)
         self.failures: dict[str, dict] = {}
         self.runs: list[dict] = []
+        self.statistics: list[dict] = []
         self.created = now()
         self.index_file: str | None = None
         self.index_info: dict | None = None  # manifest["samples"] of the committed table
 
     @classmethod
-    def open(cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True) -> "CacheState":
-        """Load the cache's committed state. `cleanup` removes temp files and unnamed sample tables:
-        only for the lock holder while no other rank writes."""
-        state = cls(root, settings)
+    def open(cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True,
+             extras: dict | None = None) -> "CacheState":
+        """Load the cache's committed state. `cleanup` removes temp files and unnamed sample
+        tables: only for the lock holder while no other rank writes."""
+        check_cache_folders(root)
+        state = cls(root, settings, extras)
         if overwrite:
-            (root / MANIFEST_NAME).unlink(missing_ok=True)
-            shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
-            shutil.rmtree(root / INDEX_DIR, ignore_errors=True)
-            shutil.rmtree(root / RANK_DIR, ignore_errors=True)
+            clear_cache(root)
         if (root / MANIFEST_NAME).exists():
             manifest = read_manifest(root)
-            old = {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}
-            diffs = settings_differences(old, settings)
+            if manifest["format_version"] != FORMAT_VERSION:
+                raise CacheError(f"{root} was written by an older dinocache (format {manifest['format_version']}); "
+                                 f"this one writes format {FORMAT_VERSION} and reads the old one, but does not add to it",
+                                 "rebuild it with --overwrite, or extract into another --out")
+            diffs = settings_differences(settings_of(manifest), settings)
             if diffs:
-                raise CacheError(f"{root} was built with different settings:\n    " + "\n    ".join(diffs),
+                shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
+                raise CacheError(f"{root} was built with different settings:\n    " + "\n    ".join(shown),
                                  "use the same options as before, another --out, or --overwrite to rebuild it")
             state.created = manifest.get("created", state.created)
             state.shards = manifest["shards"]
             state.runs = manifest.get("runs", [])
+            state.statistics = manifest.get("statistics", [])
             state.table = load_samples(root, manifest)
             state.index_file = manifest["samples"]["file"]
             state.index_info = manifest["samples"]
             state.failures = {f["key"]: f for f in manifest["failures"]}
         if cleanup:
-            state._remove_stale_index_files()
+            state._remove_stale_files()
         return state
 
-    def _remove_stale_index_files(self) -> None:
-        """Index files of commits that died before their manifest landed (we hold the lock)."""
-        for path in (self.root / INDEX_DIR).glob("*") if (self.root / INDEX_DIR).is_dir() else ():
-            if f"{INDEX_DIR}/{path.name}" != self.index_file:
-                path.unlink(missing_ok=True)
-        for path in (self.root / SHARD_DIR).glob(".*.tmp*") if (self.root / SHARD_DIR).is_dir() else ():
-            path.unlink(missing_ok=True)  # a shard write cut short: never referenced
+    def _remove_stale_files(self) -> None:
+        """Sample tables of commits that died before their manifest landed, and temp files of
+        cut-short writes (we hold the lock). Only names dinocache gives its own files."""
+        current = self.index_file.split("/", 1)[1] if self.index_file else None
+        folder = self.root / INDEX_DIR
+        if folder.is_dir() and not is_link(folder):
+            for entry in os.scandir(folder):
+                if entry.name != current and (OWNED[INDEX_DIR].fullmatch(entry.name) or TEMP.fullmatch(entry.name)) \
+                        and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+        remove_owned(self.root / SHARD_DIR, TEMP)
+        remove_owned(self.root, TEMP)
 
     def cached(self, key: str) -> dict | None:
         i = self.table.find(key)
         return self.table.record(i) if i >= 0 else None
 
+    # ---- damaged shards ---------------------------------------------------------------------
+    def find_damage(self, deep: bool = False) -> Damage:
+        """Shards the table relies on that are missing, of the wrong size, or (with `deep`) fail
+        their sha256: cheap (one stat per shard) unless `deep`."""
+        import numpy as np
+
+        damage = Damage(hashed=deep)
+        live = set(np.unique(np.asarray(self.table.columns["shard"])).tolist()) if len(self.table) else set()
+        for index in sorted(live):
+            if not 0 <= index < len(self.shards):
+                continue  # verify reports it; nothing to recompute from
+            shard = self.shards[index]
+            damage.checked += 1
+            try:
+                path = cache_path(self.root, shard["file"])
+                size = path.stat().st_size if path.is_file() else None
+            except (CacheError, OSError):
+                size = None
+            if size is None:
+                damage.shards[index] = "missing"
+            elif size != shard["bytes"]:
+                damage.shards[index] = f"{size} bytes, the manifest says {shard['bytes']}"
+            elif deep and sha256_file(path) != shard["sha256"]:
+                damage.shards[index] = "fails its sha256 checksum"
+        if damage.shards:
+            shard_col = np.asarray(self.table.columns["shard"])
+            rows = np.flatnonzero(np.isin(shard_col, list(damage.shards)))
+            damage.lost_keys = [self.table.key(int(i)) for i in rows]
+        return damage
+
+    def drop_damaged(self, damage: Damage) -> None:
+        """Forget damaged shards (their live rows become uncached, so this run recomputes them)
+        and delete their files: they are ours (named in the manifest) and proven bad."""
+        if not damage.shards:
+            return
+        import numpy as np
+
+        keep = [i for i in range(len(self.shards)) if i not in damage.shards]
+        remap = np.full(len(self.shards), -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        for index in damage.shards:
+            try:
+                path = cache_path(self.root, self.shards[index]["file"])
+                if path.is_file() and not is_link(path):
+                    path.unlink()
+            except (CacheError, OSError):
+                pass
+        self.table = self.table.merged([], set(damage.lost_keys)).with_shards_remapped(remap)
+        self.shards = [self.shards[i] for i in keep]
+
+    # ---- adoption -----------------------------------------------------------------------------
     def adopt_orphans(self, known_records: dict[str, dict] | None = None) -> int:
         """Shards that are durable on disk but not in the manifest: written by a run that died
-        before committing, or by the other ranks of a multi-process run. `known_records` (from
-        rank reports) spares re-hashing shards whose size still matches."""
-        from safetensors import safe_open
-
+        before committing, or by the other ranks of a multi-process run. Each must match this
+        cache in full (model, preprocessing, storage, bucket, tensors, records); anything else is
+        left alone for verify to report. `known_records` (from rank reports) spares re-hashing
+        shards whose size still matches."""
         known_records = known_records or {}
         known = {s["file"] for s in self.shards}
+        folder = self.root / SHARD_DIR
+        if not folder.is_dir() or is_link(folder):
+            return 0
         adopted = 0
-        for path in sorted((self.root / SHARD_DIR).glob("*" + SHARD_SUFFIX)):
-            name = f"{SHARD_DIR}/{path.name}"
-            if name in known:
+        for name in sorted(os.listdir(folder)):
+            file = f"{SHARD_DIR}/{name}"
+            if file in known or not OWNED[SHARD_DIR].fullmatch(name):
                 continue
+            path = folder / name
             try:
-                with safe_open(str(path), framework="pt") as fh:
-                    meta = fh.metadata() or {}
-                samples = json.loads(meta["samples"])
-                bucket = samples[0]["bucket"]
-                if any(s["bucket"] != bucket for s in samples) or not 0 <= bucket < len(self.settings["buckets"]):
-                    raise ValueError("inconsistent bucket")
-                if self.settings["buckets"][bucket]["name"] != meta.get("bucket"):
-                    raise ValueError("the bucket table differs from this cache's")
-            except Exception as exc:  # not ours or damaged: leave it for verify to report
-                log.warning("not adopting %s: %s", name, exc)
+                bucket, samples = self._check_orphan(path)
+            except (ValueError, SafetensorsError, OSError) as exc:  # not ours, or damaged
+                log.warning("not adopting %s: %s", file, exc)
                 continue
             size = path.stat().st_size
-            reported = known_records.get(name)
+            reported = known_records.get(file)
             digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
-            record = {"file": name, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest}
-            self.add_shard(record, samples)
+            self.add_shard({"file": file, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest},
+                           samples)
             adopted += 1
         if adopted:
             log.info("adopted %d shard(s) not yet in the manifest (other ranks, or an interrupted run)", adopted)
         return adopted
 
+    def _check_orphan(self, path: Path) -> tuple[int, list[dict]]:
+        if is_link(path) or not path.is_file():
+            raise ValueError("it is not a regular file in the cache (a link?)")
+        st = SafetensorsFile(path)
+        meta = parse_shard_metadata(st.metadata)
+        if meta.version != FORMAT_VERSION:
+            raise ValueError(f"it was written in format {meta.version}")
+        diffs = settings_differences({k: meta.settings[k] for k in ("model", "preprocessing", "storage")},
+                                     {k: self.settings[k] for k in ("model", "preprocessing", "storage")})
+        if diffs:
+            raise ValueError("made with other settings: " + "; ".join(diffs[:3]))
+        index = meta.bucket.get("index")
+        buckets = self.settings["buckets"]
+        if not isinstance(index, int) or not 0 <= index < len(buckets) or meta.bucket != buckets[index]:
+            raise ValueError(f"its bucket {meta.bucket_name} is not bucket {index} of this cache's table")
+        samples = [record_from_json(s, len(buckets)) for s in meta.samples]
+        if not samples or any(s["bucket"] != index for s in samples):
+            raise ValueError("its rows are empty or name another bucket")
+        if len({s["key"] for s in samples}) != len(samples):
+            raise ValueError("it holds a key twice")
+        model = self.settings["model"]
+        specs = self.layout.tensors(model["hidden_size"], model["num_registers"], tuple(buckets[index]["stored_grid"]))
+        problems = shard_tensor_problems(st.entries, specs, len(samples))
+        if problems:
+            raise ValueError("; ".join(problems[:3]))
+        return index, samples
+
+    # ---- changes --------------------------------------------------------------------------------
     def add_shard(self, record: dict, samples: list[dict]) -> None:
         index = len(self.shards)
         self.shards.append(record)
@@ -138,18 +267,32 @@ class CacheState:
             # A recomputed image supersedes its old row: the old shard keeps the bytes, nobody references them.
             self.pending.append({**sample, "shard": index, "row": row})
             self.failures.pop(sample["key"], None)
+            self.dropped.discard(sample["key"])
 
     def add_failure(self, key: str, source_bytes: int, source_mtime_ns: int, reason: str, detail: str) -> None:
+        """Record an image that cannot be used. A sample is cached or failed, never both: if an
+        older version of it was cached, those features describe content that is gone, so they
+        are dropped."""
         self.failures[key] = {"key": key, "reason": reason, "detail": detail,
-                              "source_bytes": source_bytes, "source_mtime_ns": source_mtime_ns}
+                              "source_bytes": source_bytes, "source_mtime_ns": str(source_mtime_ns)}
+        if self.table.find(key) >= 0:
+            self.dropped.add(key)
+
+    def write_extras(self) -> None:
+        for name, data in self.extras.items():
+            path = self.root / name
+            if not path.is_file() or is_link(path) or path.read_bytes() != data:
+                if is_link(path):
+                    path.unlink()
+                atomic_write_bytes(path, data)
 
     def commit(self) -> None:
-        """Sample index first (new name), then the manifest that points at it, then drop the old index."""
+        """Sample table first (new name), then the manifest that points at it, then drop the old table."""
         if self.pending or self.dropped or self.index_file is None:
             self.table = self.table.merged(self.pending, self.dropped)
             self.pending, self.dropped = [], set()
             data = self.table.to_bytes()
-            name = f"{INDEX_DIR}/samples-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+            name = f"{INDEX_DIR}/samples-{uuid.uuid4().hex[:12]}.safetensors"
             (self.root / INDEX_DIR).mkdir(exist_ok=True)
             atomic_write_bytes(self.root / name, data)
             old, self.index_file = self.index_file, name
@@ -157,6 +300,7 @@ class CacheState:
                                "sha256": hashlib.sha256(data).hexdigest()}
         else:
             old = None
+        self.write_extras()
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
             "created": self.created, "updated": now(),
@@ -165,11 +309,27 @@ class CacheState:
             "samples": self.index_info,
             "failures": [self.failures[k] for k in sorted(self.failures)],
             "runs": self.runs,
+            "statistics": self.statistics,
         }
         fault_point("manifest_write")
         write_manifest(self.root, manifest)
         if old and old != self.index_file:
-            (self.root / old).unlink(missing_ok=True)
+            with contextlib.suppress(CacheError, OSError):
+                cache_path(self.root, old, INDEX_DIR).unlink(missing_ok=True)
+
+
+def clear_cache(root: Path) -> None:
+    """--overwrite: delete the manifest and every file with one of dinocache's own names in the
+    cache's folders. Anything else (a link, a foreign file) stays, and so does its folder."""
+    check_cache_folders(root)
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in CACHE_FOLDERS:
+        remove_owned(root / name, OWNED[name])
+        remove_owned(root / name, TEMP)
+        remove_folder_if_empty(root / name)
+    path = root / NORM_FILE
+    if path.is_file() and not is_link(path):
+        path.unlink()
 
 
 def now() -> str:
@@ -185,18 +345,34 @@ class MergeResult:
     processed: int = 0  # images extracted by the reporting ranks
 
 
+def read_rank_reports(root: Path) -> list[tuple[Path, dict]]:
+    reports = []
+    folder = root / RANK_DIR
+    if not folder.is_dir() or is_link(folder):
+        return reports
+    for name in sorted(os.listdir(folder)):
+        path = folder / name
+        if not OWNED[RANK_DIR].fullmatch(name) or is_link(path):
+            continue
+        try:
+            report = parse_json_bounded(path.read_bytes(), name)
+            if not (isinstance(report, dict) and isinstance(report.get("settings"), dict)
+                    and isinstance(report.get("run"), dict) and isinstance(report.get("shards", []), list)
+                    and isinstance(report.get("failures", []), list)):
+                raise ValueError("not a rank report")
+            reports.append((path, report))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable rank report %s: %s", name, exc)
+    return reports
+
+
 def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
     """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
     root = Path(root)
-    reports = []
-    for path in sorted((root / RANK_DIR).glob("*.json")) if (root / RANK_DIR).is_dir() else ():
-        try:
-            reports.append((path, json.loads(path.read_text())))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable rank report %s: %s", path.name, exc)
+    check_cache_folders(root)
+    reports = read_rank_reports(root)
     if (root / MANIFEST_NAME).exists():
-        manifest = read_manifest(root)
-        settings = {k: manifest[k] for k in ("model", "preprocessing", "storage", "buckets")}
+        settings = settings_of(read_manifest(root))
     elif reports:
         settings = reports[0][1]["settings"]
     else:
@@ -204,16 +380,20 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
                          "pass the --out folder the ranks wrote to")
     with contextlib.nullcontext() if locked else CacheLock(root):
         state = CacheState.open(root, settings, overwrite=False)
-        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
-        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
         for _, report in reports:
-            if report.get("settings") != settings:
+            if report["settings"] != settings:
                 raise CacheError(f"rank report {report.get('rank')} was made with other settings than {root}",
                                  "merge only ranks of the same command")
+        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])
+                 if isinstance(r, dict) and isinstance(r.get("file"), str)}
+        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
+        for _, report in reports:
             for failure in report.get("failures", []):
-                state.failures.setdefault(failure["key"], failure)
+                if isinstance(failure, dict) and isinstance(failure.get("key"), str):
+                    state.failures.setdefault(failure["key"], failure)
             state.runs.append(report["run"])
-            result.processed += report["run"].get("processed", 0)
+            processed = report["run"].get("processed", 0)
+            result.processed += processed if isinstance(processed, int) else 0
         cached = {r["key"] for r in state.pending}
         for key in list(state.failures):
             if key in cached or state.table.find(key) >= 0:
@@ -221,7 +401,7 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
         state.commit()
         for path, _ in reports:
             path.unlink(missing_ok=True)
-        if (root / RANK_DIR).is_dir() and not any((root / RANK_DIR).iterdir()):
-            (root / RANK_DIR).rmdir()
+        remove_folder_if_empty(root / RANK_DIR)
         result.samples = len(state.table)
     return result
+

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import Layout
 from .manifest import MANIFEST_NAME, load_samples, read_manifest
 
 
@@ -19,9 +20,11 @@ def cache_stats(root: str | Path) -> dict:
     buckets = []
     for b in manifest["buckets"]:
         count = per_bucket.get(b["index"], 0)
+        stored = b.get("stored_grid", b["grid"])
         buckets.append({"name": b["name"], "input": f"{b['input_width']}x{b['input_height']}",
-                        "grid": f"{b['grid'][0]}x{b['grid'][1]}", "images": count,
-                        "share": round(count / total, 4) if total else 0.0})
+                        "grid": f"{b['grid'][0]}x{b['grid'][1]}", "stored_grid": f"{stored[0]}x{stored[1]}",
+                        "images": count, "share": round(count / total, 4) if total else 0.0})
+    layout = Layout.from_record(manifest["storage"])
     failures = manifest["failures"]
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     referenced = set(np.unique(table.columns["shard"]).tolist())
@@ -45,8 +48,16 @@ def cache_stats(root: str | Path) -> dict:
         "revision": manifest["model"].get("revision"),
         "compute_dtype": manifest["model"].get("compute_dtype"),
         "storage_dtype": manifest["storage"]["dtype"],
-        "registers_stored": manifest["storage"].get("registers", False),
+        "registers_stored": layout.registers,
+        "pool": layout.pool,
+        "layers": list(layout.layers),
+        "flip": layout.flip,
+        "token_stats": layout.ln_stats,
+        "format_version": manifest["format_version"],
         "resize": manifest["preprocessing"].get("resize"),
+        "statistics": [{"flavour": e.get("flavour"), "file": e["file"], "samples": e.get("samples"),
+                        "stale": e.get("samples_sha256") != manifest["samples"]["sha256"]}
+                       for e in manifest.get("statistics", [])],
         "aspect_histogram": [{"aspect": label, "images": int(n)} for label, n in zip(labels, hist)],
         "runs": runs,
     }
@@ -64,19 +75,33 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _stored(stats: dict) -> str:
+    parts = [f"stored {stats['storage_dtype']}"]
+    if stats["pool"] > 1:
+        parts.append(f"pooled {stats['pool']}x{stats['pool']}")
+    if stats["registers_stored"]:
+        parts.append("registers kept")
+    if stats["layers"]:
+        parts.append("blocks " + ",".join(map(str, stats["layers"])))
+    if stats["flip"]:
+        parts.append("flipped view")
+    return ", ".join(parts)
+
+
 def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
+    pooled = stats["pool"] > 1
     lines = [
         f"cache      {stats['cache']}",
         f"model      {stats['model']}" + (f" @ {stats['revision']}" if stats["revision"] else ""),
-        f"dtype      compute {stats['compute_dtype']}, stored {stats['storage_dtype']}"
-        + (", registers kept" if stats["registers_stored"] else ""),
+        f"dtype      compute {stats['compute_dtype']}, {_stored(stats)}",
         f"images     {stats['images']} cached, {stats['failed']} failed",
         f"on disk    {human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
         "",
-        f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7}",
+        f"{'bucket':>11} {'input':>11} {'grid':>7}" + (f" {'stored':>7}" if pooled else "") + f" {'images':>8} {'share':>7}",
     ]
     for b in stats["buckets"]:
-        lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}%")
+        lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7}" + (f" {b['stored_grid']:>7}" if pooled else "")
+                     + f" {b['images']:>8} {b['share'] * 100:>6.1f}%")
     if stats["failures_by_reason"]:
         lines += ["", "failures by reason:"]
         lines += [f"  {reason:<14} {count}" for reason, count in stats["failures_by_reason"].items()]
@@ -89,12 +114,16 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         peak = max(h["images"] for h in stats["aspect_histogram"]) or 1
         for h in stats["aspect_histogram"]:
             lines.append(f"  {h['aspect']:>11} {h['images']:>8}  " + "#" * round(40 * h["images"] / peak))
+    for entry in stats["statistics"]:
+        lines += ["", f"statistics {entry['flavour']} over {entry['samples']} samples"
+                  + (" -- STALE: the cache changed since; rerun `dinocache norm-stats`" if entry["stale"] else "")]
     if stats["runs"]:
-        lines += ["", f"{'run started':<26} {'rank':>5} {'images':>8} {'failed':>7} {'seconds':>9} {'img/s':>8}  device"]
+        lines += ["", f"{'run started':<26} {'rank':>5} {'images':>8} {'failed':>7} {'seconds':>9} {'img/s':>8}  device",
+                  "(img/s: images extracted / the run's wall time, model loading excluded)"]
         for run in stats["runs"]:
-            if not isinstance(run, dict):
-                continue
             rank = f"{run.get('rank', 0)}/{run.get('world_size', 1)}"
+            note = f"  ({run['interrupted']})" if run.get("interrupted") else ""
             lines.append(f"{str(run.get('started', '?')):<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
-                         f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}")
+                         f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}"
+                         + note)
     return "\n".join(lines)

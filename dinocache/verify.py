@@ -1,137 +1,419 @@
-"""Prove a cache is complete and intact: every problem is named with the shard or key it is in."""
+"""Prove a cache (or loose shards) complete and intact. Every problem is a record with a kind, the
+file, the key when there is one, and a sentence; the CLI prints them or `--json`s them.
+
+Each shard is read once, sequentially, in bounded chunks: the same pass computes its sha256,
+and checks that every value is finite. Its header is checked against the layout (names, dtypes,
+shapes) and, from format 2 on, its own metadata (settings, bucket, row records) against the
+manifest. Without a manifest (a folder of shards, single files), each shard is checked on its
+own, since shards are self-describing; what needs the manifest is listed as skipped.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import os
+import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CacheError, DecodeError, DinocacheError
-from .scan import scan_folder
-from .manifest import INDEX_DIR, SHARD_DIR, SHARD_SUFFIX, cache_path, load_samples, read_manifest, shard_path
-from .writer import sha256_file
-
+from .fileio import is_link
+from .index import record_from_json
+from .keys import source_path
+from .layout import Layout, parse_shard_metadata, shard_tensor_problems, stored_grid
+from .manifest import (INDEX_DIR, MANIFEST_NAME, SHARD_DIR, SHARD_SUFFIX, STATS_DIR, cache_path,
+                       load_samples, read_manifest, settings_of, shard_path)
+from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 RECOMPUTE_MIN_COSINE = 0.995  # per token, stored vs recomputed (bf16 round trips give > 0.999)
+CHUNK = 16 * 1024 * 1024
+NEEDS_MANIFEST = ("checksums", "completeness (every image exactly once)", "superseded rows", "the sample table")
+
+
+@dataclass
+class Problem:
+    kind: str
+    message: str
+    path: str | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
 class VerifyReport:
-    root: Path
+    paths: list[str] = field(default_factory=list)
+    mode: str = "cache"  # "cache", or "shards" (no manifest)
     shards: int = 0
     samples: int = 0
+    bytes_read: int = 0
     recomputed: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # worth knowing, not a fault
+    skipped: list[str] = field(default_factory=list)  # checks that need what was not given
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, kind: str, message: str, path: str | None = None, key: str | None = None) -> None:
+        self.problems.append(Problem(kind, message, path, key))
 
-def verify_cache(root: str | Path, check_values: bool = True, source: str | Path | None = None,
-                 recompute: int = 0, seed: int = 0, device: str = "auto") -> VerifyReport:
-    """Check a cache. With `source`, also compare it with the image folder; with `recompute` N,
-    re-extract N random samples from their sources and compare features (catches drift that
-    checksums cannot: a changed preprocessing, model or library)."""
-    root = Path(root)
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, **{k: v for k, v in asdict(self).items()}}
+
+    # the CLI's text form lives here too, so both say the same
+    def messages(self) -> list[str]:
+        return [p.message for p in self.problems]
+
+
+# ---- one shard, one pass ------------------------------------------------------------------------
+
+def scan_shard(path: Path, check_values: bool, chunk: int = CHUNK) -> tuple[str, SafetensorsFile, list[str], int]:
+    """Read a shard once: (sha256 of the whole file, its parsed header, value problems, bytes).
+    Memory stays at one chunk whatever the shard's size."""
+    header = SafetensorsFile(path)
+    regions = sorted(header.entries.values(), key=lambda e: e.start)
+    digest = hashlib.sha256()
+    problems: list[str] = []
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    read = 0
+    with open(path, "rb", buffering=0) as fh:
+        prefix = fh.read(header.data_start)
+        digest.update(prefix)
+        read += len(prefix)
+        at = 0  # offset inside the data section
+        for entry in regions:
+            if entry.start > at:  # a gap (not written by safetensors, but hash it all the same)
+                gap = fh.read(entry.start - at)
+                digest.update(gap)
+                read += len(gap)
+                at = entry.start
+            itemsize = DTYPES[entry.dtype][0].itemsize
+            step = max(itemsize, chunk - chunk % itemsize)
+            bad = False
+            while at < entry.stop:
+                n = fh.readinto(view[: min(step, entry.stop - at)])
+                if not n:
+                    raise SafetensorsError("the file ended early")
+                digest.update(view[:n])
+                read += n
+                at += n
+                if check_values and not bad and n % itemsize == 0:
+                    bad = not _finite(view[:n], entry.dtype)
+            if bad:
+                problems.append(f"{entry.name} contains NaN or Inf")
+        while True:  # anything after the last tensor
+            n = fh.readinto(view)
+            if not n:
+                break
+            digest.update(view[:n])
+            read += n
+    return digest.hexdigest(), header, problems, read
+
+
+def _finite(data: memoryview, code: str) -> bool:
+    if code in ("U8", "I16", "I32", "I64"):
+        return True
+    if code == "F8_E4M3":  # e4m3fn has no infinity; NaN is S.1111.111
+        raw = np.frombuffer(data, dtype=np.uint8)
+        return not bool(((raw & 0x7F) == 0x7F).any())
+    if code == "BF16":
+        return bool(torch.isfinite(torch.frombuffer(data, dtype=torch.bfloat16)).all())
+    return bool(np.isfinite(np.frombuffer(data, dtype=DTYPES[code][0])).all())
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def verify_paths(paths: list[str | Path], check_values: bool = True, source: str | Path | None = None,
+                 recompute: int = 0, seed: int = 0, device: str = "auto",
+                 follow_symlinks: bool = False) -> VerifyReport:
+    """Verify what each path is: a cache folder, a cache's shards/ folder (the whole cache is
+    verified), a folder of shards without a manifest, or single shard files. A path that is
+    none of these is a usage error (DinocacheError)."""
+    caches: list[Path] = []
+    loose: list[Path] = []
+    notes: list[str] = []
+    for raw in paths or [Path("dinocache_out")]:
+        path = Path(raw)
+        if path.is_dir() and (path / MANIFEST_NAME).exists():
+            caches.append(path)
+        elif path.is_dir() and path.name == SHARD_DIR and (path.parent / MANIFEST_NAME).exists():
+            caches.append(path.parent)
+            notes.append(f"{path} is the shards/ folder of the cache {path.parent}: verifying that whole cache")
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."))
+            if not found:
+                hint = ("run `dinocache extract DIR --out " + str(path) + "` first"
+                        if not any(path.iterdir()) else "pass a cache folder, its shards/ folder, or .safetensors files")
+                raise DinocacheError(f"{path} is not a dinocache cache (no {MANIFEST_NAME}) and holds no "
+                                     f"{SHARD_SUFFIX} files", hint)
+            loose += found
+        elif path.is_file() and path.name.endswith(SHARD_SUFFIX):
+            loose.append(path)
+        elif path.exists():
+            raise DinocacheError(f"{path} is not a cache folder or a {SHARD_SUFFIX} shard", "pass a cache folder, "
+                                 "its shards/ folder, or shard files")
+        else:
+            raise DinocacheError(f"{path} does not exist", "pass the folder given to extract --out (default "
+                                 "./dinocache_out), its shards/ folder, or shard files")
     if recompute and source is None:
-        raise DinocacheError("--recompute needs the images: pass --source DIR", "e.g. dinocache verify OUT --source data/images --recompute 20")
-    report = VerifyReport(root)
-    try:
-        manifest = read_manifest(root)
-    except CacheError as exc:
-        report.problems.append(exc.message)
-        return report
-    model, buckets, shards = manifest["model"], manifest["buckets"], manifest["shards"]
-    hidden, registers = model.get("hidden_size"), model.get("num_registers")
-    report.shards = len(shards)
-    for index, shard in enumerate(shards):
-        report.problems += _check_shard(root, index, shard, buckets, hidden, registers, manifest["storage"], check_values)
-
-    report.samples = manifest["samples"]["count"]
-    report.problems += _check_samples(root, manifest)
-
-    if source is not None and not report.problems:
-        table = load_samples(root, manifest)
-        _check_source(Path(source), table, manifest, report)
-        if recompute:
-            _recompute(root, Path(source), table, manifest, recompute, seed, device, report)
-    listed = {s.get("file") for s in shards}
-    shard_dir = root / SHARD_DIR
-    if shard_dir.is_dir():
-        for path in sorted(shard_dir.glob("*" + SHARD_SUFFIX)):
-            if f"{SHARD_DIR}/{path.name}" not in listed:
-                report.problems.append(f"{SHARD_DIR}/{path.name} is not in the manifest "
-                                       "(left by an interrupted run? rerun extract to adopt it, or delete it)")
+        raise DinocacheError("--recompute needs the images: pass --source DIR",
+                             "e.g. dinocache verify OUT --source data/images --recompute 20")
+    if recompute and (loose or len(caches) != 1):
+        raise DinocacheError("--recompute works on one cache folder", "pass a single cache folder with --recompute")
+    report = VerifyReport(paths=[str(p) for p in paths])
+    report.notes += notes
+    for root in dict.fromkeys(caches):
+        _verify_cache(root, report, check_values, source, recompute, seed, device, follow_symlinks)
+    if loose:
+        report.mode = "shards" if not caches else "mixed"
+        _verify_loose(loose, report, check_values, source, follow_symlinks)
     return report
 
 
-def _check_source(source: Path, table, manifest: dict, report: VerifyReport) -> None:
+def verify_cache(root: str | Path, check_values: bool = True, source: str | Path | None = None,
+                 recompute: int = 0, seed: int = 0, device: str = "auto", follow_symlinks: bool = False) -> VerifyReport:
+    """Check one cache folder (never raises for a damaged cache: problems are reported)."""
+    if recompute and source is None:
+        raise DinocacheError("--recompute needs the images: pass --source DIR",
+                             "e.g. dinocache verify OUT --source data/images --recompute 20")
+    report = VerifyReport(paths=[str(root)])
+    _verify_cache(Path(root), report, check_values, source, recompute, seed, device, follow_symlinks)
+    return report
+
+
+def _verify_cache(root: Path, report: VerifyReport, check_values: bool, source, recompute: int, seed: int,
+                  device: str, follow_symlinks: bool) -> None:
+    try:
+        manifest = read_manifest(root)
+    except CacheError as exc:
+        report.add("manifest", exc.message, str(root / MANIFEST_NAME))
+        return
+    shards = manifest["shards"]
+    layout = Layout.from_record(manifest["storage"])
+    report.shards += len(shards)
+    for index, shard in enumerate(shards):
+        _check_listed_shard(root, index, shard, manifest, layout, check_values, report)
+    report.samples += manifest["samples"]["count"]
+    table_ok = _check_samples(root, manifest, report)
+    _check_extra_files(root, manifest, report)
+    if source is not None and table_ok and report.ok:
+        table = load_samples(root, manifest)
+        _check_source(Path(source), table, manifest, report, follow_symlinks)
+        if recompute:
+            _recompute(root, Path(source), table, manifest, recompute, seed, device, report, follow_symlinks)
+    listed = {s.get("file") for s in shards}
+    folder = root / SHARD_DIR
+    if folder.is_dir() and not is_link(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(SHARD_SUFFIX) and not name.startswith(".") and f"{SHARD_DIR}/{name}" not in listed:
+                report.add("unlisted_shard", f"{SHARD_DIR}/{name} is not in the manifest (left by an interrupted "
+                           "run? rerun extract to adopt it, or delete it)", f"{SHARD_DIR}/{name}")
+
+
+def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool,
+                        report: VerifyReport) -> None:
+    name = shard["file"]
+    try:
+        path = shard_path(root, name)
+    except CacheError as exc:
+        report.add("path", f"shard #{index}: {exc.message}", name)
+        return
+    if not path.is_file():
+        report.add("missing_shard", f"shard {name} is missing (rerun the extract command: it recomputes its rows)", name)
+        return
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        report.add("size", f"shard {name} has {size} bytes, the manifest says {shard['bytes']} (truncated or "
+                   "replaced; rerun the extract command: it recomputes its rows)", name)
+        return
+    try:
+        digest, header, value_problems, read = scan_shard(path, check_values)
+    except (SafetensorsError, OSError) as exc:
+        report.add("unreadable", f"shard {name} is not a readable safetensors file: {exc}", name)
+        return
+    report.bytes_read += read
+    if digest != shard["sha256"]:
+        report.add("checksum", f"shard {name} fails its sha256 checksum (corrupted on disk; rerun extract with "
+                   "--repair to recompute its rows)", name)
+        return
+    bucket = manifest["buckets"][shard["bucket"]]
+    grid = tuple(bucket.get("stored_grid", bucket["grid"]))
+    model = manifest["model"]
+    specs = layout.tensors(model["hidden_size"], model["num_registers"], grid)
+    for problem in shard_tensor_problems(header.entries, specs, shard["rows"]):
+        report.add("layout", f"shard {name}: {problem} (bucket {bucket['name']}, grid {grid[0]}x{grid[1]}, "
+                   f"hidden {model['hidden_size']}, storage {layout.dtype})", name)
+    for problem in value_problems:
+        report.add("values", f"shard {name}: {problem}", name)
+    try:
+        meta = parse_shard_metadata(header.metadata)
+    except ValueError as exc:
+        report.add("metadata", f"shard {name}: {exc}", name)
+        return
+    if meta.version == 2 and manifest["format_version"] == 2:
+        wanted = {k: settings_of(manifest)[k] for k in ("model", "preprocessing", "storage")}
+        if meta.settings != wanted or meta.bucket != bucket:
+            report.add("metadata", f"shard {name} was written with other settings or for another bucket than the "
+                       "manifest records", name)
+    if len(meta.samples) != shard["rows"]:
+        report.add("metadata", f"shard {name} describes {len(meta.samples)} rows, the manifest says {shard['rows']}",
+                   name)
+
+
+def _check_samples(root: Path, manifest: dict, report: VerifyReport) -> bool:
+    """The sample table: intact, keys valid, sorted and unique, every row inside its shard, no row
+    twice, no sample both cached and failed. False when it cannot be read at all."""
+    from .fileio import sha256_file
+
+    info, shards = manifest["samples"], manifest["shards"]
+    try:
+        path = cache_path(root, info["file"], INDEX_DIR)
+        if path.is_file() and sha256_file(path) != info["sha256"]:
+            report.add("index", f"sample table {info['file']} fails its sha256 checksum (corrupted on disk)", info["file"])
+            return False
+        table = load_samples(root, manifest)
+        table.check_keys()
+    except CacheError as exc:
+        report.add("index", exc.message, info["file"])
+        return False
+    keys = table.keys()
+    for a, b in zip(keys, keys[1:]):
+        if a >= b:
+            if a == b:
+                report.add("duplicate", f"sample {b!r} is listed more than once", info["file"], b)
+            else:
+                report.add("index", f"sample table is not sorted at {b!r}", info["file"], b)
+    shard = np.asarray(table.columns["shard"], dtype=np.int64)
+    row = np.asarray(table.columns["row"], dtype=np.int64)
+    bucket = np.asarray(table.columns["bucket"], dtype=np.int64)
+    bad_shard = (shard < 0) | (shard >= len(shards))
+    for i in np.flatnonzero(bad_shard)[:20]:
+        report.add("row", f"sample {keys[i]!r} points at shard #{shard[i]}, which does not exist", key=keys[i])
+    ok = ~bad_shard
+    shard_rows = np.array([s["rows"] for s in shards] or [0], dtype=np.int64)
+    shard_bucket = np.array([s["bucket"] for s in shards] or [0], dtype=np.int64)
+    safe_shard = np.where(ok, shard, 0)
+    for i in np.flatnonzero(ok & ((row < 0) | (row >= shard_rows[safe_shard])))[:20]:
+        report.add("row", f"sample {keys[i]!r} points at row {row[i]} of {shards[shard[i]]['file']}, "
+                   f"which has {shard_rows[shard[i]]} rows", shards[shard[i]]["file"], keys[i])
+    for i in np.flatnonzero(ok & (bucket != shard_bucket[safe_shard]))[:20]:
+        report.add("row", f"sample {keys[i]!r} says bucket {bucket[i]} but its shard {shards[shard[i]]['file']} "
+                   f"is bucket {shard_bucket[shard[i]]}", shards[shard[i]]["file"], keys[i])
+    slots = shard * (1 << 32) + row
+    unique, counts = np.unique(slots, return_counts=True)
+    for slot in unique[counts > 1][:20]:
+        owners = [keys[i] for i in np.flatnonzero(slots == slot)]
+        where = shards[slot >> 32]["file"] if 0 <= slot >> 32 < len(shards) else str(slot >> 32)
+        report.add("row", f"samples {', '.join(map(repr, owners))} share row {slot & 0xFFFFFFFF} of {where}", where)
+    for failure in manifest["failures"]:
+        if table.find(failure["key"]) >= 0:
+            report.add("failure_and_cached", f"{failure['key']!r} is both cached and recorded as failed (a sample is "
+                       "one or the other; rerun extract to settle it)", key=failure["key"])
+    return True
+
+
+def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None:
+    """The final-norm file and the dataset statistics the manifest names."""
+    from .fileio import contained_file, sha256_file
+
+    norm = manifest["model"].get("final_norm")
+    if norm is not None:
+        try:
+            path = contained_file(root, norm["file"], "final-norm file")
+            if not path.is_file():
+                report.add("missing_file", f"{norm['file']} is missing (rerun extract to rewrite it)", norm["file"])
+            elif sha256_file(path) != norm["sha256"]:
+                report.add("checksum", f"{norm['file']} fails its sha256 checksum (rerun extract to rewrite it)",
+                           norm["file"])
+        except CacheError as exc:
+            report.add("path", exc.message, norm["file"])
+    for entry in manifest.get("statistics", []):
+        try:
+            path = cache_path(root, entry["file"], STATS_DIR)
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                report.add("checksum", f"statistics {entry['file']} are missing or fail their sha256", entry["file"])
+        except CacheError as exc:
+            report.add("path", exc.message, entry["file"])
+        if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
+            report.notes.append(f"statistics {entry['file']} ({entry.get('flavour')}) are stale: the cache changed "
+                                "since they were computed; rerun `dinocache norm-stats`")
+
+
+def _check_source(source: Path, table, manifest: dict, report: VerifyReport, follow_symlinks: bool) -> None:
+    from .scan import scan_folder
+
     failed = {f["key"] for f in manifest["failures"]}
     present = set()
-    missing, changed = [], []
-    for src in scan_folder(source):
+    for src in scan_folder(source, exclude=[], follow_symlinks=follow_symlinks):
         present.add(src.key)
-        i = table.find(src.key)
+        i = table.find(src.key) if not src.problem else -1
         if i < 0:
             if src.key not in failed:
-                missing.append(src.key)
+                report.add("source_missing", f"{src.key} is in {source} but not in the cache", key=src.key)
             continue
         cols = table.columns
         if int(cols["source_bytes"][i]) != src.size or int(cols["source_mtime_ns"][i]) != src.mtime_ns:
-            changed.append(src.key)
-    report.problems += [f"{key} is in {source} but not in the cache" for key in missing]
-    report.problems += [f"{key} changed in {source} since it was extracted" for key in changed]
-    gone = sum(1 for key in table.iter_keys() if key not in present)
+            report.add("source_changed", f"{src.key} changed in {source} since it was extracted", key=src.key)
+    gone = [key for key in table.iter_keys() if key not in present]
     if gone:
-        report.notes.append(f"{gone} cached image(s) are no longer in {source}")
+        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        report.notes.append(f"{len(gone)} cached image(s) are no longer in {source}: {shown}")
 
 
 def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed: int, device: str,
-               report: VerifyReport) -> None:
-    import random
-
+               report: VerifyReport, follow_symlinks: bool) -> None:
+    """Re-extract `count` random samples through the same decode path and layout as extract
+    (JPEG draft, flip, layers, pool included) and compare every stored feature, token by token."""
     from .buckets import Bucket
-    from .imaging import decode_image, preprocess, read_source
-    from .features import stored_tensors
+    from .features import stored_features
+    from .imaging import Preprocessing, model_input, read_source
     from .model import load_model
     from .reader import FeatureCache
 
-    model, prep = manifest["model"], manifest["preprocessing"]
-    loaded = load_model(model["id"], model.get("revision"), device, model["compute_dtype"],
-                        prep["image_mean"], prep["image_std"])
+    model, prep_record = manifest["model"], manifest["preprocessing"]
+    prep = Preprocessing.from_record(prep_record)
+    layout = Layout.from_record(manifest["storage"])
+    loaded = load_model(model["id"], model.get("revision"), device, model.get("compute_dtype", "float32"),
+                        prep.image_mean, prep.image_std)
     cache = FeatureCache(root)
     picks = sorted(random.Random(seed).sample(range(len(table)), min(count, len(table))))
     for i in picks:
         record = table.record(i)
         key = record["key"]
         try:
-            data = read_source(str(source / key))
+            data = read_source(str(source_path(source, key, follow_symlinks)))
         except DecodeError as exc:
-            report.problems.append(f"{key}: cannot recompute, {exc.detail}")
+            report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
             continue
         if hashlib.sha256(data).hexdigest() != record["source_sha256"]:
-            report.problems.append(f"{key}: cannot recompute, the source file's content changed")
+            report.add("recompute", f"{key}: cannot recompute, the source file's content changed", key=key)
             continue
         b = manifest["buckets"][record["bucket"]]
         bucket = Bucket(b["index"], b["width"], b["height"], b["input_width"], b["input_height"], model["patch_size"])
-        pixels = preprocess(decode_image(data, 2**62), tuple(record["box"]), (bucket.input_width, bucket.input_height),
-                            loaded.image_mean, loaded.image_std)
-        storage = manifest["storage"]
-        layers = tuple(storage.get("layers", []))
-        hidden, intermediates = loaded.forward_layers(pixels[None], layers)
-        fresh = stored_tensors(hidden, intermediates, loaded.num_registers, bucket.grid, storage.get("pool", 1),
-                               storage.get("registers", False))
+        try:
+            pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]),
+                                 (bucket.input_width, bucket.input_height), prep, 1 << 62)
+        except DecodeError as exc:
+            report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
+            continue
+        fresh = stored_features(loaded, pixels[None], bucket.grid, layout)
         stored = cache[i]
-        cosines = [_cosine(stored[name].reshape(value[0].shape), value[0]) for name, value in fresh.items()]
-        worst = min(float(c.min()) for c in cosines)
+        worst = 1.0
+        for name, value in fresh.items():
+            if name.endswith("_lnstats"):
+                continue
+            got = stored[name].reshape(value[0].shape)
+            worst = min(worst, float(_cosine(got, value[0]).min()))
         if worst < RECOMPUTE_MIN_COSINE:
-            report.problems.append(f"{key}: recomputed features differ from the stored ones (worst token cosine "
-                                   f"{worst:.4f} < {RECOMPUTE_MIN_COSINE}): preprocessing, model or data drift")
+            report.add("recompute", f"{key}: recomputed features differ from the stored ones (worst token cosine "
+                       f"{worst:.4f} < {RECOMPUTE_MIN_COSINE}): preprocessing, model or data drift", key=key)
         report.recomputed += 1
 
 
@@ -139,92 +421,92 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1)
 
 
-def _check_samples(root: Path, manifest: dict) -> list[str]:
-    """The sample index: intact, sorted and unique keys, every row inside its shard, no row twice."""
-    info, shards = manifest["samples"], manifest["shards"]
-    try:
-        path = cache_path(root, info["file"], INDEX_DIR)
-        if path.is_file() and sha256_file(path) != info["sha256"]:
-            return [f"sample index {info['file']} fails its sha256 checksum (corrupted on disk)"]
-        table = load_samples(root, manifest)
-    except CacheError as exc:
-        return [exc.message]
-    problems = []
-    keys = table.keys()
-    for a, b in zip(keys, keys[1:]):
-        if a >= b:
-            problems.append(f"sample {b!r} is listed more than once" if a == b else f"sample index is not sorted at {b!r}")
-    shard = np.asarray(table.columns["shard"], dtype=np.int64)
-    row = np.asarray(table.columns["row"], dtype=np.int64)
-    bucket = np.asarray(table.columns["bucket"], dtype=np.int64)
-    bad_shard = (shard < 0) | (shard >= len(shards))
-    for i in np.flatnonzero(bad_shard)[:20]:
-        problems.append(f"sample {keys[i]!r} points at shard #{shard[i]}, which does not exist")
-    ok = ~bad_shard
-    shard_rows = np.array([s["rows"] for s in shards] or [0], dtype=np.int64)
-    shard_bucket = np.array([s["bucket"] for s in shards] or [0], dtype=np.int64)
-    safe_shard = np.where(ok, shard, 0)
-    for i in np.flatnonzero(ok & ((row < 0) | (row >= shard_rows[safe_shard])))[:20]:
-        problems.append(f"sample {keys[i]!r} points at row {row[i]} of {shards[shard[i]]['file']}, "
-                        f"which has {shard_rows[shard[i]]} rows")
-    for i in np.flatnonzero(ok & (bucket != shard_bucket[safe_shard]))[:20]:
-        problems.append(f"sample {keys[i]!r} says bucket {bucket[i]} but its shard {shards[shard[i]]['file']} "
-                        f"is bucket {shard_bucket[shard[i]]}")
-    slots = shard * (1 << 32) + row
-    unique, counts = np.unique(slots, return_counts=True)
-    for slot in unique[counts > 1][:20]:
-        owners = [keys[i] for i in np.flatnonzero(slots == slot)]
-        problems.append(f"samples {', '.join(map(repr, owners))} share row {slot & 0xFFFFFFFF} of "
-                        f"{shards[slot >> 32]['file'] if 0 <= slot >> 32 < len(shards) else slot >> 32}")
-    for failure in manifest["failures"]:
-        if table.find(failure["key"]) >= 0:
-            problems.append(f"{failure['key']!r} is both cached and recorded as failed")
-    return problems
+# ---- loose shards (no manifest) -------------------------------------------------------------------
+
+def _verify_loose(paths: list[Path], report: VerifyReport, check_values: bool, source, follow_symlinks: bool) -> None:
+    report.skipped = [f"{what} (needs the manifest)" for what in NEEDS_MANIFEST]
+    seen: dict[str, str] = {}
+    for path in dict.fromkeys(paths):
+        name = str(path)
+        report.shards += 1
+        try:
+            _, header, value_problems, read = scan_shard(path, check_values)
+        except (SafetensorsError, OSError) as exc:
+            report.add("unreadable", f"{name} is not a readable safetensors file: {exc}", name)
+            continue
+        report.bytes_read += read
+        for problem in value_problems:
+            report.add("values", f"{name}: {problem}", name)
+        try:
+            meta = parse_shard_metadata(header.metadata)
+        except ValueError as exc:
+            report.add("metadata", f"{name}: {exc}", name)
+            continue
+        num_buckets = None
+        if meta.version == 2:
+            layout = Layout.from_record(meta.settings["storage"])
+            model = meta.settings["model"]
+            grid = stored_grid(meta.bucket.get("grid", [0, 0]), layout.pool)
+            if meta.grid != grid:
+                report.add("metadata", f"{name}: metadata grid {meta.grid} disagrees with its bucket's {grid}", name)
+            try:
+                specs = layout.tensors(int(model["hidden_size"]), int(model["num_registers"]), grid)
+            except (KeyError, TypeError, ValueError):
+                report.add("metadata", f"{name}: metadata settings lack the model's hidden_size or num_registers", name)
+                continue
+            for problem in shard_tensor_problems(header.entries, specs, len(meta.samples)):
+                report.add("layout", f"{name}: {problem}", name)
+        else:
+            report.notes.append(f"{name} is a format-1 shard: its tensors are checked for consistency only")
+            _check_v1_tensors(name, header, meta, report)
+        records = []
+        for row, sample in enumerate(meta.samples):
+            try:
+                records.append(record_from_json(sample, num_buckets))
+            except ValueError as exc:
+                report.add("record", f"{name}: row {row}: {exc}", name)
+                continue
+            key = records[-1]["key"]
+            if key in seen:
+                report.add("duplicate", f"{key!r} is in both {seen[key]} and {name}", name, key)
+            seen[key] = name
+        report.samples += len(records)
+        if source is not None:
+            _check_records_against_source(Path(source), records, name, report, follow_symlinks)
 
 
-def _check_shard(root, index, shard, buckets, hidden, registers, storage, check_values) -> list[str]:
-    from safetensors import safe_open
+def _check_v1_tensors(name: str, header: SafetensorsFile, meta, report: VerifyReport) -> None:
+    entries = header.entries
+    if "cls" not in entries or "patches" not in entries:
+        report.add("layout", f"{name}: a shard holds at least cls and patches", name)
+        return
+    n, dim = entries["cls"].shape[0], entries["cls"].shape[-1]
+    rows, cols = meta.grid
+    if entries["patches"].shape != (n, rows * cols, dim):
+        report.add("layout", f"{name}: patches has shape {list(entries['patches'].shape)}, expected "
+                   f"{[n, rows * cols, dim]} for its {rows}x{cols} grid", name)
+    if n != len(meta.samples):
+        report.add("layout", f"{name}: {n} rows of tensors, {len(meta.samples)} row records", name)
 
-    name = shard.get("file")
-    try:
-        path = shard_path(root, name)
-    except CacheError as exc:
-        return [f"shard #{index}: {exc.message}"]
-    if not path.is_file():
-        return [f"shard {name} is missing"]
-    size = path.stat().st_size
-    if size != shard.get("bytes"):
-        return [f"shard {name} has {size} bytes, the manifest says {shard.get('bytes')} (truncated or replaced)"]
-    if sha256_file(path) != shard.get("sha256"):
-        return [f"shard {name} fails its sha256 checksum (corrupted on disk)"]
-    bucket_i = shard.get("bucket")
-    if not isinstance(bucket_i, int) or not 0 <= bucket_i < len(buckets):
-        return [f"shard {name} names bucket {bucket_i!r}, which is not in the bucket table"]
-    rows_, cols_ = buckets[bucket_i].get("stored_grid", buckets[bucket_i]["grid"])
-    n = shard.get("rows")
-    expected = {"cls": [n, hidden], "patches": [n, rows_ * cols_, hidden]}
-    if storage.get("registers"):
-        expected["registers"] = [n, registers, hidden]
-    for k in storage.get("layers", []):
-        expected[f"layer{k}_cls"] = [n, hidden]
-        expected[f"layer{k}_patches"] = [n, rows_ * cols_, hidden]
-    if storage.get("scaled"):
-        expected.update({f"{name}_scale": [n] for name in list(expected)})
-    problems = []
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            names = set(fh.keys())
-            if names != set(expected):
-                problems.append(f"shard {name} holds tensors {sorted(names)}, expected {sorted(expected)}")
-            for tensor_name, shape in expected.items():
-                if tensor_name not in names:
-                    continue
-                got = list(fh.get_slice(tensor_name).get_shape())
-                if got != shape:
-                    problems.append(f"shard {name}: {tensor_name} has shape {got}, expected {shape} "
-                                    f"(bucket {buckets[bucket_i]['name']}, grid {rows_}x{cols_}, hidden {hidden})")
-                elif check_values and not torch.isfinite(fh.get_tensor(tensor_name).float()).all():
-                    problems.append(f"shard {name}: {tensor_name} contains NaN or Inf")
-    except Exception as exc:
-        problems.append(f"shard {name} is not a readable safetensors file: {exc}")
-    return problems
+
+def _check_records_against_source(source: Path, records: list[dict], name: str, report: VerifyReport,
+                                  follow_symlinks: bool) -> None:
+    from .fileio import sha256_file
+
+    for record in records:
+        key = record["key"]
+        try:
+            path = source_path(source, key, follow_symlinks)
+            st = path.stat()
+        except DecodeError as exc:
+            report.add("source_missing", f"{key}: {exc.detail}", name, key)
+            continue
+        except OSError:
+            report.add("source_missing", f"{key} (in {name}) is not in {source}", name, key)
+            continue
+        if st.st_size == record["source_bytes"] and st.st_mtime_ns == record["source_mtime_ns"]:
+            continue
+        if record["source_sha256"] and sha256_file(path) == record["source_sha256"]:
+            report.notes.append(f"{key}: touched or copied since it was extracted, same content")
+        else:
+            report.add("source_changed", f"{key} changed in {source} since it was extracted (in {name})", name, key)

@@ -9,8 +9,6 @@ the model does not wait for the disk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -23,22 +21,12 @@ import torch
 
 from .buckets import Bucket
 from .faults import fault_point
-from .features import stored_grid
-from .manifest import FORMAT_NAME, FORMAT_VERSION, SHARD_DIR, SHARD_SUFFIX, fsync_dir
+from .fileio import file_mode, fsync_dir, sha256_file
+from .index import record_to_json
+from .layout import Layout, encode_json, rows_per_shard, shard_metadata, to_storage
+from .manifest import SHARD_DIR, SHARD_SUFFIX
 
 log = logging.getLogger("dinocache")
-
-STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-                  "float8_e4m3fn": torch.float8_e4m3fn}
-FLOAT8_MAX = 448.0  # largest finite float8 e4m3fn
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8 e4m3 with one float32 scale per row (sample): row = q.float() * scale."""
-    amax = x.detach().float().abs().flatten(1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / FLOAT8_MAX, torch.ones_like(amax))
-    q = (x.float() / scale.view(-1, *([1] * (x.dim() - 1)))).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 @dataclass
@@ -46,79 +34,61 @@ class _Buffer:
     bucket: Bucket
     tensors: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per-batch chunks
     samples: list[dict] = field(default_factory=list)
-    nbytes: int = 0
 
 
-def _to_host(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A host copy in `dtype`. From a GPU: cast there (fewer bytes to move), then copy into pinned
-    memory (about 25x faster than pageable; torch caches and reuses the pinned blocks)."""
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A host copy. From a GPU: into pinned memory (about 25x faster than pageable; torch caches
+    and reuses the pinned blocks)."""
     if x.device.type == "cuda":
-        x = x.to(dtype)
-        host = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         return host.copy_(x)
-    return x.to("cpu", dtype, copy=True)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return x.to("cpu", copy=True)
 
 
 class ShardWriter:
-    """Buffers rows per bucket and writes a shard when the buffer reaches `max_bytes` or on flush.
+    """Buffers rows per bucket and writes a shard when it holds `layout.rows_per_shard` rows, or
+    on flush.
 
-    `add` takes tensors on any device; it copies each row to CPU in the storage dtype (a fresh,
-    contiguous tensor, so a saved row never keeps a whole batch's storage alive).
-    Completed shards are collected with `completed()`, as (shard record, sample records).
+    `add` takes feature tensors on any device; it casts (or quantizes) them as the layout says
+    and copies each batch to the host once (a fresh tensor, so a saved row never keeps a whole
+    batch's storage alive). Completed shards are collected with `completed()`, as (shard record,
+    sample records).
     """
 
-    def __init__(self, root: Path, storage_dtype: str = "bfloat16", max_bytes: int = 512 * 1024**2,
-                 max_pending: int = 2, pool: int = 1):
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+    def __init__(self, root: Path, layout: Layout, settings: dict, hidden_size: int, num_registers: int,
+                 max_bytes: int = 512 * 1024**2, max_pending: int = 2):
         self.root = Path(root)
-        self.dtype = STORAGE_DTYPES[storage_dtype]
+        self.layout = layout
+        self.settings = settings  # model, preprocessing, storage, buckets: every shard records its part
+        self.hidden_size, self.num_registers = hidden_size, num_registers
         self.max_bytes = max_bytes
-        self.pool = pool  # for the stored grid recorded in each shard's metadata
         self.run_id = uuid.uuid4().hex[:8]
         self._seq = 0
         self._buffers: dict[int, _Buffer] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinocache-writer")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinocache-writer")
         self._pending: list[Future] = []
         self._done: list[tuple[dict, list[dict]]] = []
         self._max_pending = max_pending
         self._wait_seconds = 0.0  # time the caller spent blocked on the disk (backpressure, close)
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
+    def rows_per_shard(self, bucket: Bucket) -> int:
+        grid = tuple(self.settings["buckets"][bucket.index]["stored_grid"])
+        return rows_per_shard(self.layout.row_bytes(self.hidden_size, self.num_registers, grid), self.max_bytes)
+
     def add(self, bucket: Bucket, tensors: dict[str, torch.Tensor], samples: list[dict]) -> None:
-        """Queue one batch of rows for this bucket's current shard: `tensors` maps a name to a
-        [batch, ...] tensor on any device (float8 storage adds a per-row `NAME_scale`)."""
-        if self.dtype == torch.float8_e4m3fn:
-            quantized = {}
-            for name, x in tensors.items():
-                quantized[name], quantized[f"{name}_scale"] = quantize_rows(x)
-            tensors = quantized
-        row_bytes = sum(x[0].numel() * _element_size(torch.float32 if name.endswith("_scale") else self.dtype)
-                        for name, x in tensors.items())
+        """Queue one batch of rows for this bucket's current shard: `tensors` maps a feature name
+        to a [batch, ...] tensor on any device (features.stored_features)."""
+        tensors = to_storage(tensors, self.layout)
+        capacity = self.rows_per_shard(bucket)
         start = 0
         while start < len(samples):
             buf = self._buffers.setdefault(bucket.index, _Buffer(bucket))
-            room = max(1, -(-(self.max_bytes - buf.nbytes) // row_bytes))  # rows until the shard is full
-            stop = min(len(samples), start + room)
-            # One copy per batch, owned by the shard (never a view that keeps the batch's storage alive).
+            stop = min(len(samples), start + capacity - len(buf.samples))
             for name, x in tensors.items():
-                dtype = torch.float32 if name.endswith("_scale") else self.dtype
-                buf.tensors.setdefault(name, []).append(_to_host(x[start:stop], dtype))
+                buf.tensors.setdefault(name, []).append(_to_host(x[start:stop]))
             buf.samples.extend(samples[start:stop])
-            buf.nbytes += (stop - start) * row_bytes
-            if buf.nbytes >= self.max_bytes:
+            if len(buf.samples) >= capacity:
                 self._submit(bucket.index)
             start = stop
 
@@ -156,7 +126,7 @@ class ShardWriter:
             self._pending = []
             return self.completed()
         finally:
-            self._pool.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
 
     def close_quietly(self) -> list[tuple[dict, list[dict]]]:
         """After an error: drop unwritten buffers, wait for writes in flight, keep those that landed."""
@@ -169,7 +139,7 @@ class ShardWriter:
             except Exception as exc:
                 log.error("a shard could not be written (%s); its rows will be recomputed by the next run", exc)
         self._pending = []
-        self._pool.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
         return landed
 
     def _submit(self, index: int) -> None:
@@ -180,26 +150,22 @@ class ShardWriter:
         while len(self._pending) >= self._max_pending:  # backpressure: bounded host memory
             self._done.append(self._pending.pop(0).result())
         self._wait_seconds += time.perf_counter() - began
-        self._pending.append(self._pool.submit(self._write, name, buf))
+        self._pending.append(self._executor.submit(self._write, name, buf))
 
     def _write(self, name: str, buf: _Buffer) -> tuple[dict, list[dict]]:
         from safetensors.torch import save_file
 
-        rows, cols = stored_grid(buf.bucket.grid, self.pool)
         tensors = {}
         for tensor_name in list(buf.tensors):
             tensors[tensor_name] = torch.cat(buf.tensors.pop(tensor_name))  # the concatenated copy is all that is kept
-        metadata = {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "bucket": buf.bucket.name,
-            "grid": f"{rows}x{cols}",
-            "samples": json.dumps(buf.samples, separators=(",", ":")),  # what a later run needs to adopt it
-        }
+        samples_json = encode_json([record_to_json(s) for s in buf.samples])
+        metadata = shard_metadata(self.settings, self.settings["buckets"][buf.bucket.index], samples_json,
+                                  self.layout.pool)
         path = self.root / name
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=metadata)  # streams to disk: no second in-memory copy
+            os.chmod(tmp, file_mode())  # safetensors creates 0600 files; a cache is shared like any file
             fault_point("shard_write")  # written but neither synced nor renamed
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())

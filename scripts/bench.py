@@ -218,7 +218,7 @@ def main() -> None:
         if not subset.exists():
             subset.mkdir()
             for p in sorted(images_dir.glob("*.jpg"))[:n_extract]:
-                os.symlink(p, subset / p.name)
+                os.link(p, subset / p.name)  # hard links: a symlink out of the folder is refused by default
         paths = [str(p) for p in sorted(images_dir.glob("*.jpg"))]
         print(f"\n{arch} at {side}x{side} from {source[0]}x{source[1]} JPEGs (dataset ready in "
               f"{time.perf_counter() - began:.0f} s)", flush=True)

@@ -16,6 +16,6 @@ def test_bench_smoke_preset(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     for name in ("recipe", "forward", "extract"):
         assert row[name]["images"] > 0 and row[name]["img_per_s"] > 0
-    assert set(row["extract"]["stage_seconds"]) == {"decode_wait", "forward", "write_wait", "commit"}
+    assert set(row["extract"]["stage_seconds"]) == {"decode_wait", "upload", "forward", "download", "write_wait", "commit"}
     assert row["extract_vs_recipe"] > 0 and "extract / recipe" in proc.stdout
     assert row["gflop_per_image"] > 0

@@ -232,10 +232,10 @@ def test_deleted_sources_are_reported_and_pruned(mixed_images, tmp_path, tiny_mo
     (mixed_images / "square.png").unlink()
     (mixed_images / "broken.jpg").unlink()
     kept = run(mixed_images, out, tiny_model_dir)
-    assert kept.missing_sources == 2 and kept.pruned == 0
+    assert sorted(kept.missing_sources) == ["broken.jpg", "square.png"] and kept.pruned == 0
     assert "square.png" in FeatureCache(out)
     pruned = run(mixed_images, out, tiny_model_dir, prune=True)
-    assert pruned.pruned == 2 and pruned.missing_sources == 0
+    assert pruned.pruned == 2 and pruned.missing_sources == []
     assert "square.png" not in FeatureCache(out) and len(FeatureCache(out)) == 3
     assert read_manifest(out)["failures"] == []
 

@@ -92,7 +92,7 @@ def test_dataloader_with_workers(cache):
     total = 0
     for batch in loader:
         assert batch["mask"].all()  # one bucket per batch: nothing to pad
-        total += len(batch["keys"])
+        total += len(batch["key"])
     assert total == 16
 
 

@@ -1,0 +1,132 @@
+"""The trainer's own crops, in and out: a JSONL file with one line per image,
+
+    {"key": "photos/cat.jpg", "size": [832, 1216], "box": [left, top, right, bottom]}
+
+`size` is the trainer's bucket (width, height); `box` the region of the upright source (EXIF
+orientation applied), in integer pixels, that the trainer resized to that size. Importing
+(`extract --crops`) extracts each listed key at exactly that size from exactly that box, so DINO
+patch (r, c) covers the same pixels as DiT token (r, c). Exporting (`dinocache crops OUT`) writes
+the same schema for every cached sample. Every problem in a file is reported with its line,
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .buckets import MAX_SIDE, MIN_SIDE, make_buckets
+from .config import BucketConfig
+from .errors import ConfigError
+from .keys import key_problem
+from .placement import Crop
+
+
+@dataclass(frozen=True)
+class CropLine:
+    line: int
+    key: str
+    size: tuple[int, int]
+    box: tuple[int, int, int, int]
+
+
+def read_crops_file(path: str | Path) -> list[CropLine]:
+    """Parse and check the syntax of a crops file (not yet against images or buckets)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"crops file {path} does not exist", "pass --crops with a JSONL file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the crops file {path}: {exc}", "pass a UTF-8 JSONL file") from None
+    lines, seen = [], {}
+    example = '{"key": "photos/cat.jpg", "size": [832, 1216], "box": [0, 64, 1664, 2496]}'
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where} is not a JSON object: {exc}", f"write one object per line, e.g. {example}") from None
+        if not isinstance(obj, dict) or set(obj) - {"key", "size", "box"} or not {"key", "size", "box"} <= set(obj):
+            raise ConfigError(f"{where} must have exactly the fields key, size and box", f"e.g. {example}")
+        key, size, box = obj["key"], obj["size"], obj["box"]
+        problem = key_problem(key)
+        if problem:
+            raise ConfigError(f"{where}: key {key!r} is not a path relative to the image folder ({problem})",
+                              "write keys as the images' paths relative to the folder given to extract")
+        if not (isinstance(size, list) and len(size) == 2 and all(_int(v) and MIN_SIDE <= v <= MAX_SIDE for v in size)):
+            raise ConfigError(f"{where}: size {size!r} must be [width, height] in {MIN_SIDE}..{MAX_SIDE}", f"e.g. {example}")
+        if not (isinstance(box, list) and len(box) == 4 and all(_int(v) and v >= 0 for v in box)
+                and box[0] < box[2] and box[1] < box[3]):
+            raise ConfigError(f"{where}: box {box!r} must be [left, top, right, bottom] integers with left < right "
+                              "and top < bottom", f"e.g. {example}")
+        if key in seen:
+            raise ConfigError(f"{where}: key {key!r} is listed twice (first on line {seen[key]})", "keep one line per key")
+        seen[key] = number
+        lines.append(CropLine(number, key, (size[0], size[1]), (box[0], box[1], box[2], box[3])))
+    if not lines:
+        raise ConfigError(f"crops file {path} lists no crops", f"write one object per line, e.g. {example}")
+    return lines
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def buckets_for_crops(path: str | Path, config: BucketConfig | None) -> BucketConfig:
+    """With --crops alone the buckets are the distinct sizes in the file (sorted by aspect, then
+    width); with --buckets too, every size must be one of the configured buckets."""
+    lines = read_crops_file(path)
+    if config is None:
+        sizes = sorted({line.size for line in lines}, key=lambda wh: (wh[0] / wh[1], wh[0]))
+        return BucketConfig(sizes=sizes, resize="stretch", source=f"{path} (its sizes)")
+    known = set(config.sizes)
+    for line in lines:
+        if line.size not in known:
+            raise ConfigError(f"{path}:{line.line}: size {list(line.size)} is not a bucket of {config.source}",
+                              "add it to the bucket config, or drop --buckets to use the crops file's sizes")
+    return config
+
+
+def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[str, Crop]:
+    """key -> Crop for the scanned images. A key with no file, or a box outside its image, is an
+    error naming the line (image sizes are read from headers, no decoding)."""
+    from .scan import probe
+
+    lines = read_crops_file(path)
+    by_key = {s.key: s for s in sources}
+    buckets = {(b.width, b.height): b.index for b in make_buckets(config.sizes, 16)}
+    crops = {}
+    for line in lines:
+        src = by_key.get(line.key)
+        if src is None:
+            raise ConfigError(f"{path}:{line.line}: no image {line.key!r} in the input folder",
+                              "check the key (a path relative to the folder given to extract) or drop the line")
+        try:
+            width, height = probe(src.path)
+        except Exception as exc:  # DecodeError: the image itself is unusable; extract records it as failed
+            width = height = None
+            del exc
+        if width is not None and (line.box[2] > width or line.box[3] > height):
+            raise ConfigError(f"{path}:{line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
+                              f"{width}x{height} upright", "boxes are in pixels of the upright image (EXIF applied)")
+        crops[line.key] = Crop(buckets[line.size], line.box, line.line)
+    return crops
+
+
+def export_crops(cache_dir: str | Path, output: str | Path) -> int:
+    """Write every cached sample's size and box in the import schema; returns the line count."""
+    from .manifest import load_samples, read_manifest
+
+    manifest = read_manifest(cache_dir)
+    table = load_samples(Path(cache_dir), manifest)
+    buckets = manifest["buckets"]
+    boxes, bucket_col = table.columns["box"], table.columns["bucket"]
+    with open(output, "w", encoding="utf-8") as fh:
+        for i, key in enumerate(table.iter_keys()):
+            b = buckets[int(bucket_col[i])]
+            fh.write(json.dumps({"key": key, "size": [b["width"], b["height"]], "box": boxes[i].tolist()}) + "\n")
+    return len(table)

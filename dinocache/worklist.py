@@ -1,0 +1,113 @@
+"""Which images a run extracts, and how: a pure function of the scanned sources and the cache's
+committed state. It returns a value; the caller applies it to the state (no hidden writes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .buckets import Bucket
+from .distributed import RankContext
+from .fileio import sha256_file
+from .placement import BY_CROPS, Crop, place, probe_source
+from .scan import SourceFile
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:  # one per image to extract: kept small, a run may have millions
+    key: str
+    path: str
+    bucket: int
+    box: tuple[int, int, int, int]
+    source_bytes: int
+    source_mtime_ns: int
+    source_size: tuple[int, int]
+    placement: int
+
+    def record(self, sha256: str) -> dict:
+        return {"key": self.key, "bucket": self.bucket, "source_bytes": self.source_bytes,
+                "source_mtime_ns": self.source_mtime_ns, "source_sha256": sha256,
+                "source_size": list(self.source_size), "box": list(self.box), "placement": self.placement}
+
+
+@dataclass
+class Selection:
+    work: list[WorkItem] = field(default_factory=list)  # sorted by bucket, then key
+    cached: int = 0  # unchanged and cached: skipped
+    failed_before: int = 0  # unchanged and recorded as failed in an earlier run: not retried
+    refreshed: list[dict] = field(default_factory=list)  # --rehash: same content, new size/mtime stamp
+    failures: list[tuple[SourceFile, str, str]] = field(default_factory=list)  # (source, reason, detail)
+
+
+def _placement_changed(cached: dict, crop: Crop | None) -> bool:
+    """A cached sample is recomputed when the crops file now says something else for it."""
+    if crop is not None:
+        return cached.get("placement") != BY_CROPS or cached["bucket"] != crop.bucket or tuple(cached["box"]) != crop.box
+    return cached.get("placement") == BY_CROPS  # was placed by a crops file that no longer lists it
+
+
+def select_work(sources: list[SourceFile], buckets: list[Bucket], state, resize: str, max_pixels: int,
+                rehash: bool = False, crops: dict[str, Crop] | None = None,
+                ctx: RankContext | None = None) -> Selection:
+    """Skip what is cached and unchanged (key + size + mtime, or content hash with `rehash`),
+    recompute what changed, retry failures only when their file changed, and place the rest.
+    Under a process group each rank reads 1/world of the headers and all receive every result."""
+    ctx = ctx or RankContext()
+    crops = crops or {}
+    out = Selection()
+    todo: list[SourceFile] = []
+    for src in sources:
+        cached = state.cached(src.key)
+        previous = cached or state.failures.get(src.key)
+        crop = crops.get(src.key)
+        same_stamp = previous is not None and previous.get("source_bytes") == src.size \
+            and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
+        if cached and _placement_changed(cached, crop):
+            todo.append(src)
+        elif same_stamp and not (rehash and cached):
+            if cached:
+                out.cached += 1
+            else:
+                out.failed_before += 1
+        elif rehash and cached and _sha256_or_none(src.path) == cached["source_sha256"]:
+            # Same content, new size/mtime stamp (copied, touched): keep the row, refresh the stamp.
+            out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
+            out.cached += 1
+        else:
+            todo.append(src)
+    if ctx.group:
+        mine = {i: probe_source(todo[i], max_pixels) for i in range(ctx.rank, len(todo), ctx.world_size)}
+        probes: dict[int, tuple] = {}
+        for part in ctx.all_gather(mine):
+            probes.update(part)
+    else:
+        probes = {i: probe_source(src, max_pixels) for i, src in enumerate(todo)}
+    for i, src in enumerate(todo):
+        status, a, b = probes[i]
+        if status != "ok":
+            out.failures.append((src, a, b))
+            continue
+        try:
+            where = place(a, b, buckets, resize, crops.get(src.key))
+        except Exception as exc:  # DecodeError: a crop box that does not fit this image
+            out.failures.append((src, getattr(exc, "reason", "crop_outside"), getattr(exc, "detail", str(exc))))
+            continue
+        out.work.append(WorkItem(src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b),
+                                 where.placement))
+    out.work.sort(key=lambda w: (w.bucket, w.key))
+    return out
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return value
+
+
+def _sha256_or_none(path: str) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
