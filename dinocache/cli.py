@@ -73,7 +73,7 @@ def _floats3(text: Optional[str], name: str):
 
 OUT_ARG = typer.Argument(Path(DEFAULT_OUT), metavar="OUT", show_default=False,
                          help=f"Cache folder (default: ./{DEFAULT_OUT}).")
-STORAGE_HELP = "Stored dtype: bfloat16, float16, float32, float8_e4m3fn."
+STORAGE_HELP = "Stored dtype: bfloat16 (default), float8_e4m3fn, ... (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid POOL x POOL (2: 4x smaller)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
 REGISTERS_HELP = "Also store the register tokens."
@@ -231,7 +231,8 @@ def plan(
     import dataclasses
 
     from .config import load_bucket_config
-    from .layout import Layout, storage_dtype as check_dtype
+    from .layout import Layout
+    from .layout import storage_dtype as check_dtype
     from .plan import format_plan, plan_extraction
 
     try:

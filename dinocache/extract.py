@@ -29,8 +29,15 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .buckets import Bucket, make_buckets
 from .config import ExtractOptions
-from .decoding import (BucketBatches, DecodeDataset, collate_decoded, cpu_worker_init, default_batch_size,
-                       gpu_worker_init, resize_on)
+from .decoding import (
+    BucketBatches,
+    DecodeDataset,
+    collate_decoded,
+    cpu_worker_init,
+    default_batch_size,
+    gpu_worker_init,
+    resize_on,
+)
 from .distributed import RankContext, split_by_cost
 from .errors import CacheError, ConfigError, DinocacheError
 from .faults import fault_point
@@ -176,7 +183,7 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
                                            "detail": "its shard was damaged and its source image is gone"}
             state.commit()  # repairs, adopted shards and pruning are durable before any new work
         ctx.barrier()
-        if not ctx.leader or ctx.multi:  # every rank plans from the same committed snapshot
+        if not ctx.leader or ctx.multi:  # every rank selects work from the same committed snapshot
             state = CacheState.open(root, settings, overwrite=False, cleanup=False,
                                     extras={NORM_FILE: mspec.norm_file()}) \
                 if (root / MANIFEST_NAME).exists() else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})

@@ -34,19 +34,19 @@ def _configured_faults() -> dict[str, tuple[int, str]]:
 def fault_point(name: str) -> None:
     if "DINOCACHE_FAULT" not in os.environ:
         return
-    planned = _configured_faults().get(name)
-    if planned is None:
+    fault = _configured_faults().get(name)
+    if fault is None:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] != planned[0]:
+    if _hits[name] != fault[0]:
         return
-    if planned[1] == "kill":
+    if fault[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if planned[1] == "enospc":
+    if fault[1] == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
-    if planned[1] in ("sigterm", "sigint"):
-        os.kill(os.getpid(), signal.SIGTERM if planned[1] == "sigterm" else signal.SIGINT)
-    if planned[1] == "oom":
+    if fault[1] in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if fault[1] == "sigterm" else signal.SIGINT)
+    if fault[1] == "oom":
         import torch
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")

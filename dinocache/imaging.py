@@ -208,7 +208,7 @@ def model_input(data: bytes, source_size: tuple[int, int], box: tuple[int, int, 
                 crop_only: bool = False) -> torch.Tensor:
     """The one path from a file's bytes to what the model sees, used by extract's workers,
     `verify --recompute` and `show`: decode (with the cache's JPEG draft setting) -> check the
-    size the plan assumed -> crop -> resize -> normalize. `crop_only` stops after the crop and
+    size the header promised -> crop -> resize -> normalize. `crop_only` stops after the crop and
     keeps 8-bit sources as uint8 (the GPU resizes them: `preprocess` on the device)."""
     draft = draft_size_for(source_size, box, input_size) if prep.jpeg_draft else None
     pixels = decode_image(data, max_pixels, prep.background, draft_size=draft, keep_uint8=crop_only)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import CacheError
 from .keys import check_key, first_bad_key, key_problem
+from .names import FORMAT_VERSION
 
 COLUMNS: dict[str, tuple[type, tuple[int, ...]]] = {
     "shard": (np.int32, ()),
@@ -186,7 +187,8 @@ class SampleTable:
 
         tensors = {"key_bytes": np.ascontiguousarray(self.key_bytes), "key_offsets": np.ascontiguousarray(self.key_offsets)}
         tensors.update({n: np.ascontiguousarray(c) for n, c in self.columns.items()})
-        return save(tensors, metadata={"rows": str(len(self))})
+        return save(tensors, metadata={"format": "dinocache-samples", "format_version": str(FORMAT_VERSION),
+                                       "rows": str(len(self))})
 
     @classmethod
     def load(cls, path: Path) -> "SampleTable":

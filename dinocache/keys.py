@@ -62,45 +62,56 @@ def key_for_file(relative: str) -> tuple[str, str | None]:
 
 
 def first_bad_key(key_bytes: np.ndarray, offsets: np.ndarray) -> tuple[int, str] | None:
-    """Vectorised check of a whole sample table's keys: (index, problem) of the first bad key."""
+    """Vectorised check of a whole sample table's keys: (index, problem) of the first bad key.
+    Works on the positions of '/' and '.' only, so a million keys take a few tens of ms."""
     blob = np.asarray(key_bytes, dtype=np.uint8)
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(offsets) - 1
     if n <= 0:
         return None
     lengths = np.diff(offsets)
-    if (lengths <= 0).any() or (lengths > MAX_KEY_BYTES).any():
-        i = int(np.flatnonzero((lengths <= 0) | (lengths > MAX_KEY_BYTES))[0])
-        return i, "a key must be non-empty and at most 4096 bytes"
+    bad_length = (lengths <= 0) | (lengths > MAX_KEY_BYTES)
+    if bad_length.any():
+        return int(np.flatnonzero(bad_length)[0]), "a key must be non-empty and at most 4096 bytes"
     try:
         blob.tobytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        return int(np.searchsorted(offsets, exc.start, side="right") - 1), "a key must be valid UTF-8"
-    starts, lasts = offsets[:-1], offsets[1:] - 1
-    continuation = (blob[starts] & 0xC0) == 0x80
-    bad = np.zeros(len(blob), dtype=bool)
-    bad[starts[continuation]] = True  # a key boundary inside a character
-    bad |= (blob == 0) | (blob == _BACKSLASH)
-    slash, dot = blob == _SLASH, blob == _DOT
-    is_start = np.zeros(len(blob), dtype=bool)
+        return _owner(offsets, exc.start), "a key must be valid UTF-8"
+    starts = offsets[:-1]
+    bad_positions = [starts[(blob[starts] & 0xC0) == 0x80]]  # a key boundary inside a character
+    bad_positions.append(np.flatnonzero((blob == 0) | (blob == _BACKSLASH)))
+    is_start = np.zeros(len(blob) + 1, dtype=bool)
     is_start[starts] = True
-    is_last = np.zeros(len(blob), dtype=bool)
-    is_last[lasts] = True
-    sep_before = is_start.copy()  # a component starts at i
-    sep_before[1:] |= slash[:-1] & ~is_start[1:]
-    sep_after = is_last.copy()  # a component ends at i
-    sep_after[:-1] |= slash[1:] & ~is_last[:-1]
-    bad |= slash & (sep_before | is_last)  # leading, doubled or trailing slash
-    bad |= dot & sep_before & sep_after  # "."
-    two_dots = np.zeros(len(blob), dtype=bool)
-    two_dots[:-1] = dot[:-1] & dot[1:] & ~is_last[:-1] & sep_before[:-1] & sep_after[1:]
-    bad |= two_dots  # ".."
-    if not bad.any():
+    is_end = np.zeros(len(blob) + 1, dtype=bool)  # position just past a key
+    is_end[offsets[1:]] = True
+    slash = blob == _SLASH
+
+    def sep_before(pos: np.ndarray) -> np.ndarray:  # a component starts at pos
+        prev = np.maximum(pos - 1, 0)
+        return is_start[pos] | (slash[prev] & (pos > 0))
+
+    def sep_after(pos: np.ndarray) -> np.ndarray:  # a component ends after pos (pos inclusive)
+        nxt = np.minimum(pos + 1, len(blob) - 1)
+        return is_end[pos + 1] | slash[nxt]
+
+    slashes = np.flatnonzero(slash)
+    bad_positions.append(slashes[sep_before(slashes) | is_end[slashes + 1]])  # leading, doubled, trailing
+    dots = np.flatnonzero(blob == _DOT)
+    single = sep_before(dots) & sep_after(dots)  # "."
+    bad_positions.append(dots[single])
+    if len(dots) > 1:
+        pairs = dots[:-1][(np.diff(dots) == 1) & ~is_end[dots[:-1] + 1]]  # ".." inside one key
+        bad_positions.append(pairs[sep_before(pairs) & sep_after(pairs + 1)])
+    bad = np.concatenate(bad_positions)
+    if not len(bad):
         return None
-    at = int(np.flatnonzero(bad)[0])
-    i = int(np.searchsorted(offsets, at, side="right") - 1)
+    i = _owner(offsets, int(bad.min()))
     key = blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8", errors="backslashreplace")
     return i, key_problem(key) or "a key is a normalised relative path"
+
+
+def _owner(offsets: np.ndarray, position: int) -> int:
+    return int(np.searchsorted(offsets, position, side="right") - 1)
 
 
 def source_path(source_root: str | Path, key: str, follow_symlinks: bool = False) -> Path:

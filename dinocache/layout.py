@@ -162,7 +162,7 @@ def storage_problems(storage: Any) -> list[str]:
     if not isinstance(storage, dict):
         return ["storage is not an object"]
     problems = []
-    if storage.get("dtype") not in STORAGE_DTYPES:
+    if storage.get("dtype") not in tuple(STORAGE_DTYPES):
         problems.append(f"storage.dtype must be one of {', '.join(STORAGE_DTYPES)}")
     for key in ("registers", "flip", "ln_stats"):
         if not isinstance(storage.get(key, False), bool) or (key == "registers" and key not in storage):
@@ -174,7 +174,7 @@ def storage_problems(storage: Any) -> list[str]:
     if not isinstance(layers, list) or not all(_is_int(k, 1, MAX_LAYER) for k in layers) \
             or len(set(layers)) != len(layers):
         problems.append(f"storage.layers must be a list of distinct block numbers 1..{MAX_LAYER}")
-    if "scaled" in storage and storage.get("dtype") in STORAGE_DTYPES \
+    if "scaled" in storage and storage.get("dtype") in tuple(STORAGE_DTYPES) \
             and storage["scaled"] != STORAGE_DTYPES[storage["dtype"]].scaled:
         problems.append("storage.scaled disagrees with storage.dtype")
     return problems
@@ -297,6 +297,27 @@ def parse_shard_metadata(meta: dict[str, str]) -> ShardMeta:
     if problems:
         raise ValueError("metadata settings: " + "; ".join(problems))
     return ShardMeta(2, bucket["name"], bucket, grid, settings, samples)
+
+
+def shard_identity_problems(meta: dict[str, str], bucket: dict, grid: tuple[int, int]) -> list[str]:
+    """Whether a shard's own metadata says it belongs to `bucket` with this stored grid (cheap:
+    the samples are not parsed). Catches a manifest whose bucket table was edited so that a
+    tensor would be reshaped to the wrong grid without any size mismatch."""
+    problems = []
+    if meta.get("grid") != f"{grid[0]}x{grid[1]}":
+        problems.append(f"the shard's grid is {meta.get('grid')!r}, the manifest's bucket {bucket.get('name')} says "
+                        f"{grid[0]}x{grid[1]}")
+    if meta.get("format_version") == "1":
+        if meta.get("bucket") != bucket.get("name"):
+            problems.append(f"the shard is bucket {meta.get('bucket')!r}, the manifest says {bucket.get('name')!r}")
+        return problems
+    try:
+        recorded = json.loads(meta.get("bucket", ""))
+    except ValueError:
+        recorded = None
+    if recorded != bucket:
+        problems.append(f"the shard's bucket record differs from the manifest's bucket {bucket.get('name')}")
+    return problems
 
 
 def shard_tensor_problems(entries: dict, specs: dict[str, TensorSpec], rows: int | None) -> list[str]:

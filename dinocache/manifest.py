@@ -18,9 +18,21 @@ from typing import Any
 from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
 from .errors import CacheError
 from .fileio import atomic_write_bytes, contained_file, is_link
-from .layout import stored_grid, storage_problems
-from .names import (DEFAULT_OUT, FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, LOCK_NAME, MANIFEST_NAME,  # noqa: F401
-                    NORM_FILE, RANK_DIR, READABLE_VERSIONS, SHARD_DIR, SHARD_SUFFIX, STATS_DIR)
+from .layout import storage_problems, stored_grid
+from .names import (  # noqa: F401
+    DEFAULT_OUT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    NORM_FILE,
+    RANK_DIR,
+    READABLE_VERSIONS,
+    SHARD_DIR,
+    SHARD_SUFFIX,
+    STATS_DIR,
+)
 from .stfile import parse_json_bounded
 
 MAX_MANIFEST_BYTES = 1 << 30

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .errors import CacheError
 from .flavours import FLAVOURS, apply_flavour, flavour_problem
-from .layout import Layout, TensorSpec, dequantize, shard_tensor_problems
+from .layout import Layout, TensorSpec, dequantize, shard_identity_problems, shard_tensor_problems
 from .manifest import DEFAULT_OUT, NORM_FILE, load_samples, read_manifest, shard_path
 from .stfile import SafetensorsError, SafetensorsFile
 
@@ -56,9 +56,8 @@ class FeatureCache(Dataset):
     def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64,
                  flavour: str = "normed", normalize: bool = False):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
         self.dtype = dtype
-        self.table = load_samples(self.root, self.manifest)  # memory-mapped, sorted by key
+        self.manifest, self.table = _open_generation(self.root)  # the table is memory-mapped, sorted by key
         self._shard_col = self.table.columns["shard"]
         self._row_col = self.table.columns["row"]
         self._bucket_col = self.table.columns["bucket"]
@@ -225,7 +224,8 @@ class FeatureCache(Dataset):
         bucket = self.buckets[record["bucket"]]
         grid = tuple(bucket["stored_grid"]) if "stored_grid" in bucket else tuple(bucket["grid"])
         specs = self.layout.tensors(self.hidden_size, self.num_registers, grid)
-        problems = shard_tensor_problems(file.entries, specs, record["rows"])
+        problems = shard_tensor_problems(file.entries, specs, record["rows"]) \
+            + shard_identity_problems(file.metadata, bucket, grid)
         if problems:
             raise CacheError(f"shard {record['file']} does not match the manifest ({bucket['name']}, grid "
                              f"{grid[0]}x{grid[1]}, hidden {self.hidden_size}): {'; '.join(problems[:3])}",
@@ -274,8 +274,21 @@ class FeatureCache(Dataset):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.table = load_samples(self.root, self.manifest)
+        self.table = load_samples(self.root, self.manifest)  # the generation the parent opened
         self._shard_col, self._row_col, self._bucket_col = (self.table.columns[n] for n in ("shard", "row", "bucket"))
+
+
+def _open_generation(root: Path):
+    """The manifest and the sample table it names. An extract committing meanwhile may replace
+    the table between the two reads: then the manifest is read again (see FORMAT.md)."""
+    for attempt in range(3):
+        manifest = read_manifest(root)
+        try:
+            return manifest, load_samples(root, manifest)
+        except CacheError:
+            if attempt == 2 or read_manifest(root)["samples"] == manifest["samples"]:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _as_index(rows: np.ndarray):

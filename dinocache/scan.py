@@ -1,7 +1,7 @@
 """Find the images in a folder: a sorted, deterministic walk plus header-only size reads.
 
 Nothing here decodes pixels: `probe` reads only the file header (and the EXIF orientation),
-which is all the bucket planner needs.
+which is all bucket placement needs.
 """
 
 from __future__ import annotations

@@ -27,8 +27,21 @@ from .fileio import atomic_write_bytes, is_link, real_folder, remove_folder_if_e
 from .index import SampleTable, record_from_json
 from .layout import FORMAT_NAME, FORMAT_VERSION, Layout, parse_shard_metadata, shard_tensor_problems
 from .lock import CacheLock
-from .manifest import (INDEX_DIR, MANIFEST_NAME, NORM_FILE, OWNED, RANK_DIR, SHARD_DIR, STATS_DIR, TEMP, cache_path,
-                       load_samples, read_manifest, settings_of, write_manifest)
+from .manifest import (
+    INDEX_DIR,
+    MANIFEST_NAME,
+    NORM_FILE,
+    OWNED,
+    RANK_DIR,
+    SHARD_DIR,
+    STATS_DIR,
+    TEMP,
+    cache_path,
+    load_samples,
+    read_manifest,
+    settings_of,
+    write_manifest,
+)
 from .stfile import SafetensorsError, SafetensorsFile, parse_json_bounded
 
 log = logging.getLogger("dinocache")

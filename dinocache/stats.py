@@ -15,6 +15,7 @@ def cache_stats(root: str | Path) -> dict:
     root = Path(root)
     manifest = read_manifest(root)
     table = load_samples(root, manifest)
+    table.check_keys()  # a report about a cache must not vouch for one with hostile keys
     total = len(table)
     per_bucket = Counter(np.asarray(table.columns["bucket"]).tolist())
     buckets = []

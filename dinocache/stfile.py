@@ -31,7 +31,6 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "I32": (np.dtype(np.int32), torch.int32),
     "I64": (np.dtype(np.int64), torch.int64),
 }
-TORCH_TO_CODE = {torch_dtype: code for code, (_, torch_dtype) in DTYPES.items() if code not in ("I16",)}
 
 
 class SafetensorsError(ValueError):
@@ -142,7 +141,7 @@ def _entry(name: str, info, data_len: int) -> TensorEntry:
     if not isinstance(info, dict):
         raise SafetensorsError(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SafetensorsError(f"tensor {name!r}: dtype {dtype!r} is not one dinocache reads")
     if not (isinstance(shape, list) and len(shape) <= 8
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)):

@@ -23,9 +23,19 @@ from .errors import CacheError, DecodeError, DinocacheError
 from .fileio import is_link
 from .index import record_from_json
 from .keys import source_path
-from .layout import Layout, parse_shard_metadata, shard_tensor_problems, stored_grid
-from .manifest import (INDEX_DIR, MANIFEST_NAME, SHARD_DIR, SHARD_SUFFIX, STATS_DIR, cache_path,
-                       load_samples, read_manifest, settings_of, shard_path)
+from .layout import Layout, parse_shard_metadata, shard_identity_problems, shard_tensor_problems, stored_grid
+from .manifest import (
+    INDEX_DIR,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    SHARD_SUFFIX,
+    STATS_DIR,
+    cache_path,
+    load_samples,
+    read_manifest,
+    settings_of,
+    shard_path,
+)
 from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 RECOMPUTE_MIN_COSINE = 0.995  # per token, stored vs recomputed (bf16 round trips give > 0.999)
@@ -247,7 +257,8 @@ def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, lay
     grid = tuple(bucket.get("stored_grid", bucket["grid"]))
     model = manifest["model"]
     specs = layout.tensors(model["hidden_size"], model["num_registers"], grid)
-    for problem in shard_tensor_problems(header.entries, specs, shard["rows"]):
+    for problem in shard_tensor_problems(header.entries, specs, shard["rows"]) \
+            + shard_identity_problems(header.metadata, bucket, grid):
         report.add("layout", f"shard {name}: {problem} (bucket {bucket['name']}, grid {grid[0]}x{grid[1]}, "
                    f"hidden {model['hidden_size']}, storage {layout.dtype})", name)
     for problem in value_problems:

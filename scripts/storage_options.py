@@ -11,13 +11,13 @@ design (4x fewer tokens), so the cosine only shows that nothing else is lost.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinocache import FeatureCache  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_corpus import picture
 
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config
@@ -18,7 +19,6 @@ from dinocache.errors import CacheError
 from dinocache.extract import extract
 from dinocache.manifest import LOCK_NAME
 from dinocache.verify import verify_cache
-from hostile_corpus import picture
 
 BUCKETS = {"buckets": [[128, 128], [160, 96]]}
 N_IMAGES = 12

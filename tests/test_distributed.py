@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from test_crash import N_IMAGES, assert_same_as_reference, dataset, durable_rows, extract_args, options  # noqa: F401
 
 from dinocache import FeatureCache
 from dinocache.distributed import split_by_cost
 from dinocache.extract import extract, merge_cache
-from test_crash import (N_IMAGES, assert_same_as_reference, dataset, durable_rows, extract_args,  # noqa: F401
-                        options)
 
 
 def free_port() -> int:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, NUM_REGISTERS, reference_forward, save_scene, token_cosine
 from PIL import Image, ImageOps
 
-from conftest import DEVICE, NUM_REGISTERS, reference_forward, save_scene, token_cosine
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.errors import CacheError

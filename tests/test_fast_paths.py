@@ -3,8 +3,8 @@ scripts/bench.py, not here)."""
 
 import pytest
 import torch
-
 from conftest import save_scene, token_cosine
+
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.extract import extract
@@ -68,3 +68,22 @@ def test_resizing_on_the_device_matches_the_workers(photos, tmp_path, tiny_model
     assert a.keys() == b.keys() and len(a) == 5
     for key in a.keys():
         torch.testing.assert_close(a[key]["patches"], b[key]["patches"], atol=1e-5, rtol=1e-5)
+
+
+def test_verify_recompute_decodes_a_draft_cache_with_draft_decoding(photos, tmp_path, tiny_model_dir, monkeypatch):
+    """One decode path: extract's workers and `verify --recompute` both honour jpeg_draft."""
+    import dinocache.imaging as imaging
+    from dinocache.verify import verify_cache
+
+    run(photos, tmp_path / "draft", tiny_model_dir, jpeg_draft=True)
+    seen = []
+    real = imaging.decode_image
+
+    def spy(source, max_pixels, background=imaging.WHITE, draft_size=None, keep_uint8=False):
+        seen.append(draft_size)
+        return real(source, max_pixels, background, draft_size, keep_uint8)
+
+    monkeypatch.setattr(imaging, "decode_image", spy)
+    report = verify_cache(tmp_path / "draft", source=photos, recompute=4, device="cpu")
+    assert report.ok and report.recomputed == 4, report.messages()
+    assert len(seen) == 4 and all(size is not None for size in seen)  # every recheck asked libjpeg for a draft

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from hostile_corpus import cmyk_pattern, make_corpus
 from PIL import Image
 
 from dinocache import FeatureCache
@@ -15,7 +16,6 @@ from dinocache.imaging import decode_image, read_source
 from dinocache.manifest import read_manifest
 from dinocache.stats import cache_stats
 from dinocache.verify import verify_cache
-from hostile_corpus import cmyk_pattern, make_corpus
 
 BUCKETS = {"buckets": [[128, 128], [160, 96], [96, 160], [64, 512], [512, 64]]}
 

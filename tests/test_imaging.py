@@ -3,9 +3,9 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import pil_to_float, save_scene
 from PIL import Image
 
-from conftest import pil_to_float, save_scene
 from dinocache.errors import DecodeError
 from dinocache.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, preprocess
 from dinocache.scan import probe

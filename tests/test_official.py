@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from dinocache.errors import ModelLoadError
 from dinocache.model import load_model
 

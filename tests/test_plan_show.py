@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_verify_stats_cli import REPO, extract_cli
 from typer.testing import CliRunner
 
 from dinocache.cli import app
-from test_verify_stats_cli import REPO, extract_cli
 
 runner = CliRunner()
 

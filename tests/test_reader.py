@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import save_scene
 from torch.utils.data import DataLoader
 
-from conftest import save_scene
 from dinocache import BucketBatchSampler, FeatureCache, collate_features
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.extract import extract

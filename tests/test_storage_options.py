@@ -3,13 +3,13 @@ each recorded in the manifest, honoured by the reader and verify, checked agains
 
 import torch
 import torch.nn.functional as F
-
 from conftest import NUM_REGISTERS, token_cosine
+from test_extract import reference_pixels
+
 from dinocache import FeatureCache
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.extract import extract
 from dinocache.verify import verify_cache
-from test_extract import reference_pixels
 
 BUCKETS = {"buckets": [[224, 224], [210, 300]]}  # 14x14 and an odd 19x13 grid
 

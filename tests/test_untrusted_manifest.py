@@ -2,11 +2,12 @@
 CacheError (or a verify problem), never a crash, a traceback or a read outside the cache."""
 
 import copy
-import re
 import json
 import random
+import re
 
 import pytest
+from test_verify_stats_cli import extract_cli
 from typer.testing import CliRunner
 
 from dinocache import FeatureCache
@@ -15,10 +16,20 @@ from dinocache.errors import DinocacheError
 from dinocache.manifest import read_manifest
 from dinocache.stats import cache_stats
 from dinocache.verify import verify_cache
-from test_verify_stats_cli import extract_cli
 
+
+def nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+DEEP = 400  # deep enough to matter, shallow enough for json.dumps to write it
 JUNK = [None, -1, 0, 2**70, 1e308, "x", "", "../../etc/passwd", "/etc/passwd", "shards/../../x", [], {}, [1, 2],
-        {"a": 1}, True, "shards/\x00", float("nan")]
+        {"a": 1}, True, "shards/\x00", float("nan"), 5, [[1, 2], [3, 4]], {"seconds": "x"},
+        [[[[[]]]]], nested(DEEP), "\udcff", "%s"]
+HUGE_INT = "9" * 5000  # beyond Python's int parsing limit: spliced into the text
 
 
 def paths(obj, prefix=()):
@@ -89,10 +100,50 @@ def test_fuzzed_manifests_never_crash(good_cache, tmp_path):
                 doc = set_path(doc, path, rng.choice(JUNK))
             except (TypeError, KeyError, IndexError):
                 pass
-        (work / "manifest.json").write_text(json.dumps(doc))
+        text = json.dumps(doc)
+        if rng.random() < 0.1:  # a number beyond what int() parses
+            text = text.replace('"count": ', f'"count": {HUGE_INT}', 1)
+        if rng.random() < 0.05:  # nesting far deeper than any recursion limit
+            text = "[" * 100_000 + text + "]" * 100_000
+        (work / "manifest.json").write_text(text)
         report = exercise(work)
         if doc != original:
             assert isinstance(report.problems, list)
+
+
+def test_fuzzed_sample_tables_never_crash(good_cache, tmp_path):
+    """The sample table's safetensors header, mutated: dtypes, shapes, offsets, lists, nesting,
+    key bytes. Only our own errors and verify findings may come out."""
+    import hashlib
+    import shutil
+
+    manifest = json.loads((good_cache / "manifest.json").read_text())
+    table_bytes = (good_cache / manifest["samples"]["file"]).read_bytes()
+    n = int.from_bytes(table_bytes[:8], "little")
+    header, data = json.loads(table_bytes[8:8 + n]), table_bytes[8 + n:]
+    tensor_paths = [p for p in paths(header) if p and p[0] != "__metadata__"]
+    rng = random.Random(2)
+    work = tmp_path / "cache"
+    for trial in range(60):
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(good_cache, work)
+        doc = copy.deepcopy(header)
+        for _ in range(rng.randint(1, 3)):
+            try:
+                doc = set_path(doc, rng.choice(tensor_paths), rng.choice(JUNK + ["U8", "I64", "F16", [3], [1, 2, 3]]))
+            except (TypeError, KeyError, IndexError):
+                pass
+        raw = json.dumps(doc).encode()
+        body = bytearray(data)
+        if rng.random() < 0.3 and body:  # key bytes or offsets garbled too
+            body[rng.randrange(len(body))] = rng.randrange(256)
+        blob = len(raw).to_bytes(8, "little") + raw + bytes(body)
+        (work / manifest["samples"]["file"]).write_bytes(blob)
+        doc_manifest = copy.deepcopy(manifest)
+        doc_manifest["samples"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        (work / "manifest.json").write_text(json.dumps(doc_manifest))
+        exercise(work)
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b"null", b'{"format": "dinocache", "format_version": 99}',

@@ -1,0 +1,135 @@
+"""The layout owner (layout.py): plan's projection equals what extract writes for every storage
+option, every storage dtype of the table round-trips, and the format spec's own example reads
+what FeatureCache reads."""
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_scene, token_cosine
+
+from dinocache import FeatureCache
+from dinocache.config import ExtractOptions, parse_bucket_config
+from dinocache.extract import extract
+from dinocache.layout import STORAGE_DTYPES, Layout
+from dinocache.plan import plan_extraction
+from dinocache.verify import verify_cache
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKETS = {"buckets": [[64, 64], [96, 48], [48, 96]]}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout") / "images"
+    for i, (w, h) in enumerate([(64, 64), (100, 50), (50, 100), (64, 66), (200, 100)]):
+        save_scene(root / f"pic{i}.png", w, h, seed=i)
+    save_scene(root / "deeper" / "ünïcode name.png", 64, 64, seed=9)
+    return root
+
+
+def extract_with(images, out, model_dir, layout: Layout, shard_mb: float = 512):
+    options = ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), workers=0,
+                             progress=False, dtype="float32", storage_dtype=layout.dtype, keep_registers=layout.registers,
+                             pool=layout.pool, layers=layout.layers, flip=layout.flip,
+                             shard_max_bytes=int(shard_mb * 1024**2))
+    extract(images, options)
+    return FeatureCache(out)
+
+
+GRID = [Layout(dtype=d, pool=p, registers=r, layers=k)
+        for d, p, r, k in itertools.product(STORAGE_DTYPES, (1, 2), (False, True), ((), (1,)))]
+GRID += [Layout(flip=True), Layout(dtype="float8_e4m3fn", flip=True, registers=True, layers=(2,), pool=2)]
+
+
+def test_plan_projects_exactly_what_extract_writes_for_every_option(images, tmp_path, tiny_model_dir):
+    for n, layout in enumerate(GRID):
+        for shard_mb in (512, 0.01):  # one shard per bucket, and shards cut every few rows
+            cache = extract_with(images, tmp_path / f"c{n}-{shard_mb}", tiny_model_dir, layout, shard_mb)
+            written = sum(s["bytes"] for s in cache.manifest["shards"])
+            projected = plan_extraction(images, parse_bucket_config(BUCKETS), str(tiny_model_dir), layout,
+                                        shard_max_bytes=int(shard_mb * 1024**2))
+            assert projected.shards == len(cache.manifest["shards"]), layout
+            assert abs(projected.projected_bytes - written) <= 0.01 * written, (layout, shard_mb, projected.projected_bytes,
+                                                                                written)
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE_DTYPES))
+def test_every_storage_dtype_round_trips(images, tmp_path, tiny_model_dir, dtype):
+    """A new row of STORAGE_DTYPES is covered here without another line of test code."""
+    ref = extract_with(images, tmp_path / "ref", tiny_model_dir, Layout(dtype="float32"))
+    got = extract_with(images, tmp_path / dtype, tiny_model_dir, Layout(dtype=dtype, registers=True))
+    assert verify_cache(tmp_path / dtype).ok
+    floor = 0.99 if STORAGE_DTYPES[dtype].itemsize == 1 else 0.999
+    for key in ref.keys():
+        a, b = ref[key], got[key]
+        for name in ("cls", "patches"):
+            assert b[name].shape == a[name].shape
+            cos = token_cosine(b[name].reshape(-1, 64), a[name].reshape(-1, 64))
+            assert cos.min() >= floor, (dtype, name, cos.min())
+
+
+def format_example() -> str:
+    text = (REPO / "docs" / "FORMAT.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    example = next(b for b in blocks if "def read_sample" in b)
+    return example
+
+
+@pytest.mark.parametrize("layout", [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)),
+                                    Layout(flip=True, registers=True)], ids=["default", "pool2", "float8", "layers",
+                                                                             "flip"])
+def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, tiny_model_dir, layout):
+    cache = extract_with(images, tmp_path / "cache", tiny_model_dir, layout)
+    namespace: dict = {}
+    exec(format_example(), namespace)  # noqa: S102 - the spec's own code, run as a stranger would
+    for key in cache.keys():
+        theirs = namespace["read_sample"](str(tmp_path / "cache"), key)
+        ours = cache[key]
+        names = {n for n, v in ours.items() if isinstance(v, torch.Tensor)}
+        assert set(theirs) == names, key
+        for name in names:
+            assert theirs[name].shape == ours[name].shape, (key, name)
+            assert torch.equal(theirs[name].float(), ours[name].float()), (key, name)
+
+
+def test_a_format_1_cache_still_reads(tmp_path):
+    """tests/data/v1 was written by dinocache 0.1.0: it reads, verifies, and its values are the
+    raw tensors of its shards."""
+    from safetensors import safe_open
+
+    for name in ("cache-v1", "cache-v1-f8"):
+        root = REPO / "tests" / "data" / "v1" / name
+        assert verify_cache(root).ok, verify_cache(root).messages()
+        cache = FeatureCache(root)
+        assert len(cache) == 3 and cache.manifest["format_version"] == 1
+        for key in cache.keys():
+            record = cache.record(key)
+            shard = cache.manifest["shards"][record["shard"]]
+            bucket = cache.manifest["buckets"][record["bucket"]]
+            with safe_open(str(root / shard["file"]), "pt") as fh:
+                raw = fh.get_tensor("patches")[record["row"]].float()
+                if "patches_scale" in fh.keys():
+                    raw = raw * fh.get_tensor("patches_scale")[record["row"]]
+            assert torch.equal(cache[key]["patches"].float().reshape(raw.shape), raw)
+            assert cache[key]["grid"] == tuple(bucket["stored_grid"])
+
+
+def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
+    import shutil
+
+    from dinocache.errors import CacheError
+
+    data = REPO / "tests" / "data" / "v1"
+    shutil.copytree(data / "cache-v1", tmp_path / "cache")
+    options = ExtractOptions(out=tmp_path / "cache", buckets=parse_bucket_config(json.loads((data / "b.yaml").read_text())),
+                             model=str(data / "model"), workers=0, progress=False, dtype="float32",
+                             keep_registers=True, layers=(1,))
+    with pytest.raises(CacheError, match="older dinocache"):
+        extract(data / "images", options)
+    options.overwrite = True
+    result = extract(data / "images", options)
+    assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 2
