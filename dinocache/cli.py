@@ -21,9 +21,14 @@ from .names import DEFAULT_MODEL, DEFAULT_OUT
 
 EXIT_PROBLEMS, EXIT_USAGE = 1, 2
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-                  help="Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    help="Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.",
+)
 
 
 def _version(value: bool) -> None:
@@ -33,8 +38,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.
 
     Exit codes: 0 ok, 1 problems found (verify), 2 usage error, 130/143 interrupted.
@@ -54,8 +62,9 @@ def _layer_list(text: Optional[str]) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
-        raise DinocacheError(f"--layers must be block numbers separated by commas, got {text!r}",
-                             "e.g. --layers 8,16") from None
+        raise DinocacheError(
+            f"--layers must be block numbers separated by commas, got {text!r}", "e.g. --layers 8,16"
+        ) from None
 
 
 def _floats3(text: Optional[str], name: str):
@@ -66,13 +75,15 @@ def _floats3(text: Optional[str], name: str):
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise DinocacheError(f"{name} must be three comma-separated numbers, got {text!r}",
-                             f"e.g. {name} 0.485,0.456,0.406")
+        raise DinocacheError(
+            f"{name} must be three comma-separated numbers, got {text!r}", f"e.g. {name} 0.485,0.456,0.406"
+        )
     return values
 
 
-OUT_ARG = typer.Argument(Path(DEFAULT_OUT), metavar="OUT", show_default=False,
-                         help=f"Cache folder (default: ./{DEFAULT_OUT}).")
+OUT_ARG = typer.Argument(
+    Path(DEFAULT_OUT), metavar="OUT", show_default=False, help=f"Cache folder (default: ./{DEFAULT_OUT})."
+)
 STORAGE_HELP = "Stored dtype: bfloat16 (default), float8_e4m3fn, ... (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid POOL x POOL (2: 4x smaller)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
@@ -82,15 +93,19 @@ FLIP_HELP = "Also store the features of the mirrored image."
 
 @app.command(no_args_is_help=True)
 def extract(
-    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", show_default=False,
-                                     help="Folder of images (searched recursively)."),
-    buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML",
-                                           help="Bucket config, e.g. configs/dit-1024.yaml."),
-    crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL",
-                                         help="The trainer's own crops: key, size, box per line."),
+    input_dir: Path = typer.Argument(
+        ..., metavar="INPUT_DIR", show_default=False, help="Folder of images (searched recursively)."
+    ),
+    buckets: Optional[Path] = typer.Option(
+        None, "--buckets", "-b", metavar="YAML", help="Bucket config, e.g. configs/dit-1024.yaml."
+    ),
+    crops: Optional[Path] = typer.Option(
+        None, "--crops", metavar="JSONL", help="The trainer's own crops: key, size, box per line."
+    ),
     out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Cache folder."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", metavar="MODEL",
-                              help="Hub id, local folder, official .pth, or random:<arch>."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Hub id, local folder, official .pth, or random:<arch>."
+    ),
     revision: Optional[str] = typer.Option(None, metavar="REV", help="Hub branch, tag or commit."),
     device: str = typer.Option("auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", metavar="DTYPE", help="Compute: auto, bfloat16, float16, float32."),
@@ -99,10 +114,12 @@ def extract(
     layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
     keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
     flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
-    batch_size: Optional[int] = typer.Option(None, min=1, metavar="N",
-                                             help="Images per forward (default: config's, else by size)."),
-    workers: Optional[int] = typer.Option(None, min=0, metavar="N",
-                                          help="Decode processes (default: cores - 1, at most 8)."),
+    batch_size: Optional[int] = typer.Option(
+        None, min=1, metavar="N", help="Images per forward (default: config's, else by size)."
+    ),
+    workers: Optional[int] = typer.Option(
+        None, min=0, metavar="N", help="Decode processes (default: cores - 1, at most 8)."
+    ),
     image_mean: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's mean."),
     image_std: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's std."),
     shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
@@ -112,18 +129,18 @@ def extract(
     rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash."),
     repair: bool = typer.Option(False, "--repair", help="Hash every shard; recompute damaged ones."),
     prune: bool = typer.Option(False, "--prune", help="Drop cached images whose file is gone."),
-    follow_symlinks: bool = typer.Option(False, "--follow-symlinks",
-                                         help="Read links that lead outside INPUT_DIR."),
-    max_failures: Optional[str] = typer.Option(None, metavar="N|F",
-                                               help="Stop past N failures, or a fraction (5%)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read links that lead outside INPUT_DIR."),
+    max_failures: Optional[str] = typer.Option(None, metavar="N|F", help="Stop past N failures, or a fraction (5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPUs)."),
-    sdpa_backend: str = typer.Option("auto", metavar="NAME",
-                                     help="Attention: auto, cudnn, flash, efficient, math."),
+    sdpa_backend: str = typer.Option("auto", metavar="NAME", help="Attention: auto, cudnn, flash, efficient, math."),
     jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode big JPEGs at reduced scale."),
-    resize_on_device: Optional[bool] = typer.Option(None, "--resize-on-device/--resize-in-workers",
-                                                    show_default=False,
-                                                    help="Where to resize (default: GPU if any)."),
+    resize_on_device: Optional[bool] = typer.Option(
+        None,
+        "--resize-on-device/--resize-in-workers",
+        show_default=False,
+        help="Where to resize (default: GPU if any).",
+    ),
     rank: Optional[int] = typer.Option(None, min=0, metavar="I", help="This share, without torchrun."),
     world_size: Optional[int] = typer.Option(None, min=1, metavar="N", help="Number of shares, with --rank."),
 ):
@@ -142,29 +159,55 @@ def extract(
 
     try:
         if buckets is None and crops is None:
-            raise DinocacheError("extract needs --buckets (a bucket config), --crops (the trainer's crops), or both",
-                                 "e.g. --buckets configs/dit-1024.yaml")
+            raise DinocacheError(
+                "extract needs --buckets (a bucket config), --crops (the trainer's crops), or both",
+                "e.g. --buckets configs/dit-1024.yaml",
+            )
         config = load_bucket_config(buckets) if buckets is not None else None
         if crops is not None:
             from .crops import buckets_for_crops
 
             config = buckets_for_crops(crops, config)
         options = ExtractOptions(
-            out=out, buckets=config or BucketConfig([]), model=model, revision=revision, device=device,
-            dtype=dtype, storage_dtype=storage_dtype, keep_registers=keep_registers, pool=pool,
-            layers=_layer_list(layers), flip=flip,
-            image_mean=_floats3(image_mean, "--image-mean"), image_std=_floats3(image_std, "--image-std"),
-            batch_size=batch_size, workers=workers, shard_max_bytes=int(shard_size_mb * 1024**2),
-            commit_every_s=commit_every, max_pixels=max_pixels, overwrite=overwrite, rehash=rehash, prune=prune,
-            repair=repair, follow_symlinks=follow_symlinks, max_failures=parse_max_failures(max_failures),
-            progress=progress, compile=compile, sdpa_backend=sdpa_backend, jpeg_draft=jpeg_draft, rank=rank,
-            world_size=world_size, resize_on_device=resize_on_device, crops=crops)
+            out=out,
+            buckets=config or BucketConfig([]),
+            model=model,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            storage_dtype=storage_dtype,
+            keep_registers=keep_registers,
+            pool=pool,
+            layers=_layer_list(layers),
+            flip=flip,
+            image_mean=_floats3(image_mean, "--image-mean"),
+            image_std=_floats3(image_std, "--image-std"),
+            batch_size=batch_size,
+            workers=workers,
+            shard_max_bytes=int(shard_size_mb * 1024**2),
+            commit_every_s=commit_every,
+            max_pixels=max_pixels,
+            overwrite=overwrite,
+            rehash=rehash,
+            prune=prune,
+            repair=repair,
+            follow_symlinks=follow_symlinks,
+            max_failures=parse_max_failures(max_failures),
+            progress=progress,
+            compile=compile,
+            sdpa_backend=sdpa_backend,
+            jpeg_draft=jpeg_draft,
+            rank=rank,
+            world_size=world_size,
+            resize_on_device=resize_on_device,
+            crops=crops,
+        )
         options.layout()  # an unknown --storage-dtype is reported before anything runs
         result = run_extract(input_dir, options)
     except Interrupted as exc:
         _print_extract_summary(exc.result, input_dir, world_size, rank, out)
         typer.echo(f"interrupted: {exc.kept} image(s) kept; rerun the same command to resume", err=True)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
     except DinocacheError as exc:
         _fail(exc)
     _print_extract_summary(result, input_dir, world_size, rank, out)
@@ -179,13 +222,18 @@ def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path)
     for file, why in result.repaired_shards.items():
         typer.echo(f"repaired: {file} was damaged ({why}); its rows were recomputed")
     if result.lost:
-        typer.echo(f"lost: {len(result.lost)} image(s) of damaged shards have no source any more: "
-                   + ", ".join(result.lost[:listed]) + (" ..." if len(result.lost) > listed else ""))
+        typer.echo(
+            f"lost: {len(result.lost)} image(s) of damaged shards have no source any more: "
+            + ", ".join(result.lost[:listed])
+            + (" ..." if len(result.lost) > listed else "")
+        )
     if result.shards_adopted:
         typer.echo(f"kept {result.shards_adopted} shard(s) finished by an interrupted run")
     if result.job_processed is not None:
-        typer.echo(f"{result.job_processed} extracted by {LauncherEnv.read().world_size} ranks, {result.skipped} "
-                   f"already cached -> {result.out}")
+        typer.echo(
+            f"{result.job_processed} extracted by {LauncherEnv.read().world_size} ranks, {result.skipped} "
+            f"already cached -> {result.out}"
+        )
     else:
         rate = f" in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s)" if result.processed else ""
         typer.echo(f"{result.processed} extracted{rate}, {result.skipped} already cached -> {result.out}")
@@ -196,8 +244,12 @@ def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path)
         typer.echo(f"{result.failed_before} image(s) failed in an earlier run and are unchanged (not retried)")
     if result.missing_sources:
         gone = result.missing_sources
-        typer.echo(f"{len(gone)} cached image(s) are no longer in {input_dir}: " + ", ".join(gone[:listed])
-                   + (" ..." if len(gone) > listed else "") + " (--prune drops them)")
+        typer.echo(
+            f"{len(gone)} cached image(s) are no longer in {input_dir}: "
+            + ", ".join(gone[:listed])
+            + (" ..." if len(gone) > listed else "")
+            + " (--prune drops them)"
+        )
     if result.pruned:
         typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
     if world_size and world_size > 1:
@@ -206,20 +258,23 @@ def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path)
 
 @app.command(no_args_is_help=True)
 def plan(
-    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", show_default=False,
-                                     help="Folder of images (searched recursively)."),
+    input_dir: Path = typer.Argument(
+        ..., metavar="INPUT_DIR", show_default=False, help="Folder of images (searched recursively)."
+    ),
     buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML", help="Bucket config."),
     crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL", help="The trainer's own crops."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", metavar="MODEL",
-                              help="Only its shape matters (Hub id, folder, random:<arch>)."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Only its shape matters (Hub id, folder, random:<arch>)."
+    ),
     storage_dtype: str = typer.Option("bfloat16", metavar="DTYPE", help=STORAGE_HELP),
     pool: int = typer.Option(1, min=1, max=64, metavar="N", help=POOL_HELP),
     layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
     keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
     flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
     shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
-    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", metavar="OUT",
-                             help="Where the cache would go (free space)."),
+    out: Path = typer.Option(
+        Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Where the cache would go (free space)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every file)."),
 ):
     """Show what extract would do, without a model: buckets, distortion, size, time.
@@ -248,22 +303,28 @@ def plan(
             crop_table = load_crops(crops, config, scan_folder(input_dir, exclude=[out]))
         check_dtype(storage_dtype)
         layout = Layout(dtype=storage_dtype, registers=keep_registers, pool=pool, layers=_layer_list(layers), flip=flip)
-        report = plan_extraction(input_dir, config, model, layout, out, shard_max_bytes=int(shard_size_mb * 1024**2),
-                                 crops=crop_table)
+        report = plan_extraction(
+            input_dir, config, model, layout, out, shard_max_bytes=int(shard_size_mb * 1024**2), crops=crop_table
+        )
     except DinocacheError as exc:
         _fail(exc)
-    typer.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json
-               else format_plan(report, config, model, storage_dtype))
+    typer.echo(
+        json.dumps(dataclasses.asdict(report), indent=2)
+        if as_json
+        else format_plan(report, config, model, storage_dtype)
+    )
 
 
 @app.command(no_args_is_help=True)
 def show(
     out: Path = typer.Argument(..., metavar="OUT", show_default=False, help="Cache folder."),
-    key: str = typer.Argument(..., metavar="KEY", show_default=False,
-                              help="The image's path relative to the input folder."),
+    key: str = typer.Argument(
+        ..., metavar="KEY", show_default=False, help="The image's path relative to the input folder."
+    ),
     output: Path = typer.Option(Path("dinocache_show.png"), "--output", "-o", metavar="PNG", help="Picture to write."),
-    source: Optional[Path] = typer.Option(None, "--source", metavar="DIR",
-                                          help="Image folder (default: the recorded one)."),
+    source: Optional[Path] = typer.Option(
+        None, "--source", metavar="DIR", help="Image folder (default: the recorded one)."
+    ),
 ):
     """Write the image beside an RGB picture of its features (PCA of the patches).
 
@@ -279,15 +340,21 @@ def show(
     except DinocacheError as exc:
         _fail(exc)
     except (OSError, ValueError) as exc:
-        _fail(DinocacheError(f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}",
-                             "pass a writable --output path ending in .png"))
+        _fail(
+            DinocacheError(
+                f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}",
+                "pass a writable --output path ending in .png",
+            )
+        )
     typer.echo(f"wrote {output} ({picture.width}x{picture.height})")
 
 
 @app.command()
-def keys(out: Path = OUT_ARG,
-         match: Optional[str] = typer.Option(None, "--match", metavar="GLOB", help="Only keys matching, e.g. 'cats/*'."),
-         failed: bool = typer.Option(False, "--failed", help="List failed images with their reason instead.")):
+def keys(
+    out: Path = OUT_ARG,
+    match: Optional[str] = typer.Option(None, "--match", metavar="GLOB", help="Only keys matching, e.g. 'cats/*'."),
+    failed: bool = typer.Option(False, "--failed", help="List failed images with their reason instead."),
+):
     """List the cached keys (or the failed images), one per line.
 
     \b
@@ -331,24 +398,31 @@ def merge(out: Path = OUT_ARG):
         result = merge_cache(out)
     except DinocacheError as exc:
         _fail(exc)
-    typer.echo(f"merged {result.shards_adopted} shard(s) and {result.rank_reports} rank report(s): "
-               f"{result.samples} samples in {out}")
+    typer.echo(
+        f"merged {result.shards_adopted} shard(s) and {result.rank_reports} rank report(s): "
+        f"{result.samples} samples in {out}"
+    )
 
 
 @app.command()
-def verify(paths: Optional[List[Path]] = typer.Argument(None, metavar="[PATH]...", show_default=False,
-                                                        help="Cache folders, shards/ folders or shard files "
-                                                        f"(default: ./{DEFAULT_OUT})."),
-           source: Optional[Path] = typer.Option(None, "--source", metavar="DIR",
-                                                 help="Image folder: find missing and changed images."),
-           recompute: int = typer.Option(0, min=0, metavar="N", help="Re-extract N random samples and compare."),
-           seed: int = typer.Option(0, metavar="S", help="Which samples --recompute takes."),
-           device: str = typer.Option("auto", metavar="DEV", help="Device for --recompute."),
-           skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums run)."),
-           follow_symlinks: bool = typer.Option(False, "--follow-symlinks",
-                                                help="Read --source links that lead outside it."),
-           as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
-           listed: int = typer.Option(50, metavar="N", help="Problems to print (all with --json).")):
+def verify(
+    paths: Optional[List[Path]] = typer.Argument(
+        None,
+        metavar="[PATH]...",
+        show_default=False,
+        help=f"Cache folders, shards/ folders or shard files (default: ./{DEFAULT_OUT}).",
+    ),
+    source: Optional[Path] = typer.Option(
+        None, "--source", metavar="DIR", help="Image folder: find missing and changed images."
+    ),
+    recompute: int = typer.Option(0, min=0, metavar="N", help="Re-extract N random samples and compare."),
+    seed: int = typer.Option(0, metavar="S", help="Which samples --recompute takes."),
+    device: str = typer.Option("auto", metavar="DEV", help="Device for --recompute."),
+    skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums run)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read --source links that lead outside it."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    listed: int = typer.Option(50, metavar="N", help="Problems to print (all with --json)."),
+):
     """Check that a cache (or loose shards) is complete and intact.
 
     Exit 0 if intact, 1 with a report of each problem, 2 on a usage error.
@@ -362,8 +436,15 @@ def verify(paths: Optional[List[Path]] = typer.Argument(None, metavar="[PATH]...
     from .verify import RECOMPUTE_MIN_COSINE, verify_paths
 
     try:
-        report = verify_paths(paths or [Path(DEFAULT_OUT)], check_values=not skip_values, source=source,
-                              recompute=recompute, seed=seed, device=device, follow_symlinks=follow_symlinks)
+        report = verify_paths(
+            paths or [Path(DEFAULT_OUT)],
+            check_values=not skip_values,
+            source=source,
+            recompute=recompute,
+            seed=seed,
+            device=device,
+            follow_symlinks=follow_symlinks,
+        )
     except DinocacheError as exc:
         _fail(exc)
     if as_json:
@@ -375,8 +456,10 @@ def verify(paths: Optional[List[Path]] = typer.Argument(None, metavar="[PATH]...
     for skipped in report.skipped:
         typer.echo(f"skipped: {skipped}")
     if report.recomputed:
-        typer.echo(f"recomputed {report.recomputed} sample(s) from their sources (pass: every token cosine >= "
-                   f"{RECOMPUTE_MIN_COSINE})")
+        typer.echo(
+            f"recomputed {report.recomputed} sample(s) from their sources (pass: every token cosine >= "
+            f"{RECOMPUTE_MIN_COSINE})"
+        )
     if report.ok:
         what = "shard(s) checked on their own" if report.mode != "cache" else "shard(s) verified"
         typer.echo(f"OK: {report.samples} samples in {report.shards} {what} in {where}")
@@ -390,8 +473,7 @@ def verify(paths: Optional[List[Path]] = typer.Argument(None, metavar="[PATH]...
 
 
 @app.command()
-def stats(out: Path = OUT_ARG,
-          as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every failure).")):
+def stats(out: Path = OUT_ARG, as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every failure).")):
     """Report what a cache holds: images per bucket, failures, bytes, model, runs.
 
     \b

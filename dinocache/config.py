@@ -71,8 +71,14 @@ class ExtractOptions:
         from .layout import Layout, storage_dtype
 
         storage_dtype(self.storage_dtype)  # a clear error for an unknown name
-        return Layout(dtype=self.storage_dtype, registers=self.keep_registers, pool=self.pool,
-                      layers=tuple(self.layers), flip=self.flip, ln_stats=self.ln_stats)
+        return Layout(
+            dtype=self.storage_dtype,
+            registers=self.keep_registers,
+            pool=self.pool,
+            layers=tuple(self.layers),
+            flip=self.flip,
+            ln_stats=self.ln_stats,
+        )
 
 
 def parse_max_failures(text: str | None) -> int | float | None:
@@ -106,8 +112,10 @@ def _side(value: Any, where: str) -> int:
     """A bucket side in pixels: the bounds the manifest check applies too."""
     value = _positive_int(value, where)
     if not MIN_SIDE <= value <= MAX_SIDE:
-        raise ConfigError(f"{where} is {value} pixels; a bucket side must be {MIN_SIDE}..{MAX_SIDE}",
-                          f"use a size between {MIN_SIDE} (one patch) and {MAX_SIDE}, e.g. 1024")
+        raise ConfigError(
+            f"{where} is {value} pixels; a bucket side must be {MIN_SIDE}..{MAX_SIDE}",
+            f"use a size between {MIN_SIDE} (one patch) and {MAX_SIDE}, e.g. 1024",
+        )
     return value
 
 
@@ -135,8 +143,10 @@ def parse_bucket_config(data: Any, source: str = "<inline>") -> BucketConfig:
 
     resize = data.get("resize", "stretch")
     if resize not in RESIZE_MODES:
-        raise ConfigError(f"{source}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}",
-                          "use 'stretch' (whole image, no crop) or 'crop' (cover + centre crop)")
+        raise ConfigError(
+            f"{source}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}",
+            "use 'stretch' (whole image, no crop) or 'crop' (cover + centre crop)",
+        )
     batch_size = data.get("batch_size")
     if batch_size is not None:
         batch_size = _positive_int(batch_size, f"{source}: batch_size")
@@ -145,8 +155,10 @@ def parse_bucket_config(data: Any, source: str = "<inline>") -> BucketConfig:
 
 def _parse_bucket_list(items: Any, source: str) -> list[tuple[int, int]]:
     if not isinstance(items, list) or not items:
-        raise ConfigError(f"{source}: 'buckets' must be a non-empty list of [width, height] pairs",
-                          f"write for example:\n    {EXAMPLE}")
+        raise ConfigError(
+            f"{source}: 'buckets' must be a non-empty list of [width, height] pairs",
+            f"write for example:\n    {EXAMPLE}",
+        )
     sizes: list[tuple[int, int]] = []
     seen: dict[tuple[int, int], int] = {}
     for i, item in enumerate(items):
@@ -164,16 +176,25 @@ def _parse_bucket_list(items: Any, source: str) -> list[tuple[int, int]]:
 
 def _parse_generate(spec: Any, source: str) -> list[tuple[int, int]]:
     if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: 'generate' must be a mapping",
-                          "write e.g. generate: {resolution: 1024, step: 64, max_aspect: 2.0}")
+        raise ConfigError(
+            f"{source}: 'generate' must be a mapping",
+            "write e.g. generate: {resolution: 1024, step: 64, max_aspect: 2.0}",
+        )
     unknown = sorted(set(map(str, spec)) - set(GENERATE_KEYS))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) under generate: {', '.join(unknown)}",
-                          f"allowed keys are {', '.join(GENERATE_KEYS)}")
+        raise ConfigError(
+            f"{source}: unknown key(s) under generate: {', '.join(unknown)}",
+            f"allowed keys are {', '.join(GENERATE_KEYS)}",
+        )
     if "resolution" not in spec:
-        raise ConfigError(f"{source}: generate.resolution is missing", "add e.g. resolution: 1024 (side of the square bucket)")
-    kwargs = {k: (_positive_int if k == "step" else _side)(spec[k], f"{source}: generate.{k}")
-              for k in GENERATE_KEYS[:4] if k in spec}
+        raise ConfigError(
+            f"{source}: generate.resolution is missing", "add e.g. resolution: 1024 (side of the square bucket)"
+        )
+    kwargs = {
+        k: (_positive_int if k == "step" else _side)(spec[k], f"{source}: generate.{k}")
+        for k in GENERATE_KEYS[:4]
+        if k in spec
+    }
     if "max_aspect" in spec:
         aspect = spec["max_aspect"]
         if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or aspect < 1:
@@ -193,10 +214,13 @@ def load_bucket_config(path: str | Path) -> BucketConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"bucket config {path} does not exist",
-                          "pass --buckets with a YAML file, e.g. configs/dit-1024.yaml")
+        raise ConfigError(
+            f"bucket config {path} does not exist", "pass --buckets with a YAML file, e.g. configs/dit-1024.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"bucket config {path} is not valid YAML: {exc}", f"write for example:\n    {EXAMPLE}") from None
+        raise ConfigError(
+            f"bucket config {path} is not valid YAML: {exc}", f"write for example:\n    {EXAMPLE}"
+        ) from None
     return parse_bucket_config(data, source=str(path))

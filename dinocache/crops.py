@@ -49,22 +49,37 @@ def read_crops_file(path: str | Path) -> list[CropLine]:
         try:
             obj = json.loads(raw)
         except ValueError as exc:
-            raise ConfigError(f"{where} is not a JSON object: {exc}", f"write one object per line, e.g. {example}") from None
+            raise ConfigError(
+                f"{where} is not a JSON object: {exc}", f"write one object per line, e.g. {example}"
+            ) from None
         if not isinstance(obj, dict) or set(obj) - {"key", "size", "box"} or not {"key", "size", "box"} <= set(obj):
             raise ConfigError(f"{where} must have exactly the fields key, size and box", f"e.g. {example}")
         key, size, box = obj["key"], obj["size"], obj["box"]
         problem = key_problem(key)
         if problem:
-            raise ConfigError(f"{where}: key {key!r} is not a path relative to the image folder ({problem})",
-                              "write keys as the images' paths relative to the folder given to extract")
+            raise ConfigError(
+                f"{where}: key {key!r} is not a path relative to the image folder ({problem})",
+                "write keys as the images' paths relative to the folder given to extract",
+            )
         if not (isinstance(size, list) and len(size) == 2 and all(_int(v) and MIN_SIDE <= v <= MAX_SIDE for v in size)):
-            raise ConfigError(f"{where}: size {size!r} must be [width, height] in {MIN_SIDE}..{MAX_SIDE}", f"e.g. {example}")
-        if not (isinstance(box, list) and len(box) == 4 and all(_int(v) and v >= 0 for v in box)
-                and box[0] < box[2] and box[1] < box[3]):
-            raise ConfigError(f"{where}: box {box!r} must be [left, top, right, bottom] integers with left < right "
-                              "and top < bottom", f"e.g. {example}")
+            raise ConfigError(
+                f"{where}: size {size!r} must be [width, height] in {MIN_SIDE}..{MAX_SIDE}", f"e.g. {example}"
+            )
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(_int(v) and v >= 0 for v in box)
+            and box[0] < box[2]
+            and box[1] < box[3]
+        ):
+            raise ConfigError(
+                f"{where}: box {box!r} must be [left, top, right, bottom] integers with left < right and top < bottom",
+                f"e.g. {example}",
+            )
         if key in seen:
-            raise ConfigError(f"{where}: key {key!r} is listed twice (first on line {seen[key]})", "keep one line per key")
+            raise ConfigError(
+                f"{where}: key {key!r} is listed twice (first on line {seen[key]})", "keep one line per key"
+            )
         seen[key] = number
         lines.append(CropLine(number, key, (size[0], size[1]), (box[0], box[1], box[2], box[3])))
     if not lines:
@@ -86,8 +101,10 @@ def buckets_for_crops(path: str | Path, config: BucketConfig | None) -> BucketCo
     known = set(config.sizes)
     for line in lines:
         if line.size not in known:
-            raise ConfigError(f"{path}:{line.line}: size {list(line.size)} is not a bucket of {config.source}",
-                              "add it to the bucket config, or drop --buckets to use the crops file's sizes")
+            raise ConfigError(
+                f"{path}:{line.line}: size {list(line.size)} is not a bucket of {config.source}",
+                "add it to the bucket config, or drop --buckets to use the crops file's sizes",
+            )
     return config
 
 
@@ -103,16 +120,21 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
     for line in lines:
         src = by_key.get(line.key)
         if src is None:
-            raise ConfigError(f"{path}:{line.line}: no image {line.key!r} in the input folder",
-                              "check the key (a path relative to the folder given to extract) or drop the line")
+            raise ConfigError(
+                f"{path}:{line.line}: no image {line.key!r} in the input folder",
+                "check the key (a path relative to the folder given to extract) or drop the line",
+            )
         try:
             width, height = probe(src.path)
         except Exception as exc:  # DecodeError: the image itself is unusable; extract records it as failed
             width = height = None
             del exc
         if width is not None and (line.box[2] > width or line.box[3] > height):
-            raise ConfigError(f"{path}:{line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
-                              f"{width}x{height} upright", "boxes are in pixels of the upright image (EXIF applied)")
+            raise ConfigError(
+                f"{path}:{line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
+                f"{width}x{height} upright",
+                "boxes are in pixels of the upright image (EXIF applied)",
+            )
         crops[line.key] = Crop(buckets[line.size], line.box, line.line)
     return crops
 

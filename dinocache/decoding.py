@@ -29,8 +29,9 @@ def default_batch_size(bucket: Bucket, device_type: str = "cuda") -> int:
 class DecodeDataset(Dataset):
     """Read, hash, decode and preprocess one work item; failures are returned, not raised."""
 
-    def __init__(self, work: list, buckets: list[Bucket], prep: Preprocessing, max_pixels: int,
-                 crop_only: bool = False):
+    def __init__(
+        self, work: list, buckets: list[Bucket], prep: Preprocessing, max_pixels: int, crop_only: bool = False
+    ):
         self.work, self.buckets, self.prep, self.max_pixels = work, buckets, prep, max_pixels
         self.crop_only = crop_only  # return the cropped (uint8) region; the device resizes
 
@@ -44,8 +45,15 @@ class DecodeDataset(Dataset):
         try:
             data = read_source(item.path)
             sha256 = hashlib.sha256(data).hexdigest()
-            x = model_input(data, item.source_size, item.box, (bucket.input_width, bucket.input_height), self.prep,
-                            self.max_pixels, crop_only=self.crop_only)
+            x = model_input(
+                data,
+                item.source_size,
+                item.box,
+                (bucket.input_width, bucket.input_height),
+                self.prep,
+                self.max_pixels,
+                crop_only=self.crop_only,
+            )
             return i, x, sha256, None
         except DecodeError as exc:
             return i, None, None, (exc.reason, exc.detail)
@@ -67,8 +75,9 @@ def collate_decoded(items):
 def resize_on(device: torch.device, regions: list[torch.Tensor], size: tuple[int, int], mean, std) -> torch.Tensor:
     """Upload each cropped region (uint8 where the source was 8-bit) and resize + normalize it on
     `device`: the same math as the workers' path, without its CPU cost (~40 ms per 3 MP image)."""
-    return torch.stack([preprocess(r.to(device, non_blocking=True), (0, 0, r.shape[2], r.shape[1]), size, mean, std)
-                        for r in regions])
+    return torch.stack(
+        [preprocess(r.to(device, non_blocking=True), (0, 0, r.shape[2], r.shape[1]), size, mean, std) for r in regions]
+    )
 
 
 class BucketBatches:

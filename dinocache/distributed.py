@@ -32,8 +32,11 @@ class LauncherEnv:
             try:
                 return int(os.environ.get(name, default))
             except ValueError:
-                raise ConfigError(f"the environment variable {name}={os.environ[name]!r} is not a number",
-                                  "unset it, or launch with torchrun") from None
+                raise ConfigError(
+                    f"the environment variable {name}={os.environ[name]!r} is not a number",
+                    "unset it, or launch with torchrun",
+                ) from None
+
         return cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1))
 
 
@@ -59,8 +62,10 @@ class RankContext:
         env = LauncherEnv.read()
         if rank is not None or world_size is not None:  # explicit: no process group
             if rank is None or world_size is None or not 0 <= rank < world_size:
-                raise ConfigError(f"--rank {rank} --world-size {world_size} is not a valid pair",
-                                  "pass both, with 0 <= rank < world size")
+                raise ConfigError(
+                    f"--rank {rank} --world-size {world_size} is not a valid pair",
+                    "pass both, with 0 <= rank < world size",
+                )
             return cls(rank, world_size, 0, False, env.local_world_size)
         if env.world_size <= 1:
             return cls(local_world_size=env.local_world_size)

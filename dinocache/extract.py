@@ -87,8 +87,9 @@ class Interrupted(DinocacheError):
 
     def __init__(self, signum: int, kept: int, result: ExtractResult):
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}: {kept} image(s) extracted by this run are kept",
-                         "rerun the same command to resume")
+        super().__init__(
+            f"interrupted by {name}: {kept} image(s) extracted by this run are kept", "rerun the same command to resume"
+        )
         self.signum, self.kept, self.result = signum, kept, result
 
     @property
@@ -99,12 +100,16 @@ class Interrupted(DinocacheError):
 def cache_settings(mspec: ModelSpec, prep: Preprocessing, layout, buckets: list[Bucket]) -> dict:
     """Everything that changes the stored features; a cache never mixes two of these.
     JSON-normalized, so that it compares equal to what a manifest read back holds."""
-    return json.loads(json.dumps({
-        "model": mspec.record(),
-        "preprocessing": prep.record(),
-        "storage": layout.record(),
-        "buckets": [b.to_record(layout.pool) for b in buckets],
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "model": mspec.record(),
+                "preprocessing": prep.record(),
+                "storage": layout.record(),
+                "buckets": [b.to_record(layout.pool) for b in buckets],
+            }
+        )
+    )
 
 
 def preprocessing(mspec: ModelSpec, options: ExtractOptions) -> Preprocessing:
@@ -123,7 +128,8 @@ def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, 
         raise DinocacheError(
             f"stopped: {failed} of {attempted} images failed, over --max-failures {limit} "
             "(everything extracted so far is kept)",
-            "see `dinocache stats` for the reasons; fix the data or raise --max-failures")
+            "see `dinocache stats` for the reasons; fix the data or raise --max-failures",
+        )
 
 
 def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractResult:
@@ -142,8 +148,10 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
 def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
     root = Path(options.out)
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
-        raise ConfigError("--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
-                          "run `dinocache merge OUT` after the ranks, then a single extract with the option")
+        raise ConfigError(
+            "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
+            "run `dinocache merge OUT` after the ranks, then a single extract with the option",
+        )
     sources = scan_folder(input_dir, exclude=[root], follow_symlinks=options.follow_symlinks)
     require_images(sources, input_dir)
     crops = None
@@ -152,13 +160,25 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
 
         crops = load_crops(options.crops, options.buckets, sources)
     # Cheap checks first: the model's shape and settings (no weights), then the cache.
-    mspec = loaded.spec if loaded is not None and loaded.spec is not None else resolve_model(
-        options.model, options.revision, ctx.device(options.device), options.dtype, options.image_mean,
-        options.image_std, options.seed)
+    mspec = (
+        loaded.spec
+        if loaded is not None and loaded.spec is not None
+        else resolve_model(
+            options.model,
+            options.revision,
+            ctx.device(options.device),
+            options.dtype,
+            options.image_mean,
+            options.image_std,
+            options.seed,
+        )
+    )
     bad_layers = [k for k in options.layers if not 1 <= k <= mspec.num_layers]
     if bad_layers:
-        raise ConfigError(f"--layers {','.join(map(str, bad_layers))}: this model has blocks 1..{mspec.num_layers}",
-                          "pick block numbers in that range")
+        raise ConfigError(
+            f"--layers {','.join(map(str, bad_layers))}: this model has blocks 1..{mspec.num_layers}",
+            "pick block numbers in that range",
+        )
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size)
     settings = cache_settings(mspec, preprocessing(mspec, options), options.layout(), buckets)
     result = ExtractResult(out=root, scanned=len(sources))
@@ -179,16 +199,24 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
                 present = {s.key for s in sources}
                 result.lost = [k for k in damage.lost_keys if k not in present]
                 for key in result.lost:
-                    state.failures[key] = {"key": key, "reason": "lost", "source_bytes": -1, "source_mtime_ns": "-1",
-                                           "detail": "its shard was damaged and its source image is gone"}
+                    state.failures[key] = {
+                        "key": key,
+                        "reason": "lost",
+                        "source_bytes": -1,
+                        "source_mtime_ns": "-1",
+                        "detail": "its shard was damaged and its source image is gone",
+                    }
             state.commit()  # repairs, adopted shards and pruning are durable before any new work
         ctx.barrier()
         if not ctx.leader or ctx.multi:  # every rank selects work from the same committed snapshot
-            state = CacheState.open(root, settings, overwrite=False, cleanup=False,
-                                    extras={NORM_FILE: mspec.norm_file()}) \
-                if (root / MANIFEST_NAME).exists() else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
-        selection = select_work(sources, buckets, state, options.buckets.resize, options.max_pixels, options.rehash,
-                                crops, ctx)
+            state = (
+                CacheState.open(root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()})
+                if (root / MANIFEST_NAME).exists()
+                else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
+            )
+        selection = select_work(
+            sources, buckets, state, options.buckets.resize, options.max_pixels, options.rehash, crops, ctx
+        )
         del sources  # the work list holds what is needed; a run may scan millions of files
         work = _apply_selection(selection, state, result, ctx)
         if ctx.multi:
@@ -201,8 +229,10 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
             _extract_work(input_dir, work, buckets, loaded, state, options, result, ctx)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise CacheError(f"the disk holding {root} is full: {exc}",
-                                 "free space and rerun the same command; everything finished so far is kept") from None
+                raise CacheError(
+                    f"the disk holding {root} is full: {exc}",
+                    "free space and rerun the same command; everything finished so far is kept",
+                ) from None
             raise
         finally:
             result.failed = len(state.failures)
@@ -215,7 +245,9 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
     return result
 
 
-def _apply_selection(selection: Selection, state: CacheState, result: ExtractResult, ctx: RankContext) -> list[WorkItem]:
+def _apply_selection(
+    selection: Selection, state: CacheState, result: ExtractResult, ctx: RankContext
+) -> list[WorkItem]:
     state.pending.extend(selection.refreshed)
     result.skipped, result.failed_before = selection.cached, selection.failed_before
     for src, reason, detail in selection.failures:
@@ -226,8 +258,9 @@ def _apply_selection(selection: Selection, state: CacheState, result: ExtractRes
     return selection.work
 
 
-def _note_missing_sources(state: CacheState, sources: list[SourceFile], options: ExtractOptions,
-                          result: ExtractResult) -> None:
+def _note_missing_sources(
+    state: CacheState, sources: list[SourceFile], options: ExtractOptions, result: ExtractResult
+) -> None:
     present = [s.key for s in sources]  # sorted, like the table's keys
     gone = keys_not_in(state.table.iter_keys(), present) + keys_not_in(sorted(state.failures), present)
     if options.prune and gone:
@@ -267,14 +300,21 @@ class StopSignals:
 
     def _handle(self, signum, _frame) -> None:
         if self.signum is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now; everything committed so far is kept",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name} again: exiting now; everything committed so far is kept",
+                file=sys.stderr,
+                flush=True,
+            )
             import os
 
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the batch in flight and committing "
-              "(send it again to quit at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the batch in flight and committing "
+            "(send it again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._saved.items():
@@ -296,8 +336,9 @@ class BatchSizes:
         return self.halved.get(bucket.index) or self.fixed or default_batch_size(bucket, self.device_type)
 
 
-def _forward_in_chunks(loaded: LoadedModel, pixels, bucket: Bucket, layout, sizes: BatchSizes,
-                       run: RunRecord, timer: StageTimer):
+def _forward_in_chunks(
+    loaded: LoadedModel, pixels, bucket: Bucket, layout, sizes: BatchSizes, run: RunRecord, timer: StageTimer
+):
     """Features of a batch, in chunks of the bucket's batch size; on out-of-memory the size is
     halved for the rest of the bucket and the same images are retried: no image is lost."""
     size = (bucket.input_width, bucket.input_height)
@@ -305,7 +346,7 @@ def _forward_in_chunks(loaded: LoadedModel, pixels, bucket: Bucket, layout, size
     count = len(pixels)
     while start < count:
         n = min(sizes.for_bucket(bucket), count - start)
-        chunk = pixels[start:start + n]
+        chunk = pixels[start : start + n]
         try:
             began = time.perf_counter()
             if isinstance(chunk, list):
@@ -318,14 +359,20 @@ def _forward_in_chunks(loaded: LoadedModel, pixels, bucket: Bucket, layout, size
         except torch.OutOfMemoryError:
             if n == 1:
                 raise DinocacheError(
-                    f"{loaded.model_id} runs out of memory on a single {bucket.input_width}x{bucket.input_height} image "
+                    f"{loaded.model_id} runs out of memory on a single "
+                    f"{bucket.input_width}x{bucket.input_height} image "
                     f"(bucket {bucket.name}) on {loaded.device}",
-                    "use a GPU with more memory, a smaller bucket, or --dtype bfloat16") from None
+                    "use a GPU with more memory, a smaller bucket, or --dtype bfloat16",
+                ) from None
             sizes.halved[bucket.index] = max(1, n // 2)
             run.oom_retries += 1
             run.batch_sizes[bucket.name] = sizes.halved[bucket.index]
-            log.warning("out of memory with %d images of %s: retrying with batches of %d", n, bucket.name,
-                        sizes.halved[bucket.index])
+            log.warning(
+                "out of memory with %d images of %s: retrying with batches of %d",
+                n,
+                bucket.name,
+                sizes.halved[bucket.index],
+            )
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -335,12 +382,27 @@ def _forward_in_chunks(loaded: LoadedModel, pixels, bucket: Bucket, layout, size
     return {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}
 
 
-def _extract_work(input_dir: Path, work: list[WorkItem], buckets: list[Bucket], loaded: LoadedModel | None,
-                  state: CacheState, options: ExtractOptions, result: ExtractResult, ctx: RankContext) -> None:
+def _extract_work(
+    input_dir: Path,
+    work: list[WorkItem],
+    buckets: list[Bucket],
+    loaded: LoadedModel | None,
+    state: CacheState,
+    options: ExtractOptions,
+    result: ExtractResult,
+    ctx: RankContext,
+) -> None:
     commits = not ctx.multi  # ranks leave the manifest alone and report instead; rank 0 merges
     device = loaded.device if loaded is not None else torch.device("cpu")
-    run = RunRecord(started=now(), input_dir=str(input_dir.resolve()), planned=len(work), device=str(device),
-                    tool_version=__version__, rank=ctx.rank, world_size=ctx.world_size)
+    run = RunRecord(
+        started=now(),
+        input_dir=str(input_dir.resolve()),
+        planned=len(work),
+        device=str(device),
+        tool_version=__version__,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     timer = StageTimer()
     run.failed = result.failed_this_run
     if not work:
@@ -354,13 +416,19 @@ def _extract_work(input_dir: Path, work: list[WorkItem], buckets: list[Bucket], 
     prep = Preprocessing.from_record(state.settings["preprocessing"])
     dataset = DecodeDataset(work, buckets, prep, options.max_pixels, crop_only)
     workers = ctx.default_workers() if options.workers is None else options.workers
-    loader = DataLoader(dataset, batch_sampler=BucketBatches(work, buckets, sizes.loader_size(), device.type),
-                        num_workers=workers, collate_fn=collate_decoded, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None,
-                        worker_init_fn=(cpu_worker_init if device.type == "cpu" else gpu_worker_init) if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BucketBatches(work, buckets, sizes.loader_size(), device.type),
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=(cpu_worker_init if device.type == "cpu" else gpu_worker_init) if workers else None,
+    )
     model = state.settings["model"]
-    writer = ShardWriter(state.root, layout, state.settings, model["hidden_size"], model["num_registers"],
-                         options.shard_max_bytes)
+    writer = ShardWriter(
+        state.root, layout, state.settings, model["hidden_size"], model["num_registers"], options.shard_max_bytes
+    )
     written: list[dict] = []  # this run's shard records, for the rank report
 
     def landed(shards: list[tuple[dict, list[dict]]]) -> None:
@@ -372,8 +440,14 @@ def _extract_work(input_dir: Path, work: list[WorkItem], buckets: list[Bucket], 
     pacer = CommitPacer(options.commit_every_s)
     current_bucket = None
     total = len(work) + result.failed_this_run
-    bar = tqdm(total=len(work), unit="img", disable=not options.progress, dynamic_ncols=True, desc="extract",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+    bar = tqdm(
+        total=len(work),
+        unit="img",
+        disable=not options.progress,
+        dynamic_ncols=True,
+        desc="extract",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
+    )
     try:
         with StopSignals() as stop:
             try:
@@ -413,8 +487,9 @@ def _extract_work(input_dir: Path, work: list[WorkItem], buckets: list[Bucket], 
                         state.commit()
                         pacer.committed(time.monotonic() - began)
                         timer.add("commit", time.monotonic() - began)
-                    _check_failure_budget(options, result.failed_this_run, result.processed + result.failed_this_run,
-                                          total)
+                    _check_failure_budget(
+                        options, result.failed_this_run, result.processed + result.failed_this_run, total
+                    )
                 del batches
                 closing = writer.close()  # also on a stop signal: what is done gets written
             except BaseException:
@@ -432,8 +507,16 @@ def _extract_work(input_dir: Path, work: list[WorkItem], buckets: list[Bucket], 
         raise Interrupted(stop.signum, result.processed, result)
 
 
-def _finish(state: CacheState, run: RunRecord, timer: StageTimer, result: ExtractResult, commits: bool,
-            ctx: RankContext, written: list[dict], run_id: str | None) -> None:
+def _finish(
+    state: CacheState,
+    run: RunRecord,
+    timer: StageTimer,
+    result: ExtractResult,
+    commits: bool,
+    ctx: RankContext,
+    written: list[dict],
+    run_id: str | None,
+) -> None:
     """Record the run (when it did anything) and make it durable: a commit, or (a rank of a
     multi-process run) a report."""
     run.processed, run.failed = result.processed, result.failed_this_run
@@ -451,8 +534,14 @@ def _finish(state: CacheState, run: RunRecord, timer: StageTimer, result: Extrac
         import uuid
 
         state.write_extras()
-        report = {"rank": ctx.rank, "world_size": ctx.world_size, "settings": state.settings, "run": record,
-                  "shards": written, "failures": list(state.failures.values())}
+        report = {
+            "rank": ctx.rank,
+            "world_size": ctx.world_size,
+            "settings": state.settings,
+            "run": record,
+            "shards": written,
+            "failures": list(state.failures.values()),
+        }
         (state.root / RANK_DIR).mkdir(exist_ok=True)
         name = f"rank-{ctx.rank:05d}-{run_id or uuid.uuid4().hex[:8]}.json"
         atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())

@@ -30,16 +30,18 @@ def token_stats(prenorm: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.stack([mean, torch.sqrt(var + eps)], dim=-1)
 
 
-def feature_tensors(tokens: Tokens, num_registers: int, grid: tuple[int, int], layout: Layout,
-                    eps: float) -> dict[str, torch.Tensor]:
+def feature_tensors(
+    tokens: Tokens, num_registers: int, grid: tuple[int, int], layout: Layout, eps: float
+) -> dict[str, torch.Tensor]:
     """Named [B, ...] tensors of one view: cls, patches (pooled), registers (if kept), their
     `_lnstats` (if the layout keeps them), and layer{k}_cls / layer{k}_patches (not normed)."""
     cls, registers, patches = split_tokens(tokens.normed, num_registers, grid)
     values = {"cls": cls, "patches": pool_patches(patches, grid, layout.pool), "registers": registers}
     stats = None
     if layout.ln_stats:
-        stats = dict(zip(("cls", "registers", "patches"),
-                         split_tokens(token_stats(tokens.prenorm, eps), num_registers, grid)))
+        stats = dict(
+            zip(("cls", "registers", "patches"), split_tokens(token_stats(tokens.prenorm, eps), num_registers, grid))
+        )
     out = {}
     for feature in layout.features():
         if feature.name in values:
@@ -53,8 +55,9 @@ def feature_tensors(tokens: Tokens, num_registers: int, grid: tuple[int, int], l
     return out
 
 
-def stored_features(loaded: LoadedModel, pixels: torch.Tensor, grid: tuple[int, int],
-                    layout: Layout) -> dict[str, torch.Tensor]:
+def stored_features(
+    loaded: LoadedModel, pixels: torch.Tensor, grid: tuple[int, int], layout: Layout
+) -> dict[str, torch.Tensor]:
     """Every tensor a shard row holds for a batch of model inputs [B, 3, H, W] (before the
     storage cast): the plain view, and with `layout.flip` the view of the horizontally mirrored
     input, whose names end in `_flip` (its patches in its own row-major order: patch (r, c) of

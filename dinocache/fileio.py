@@ -61,9 +61,11 @@ def real_folder(path: Path, what: str) -> Path:
     """`path` itself if it is a real folder (or absent); a link or a file there is refused, so that
     nothing the cache writes or deletes can land outside it."""
     if is_link(path):
-        raise CacheError(f"{path} is a symbolic link; dinocache writes and deletes only inside the cache folder "
-                         f"and never through a link ({what})",
-                         f"replace the link with a real folder (or link the whole cache folder instead of {path.name}/)")
+        raise CacheError(
+            f"{path} is a symbolic link; dinocache writes and deletes only inside the cache folder "
+            f"and never through a link ({what})",
+            f"replace the link with a real folder (or link the whole cache folder instead of {path.name}/)",
+        )
     if path.exists() and not path.is_dir():
         raise CacheError(f"{path} is not a folder ({what})", f"move {path} away")
     return path
@@ -106,6 +108,8 @@ def contained_file(root: Path, relative: str, what: str) -> Path:
     for part in Path(relative).parts:
         here = here / part
         if is_link(here):
-            raise CacheError(f"{what} {relative} is reached through a symbolic link ({here})",
-                             "dinocache reads only files inside the cache; replace the link with the file")
+            raise CacheError(
+                f"{what} {relative} is reached through a symbolic link ({here})",
+                "dinocache reads only files inside the cache; replace the link with the file",
+            )
     return path

@@ -25,16 +25,19 @@ def flavour_problem(flavour: str, has_norm: bool, has_stats: bool, pool: int) ->
     if flavour == "normed":
         return None
     if not has_norm:
-        return f"the {flavour} flavour needs the final LayerNorm's parameters, which this cache (made by an " \
-               "older dinocache) does not record"
+        return (
+            f"the {flavour} flavour needs the final LayerNorm's parameters, which this cache (made by an "
+            "older dinocache) does not record"
+        )
     if flavour == "prenorm" and not has_stats:
         why = "--pool averages tokens whose statistics differ" if pool > 1 else "it was built without token statistics"
         return f"the prenorm flavour needs per-token statistics, and {why}"
     return None
 
 
-def apply_flavour(flavour: str, normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  lnstats: torch.Tensor | None) -> torch.Tensor:
+def apply_flavour(
+    flavour: str, normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lnstats: torch.Tensor | None
+) -> torch.Tensor:
     """`normed` [..., D] (any float dtype) -> the flavour, float32. `lnstats` [..., 2] is each
     token's (mean, std) of the norm's input; needed for prenorm."""
     if flavour == "normed":

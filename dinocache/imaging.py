@@ -45,14 +45,27 @@ class Preprocessing:
     background: tuple[int, int, int] = WHITE
 
     def record(self) -> dict:
-        return {"image_mean": list(self.image_mean), "image_std": list(self.image_std), "resize": self.resize,
-                "resample": RESAMPLE, "antialias": True, "rescale": RESCALE,
-                "alpha_background": list(self.background), "exif_transpose": True, "jpeg_draft": self.jpeg_draft}
+        return {
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "resize": self.resize,
+            "resample": RESAMPLE,
+            "antialias": True,
+            "rescale": RESCALE,
+            "alpha_background": list(self.background),
+            "exif_transpose": True,
+            "jpeg_draft": self.jpeg_draft,
+        }
 
     @classmethod
     def from_record(cls, prep: dict) -> "Preprocessing":
-        return cls(tuple(prep["image_mean"]), tuple(prep["image_std"]), prep.get("resize", "stretch"),
-                   bool(prep.get("jpeg_draft", False)), tuple(prep.get("alpha_background", WHITE)))
+        return cls(
+            tuple(prep["image_mean"]),
+            tuple(prep["image_std"]),
+            prep.get("resize", "stretch"),
+            bool(prep.get("jpeg_draft", False)),
+            tuple(prep.get("alpha_background", WHITE)),
+        )
 
 
 @contextlib.contextmanager
@@ -86,8 +99,13 @@ def read_source(path: str) -> bytes:
         raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE,
-                 draft_size: tuple[int, int] | None = None, keep_uint8: bool = False) -> torch.Tensor:
+def decode_image(
+    source: str | bytes,
+    max_pixels: int,
+    background: tuple[int, int, int] = WHITE,
+    draft_size: tuple[int, int] | None = None,
+    keep_uint8: bool = False,
+) -> torch.Tensor:
     """Decode the first frame of an image (a path or its bytes), upright, as float32 RGB in [0, 1],
     shape [3, H, W]. Raises DecodeError with a stable reason code for anything unusable.
 
@@ -105,8 +123,11 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
         with pillow_pixel_limit(max_pixels), Image.open(io.BytesIO(source)) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
-                                               f"{max_pixels} (raise --max-pixels if this image is legitimate)")
+                raise DecodeError(
+                    "too_large",
+                    f"{width}x{height} = {width * height} pixels is over the limit of "
+                    f"{max_pixels} (raise --max-pixels if this image is legitimate)",
+                )
             img.seek(0)  # animated GIF/WebP/APNG: the first frame
             if draft_size is not None and img.format == "JPEG":
                 transposed = img.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS
@@ -122,6 +143,8 @@ def decode_image(source: str | bytes, max_pixels: int, background: tuple[int, in
         raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
 def _to_rgb(img, background: tuple[int, int, int], keep_uint8: bool = False) -> torch.Tensor:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -196,16 +219,23 @@ def preprocess(
     return normalize(resize(region, size), mean, std)
 
 
-def draft_size_for(source_size: tuple[int, int], box: tuple[int, int, int, int],
-                   input_size: tuple[int, int]) -> tuple[int, int]:
+def draft_size_for(
+    source_size: tuple[int, int], box: tuple[int, int, int, int], input_size: tuple[int, int]
+) -> tuple[int, int]:
     """The smallest full-image size (upright) at which the crop box still covers the model input."""
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     return (math.ceil(input_size[0] * source_size[0] / box_w), math.ceil(input_size[1] * source_size[1] / box_h))
 
 
-def model_input(data: bytes, source_size: tuple[int, int], box: tuple[int, int, int, int],
-                input_size: tuple[int, int], prep: Preprocessing, max_pixels: int,
-                crop_only: bool = False) -> torch.Tensor:
+def model_input(
+    data: bytes,
+    source_size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    input_size: tuple[int, int],
+    prep: Preprocessing,
+    max_pixels: int,
+    crop_only: bool = False,
+) -> torch.Tensor:
     """The one path from a file's bytes to what the model sees, used by extract's workers,
     `verify --recompute` and `show`: decode (with the cache's JPEG draft setting) -> check the
     size the header promised -> crop -> resize -> normalize. `crop_only` stops after the crop and
@@ -215,11 +245,14 @@ def model_input(data: bytes, source_size: tuple[int, int], box: tuple[int, int, 
     height, width = pixels.shape[1:]
     if (width, height) != tuple(source_size):
         if draft is None or width < draft[0] or height < draft[1]:
-            raise DecodeError("changed", f"decoded size {width}x{height} differs from the header's "
-                                         f"{source_size[0]}x{source_size[1]} (file replaced during "
-                                         "the run, or EXIF stored after the pixels)")
+            raise DecodeError(
+                "changed",
+                f"decoded size {width}x{height} differs from the header's "
+                f"{source_size[0]}x{source_size[1]} (file replaced during "
+                "the run, or EXIF stored after the pixels)",
+            )
         scale_x, scale_y = width / source_size[0], height / source_size[1]
         box = (round(box[0] * scale_x), round(box[1] * scale_y), round(box[2] * scale_x), round(box[3] * scale_y))
     if crop_only:
-        return pixels[:, box[1]:box[3], box[0]:box[2]].contiguous()
+        return pixels[:, box[1] : box[3], box[0] : box[2]].contiguous()
     return preprocess(pixels, box, input_size, prep.image_mean, prep.image_std)

@@ -63,8 +63,11 @@ class SampleTable:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def empty(cls) -> "SampleTable":
-        return cls(np.zeros(0, np.uint8), np.zeros(1, np.int64),
-                   {n: np.zeros((0, *shape), dt) for n, (dt, shape) in COLUMNS.items()})
+        return cls(
+            np.zeros(0, np.uint8),
+            np.zeros(1, np.int64),
+            {n: np.zeros((0, *shape), dt) for n, (dt, shape) in COLUMNS.items()},
+        )
 
     @classmethod
     def from_records(cls, records: list[dict]) -> "SampleTable":
@@ -91,15 +94,17 @@ class SampleTable:
         return len(self.key_offsets) - 1
 
     def key(self, i: int) -> str:
-        raw = bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
+        raw = bytes(self._raw[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])])
         try:
             return check_key(raw.decode("utf-8"), "the sample table")
         except UnicodeDecodeError:
-            raise CacheError(f"the sample table holds a key that is not UTF-8: {raw!r}",
-                             "the cache was edited or is corrupt; rebuild it with extract --overwrite") from None
+            raise CacheError(
+                f"the sample table holds a key that is not UTF-8: {raw!r}",
+                "the cache was edited or is corrupt; rebuild it with extract --overwrite",
+            ) from None
 
     def _key_bytes(self, i: int) -> bytes:
-        return bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
+        return bytes(self._raw[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])])
 
     def iter_keys(self):
         """Keys in sorted order, decoded one at a time."""
@@ -110,16 +115,18 @@ class SampleTable:
         self.check_keys()
         raw = bytes(self._raw)
         offs = self.key_offsets.tolist()
-        return [raw[offs[i]:offs[i + 1]].decode() for i in range(len(self))]
+        return [raw[offs[i] : offs[i + 1]].decode() for i in range(len(self))]
 
     def check_keys(self) -> None:
         """Every key's syntax, vectorised (CacheError naming the first bad one)."""
         bad = first_bad_key(self.key_bytes, self.key_offsets)
         if bad is not None:
             i, problem = bad
-            shown = bytes(self._raw[int(self.key_offsets[i]):int(self.key_offsets[i + 1])])
-            raise CacheError(f"the sample table holds the key {shown.decode('utf-8', 'backslashreplace')!r}: "
-                             f"{problem}", "the cache was edited or is corrupt; rebuild it with extract --overwrite")
+            shown = bytes(self._raw[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])])
+            raise CacheError(
+                f"the sample table holds the key {shown.decode('utf-8', 'backslashreplace')!r}: {problem}",
+                "the cache was edited or is corrupt; rebuild it with extract --overwrite",
+            )
 
     def find(self, key: str) -> int:
         """Index of `key`, or -1."""
@@ -155,10 +162,10 @@ class SampleTable:
         cut_points = positions.tolist() + [len(kept)]
         for j, cut in enumerate(cut_points):
             for a, b in _runs(kept[start:cut]):
-                pieces.append(old_raw[self.key_offsets[a]:self.key_offsets[b]])
+                pieces.append(old_raw[self.key_offsets[a] : self.key_offsets[b]])
             start = cut
             if j < len(new_keys):
-                pieces.append(new.key_bytes[new.key_offsets[j]:new.key_offsets[j + 1]])
+                pieces.append(new.key_bytes[new.key_offsets[j] : new.key_offsets[j + 1]])
         key_bytes = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
         columns = {n: np.insert(np.asarray(self.columns[n])[kept], positions, new.columns[n], axis=0) for n in COLUMNS}
         return SampleTable(key_bytes.astype(np.uint8, copy=False), offsets, columns)
@@ -185,10 +192,15 @@ class SampleTable:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        tensors = {"key_bytes": np.ascontiguousarray(self.key_bytes), "key_offsets": np.ascontiguousarray(self.key_offsets)}
+        tensors = {
+            "key_bytes": np.ascontiguousarray(self.key_bytes),
+            "key_offsets": np.ascontiguousarray(self.key_offsets),
+        }
         tensors.update({n: np.ascontiguousarray(c) for n, c in self.columns.items()})
-        return save(tensors, metadata={"format": "dinocache-samples", "format_version": str(FORMAT_VERSION),
-                                       "rows": str(len(self))})
+        return save(
+            tensors,
+            metadata={"format": "dinocache-samples", "format_version": str(FORMAT_VERSION), "rows": str(len(self))},
+        )
 
     @classmethod
     def load(cls, path: Path) -> "SampleTable":
@@ -200,7 +212,9 @@ class SampleTable:
             st = SafetensorsFile(path)
             arrays = {name: st.array(name) for name in st.entries}
         except SafetensorsError as exc:
-            raise CacheError(f"cannot read the sample table {path.name}: {exc}", "rerun extract with --overwrite") from None
+            raise CacheError(
+                f"cannot read the sample table {path.name}: {exc}", "rerun extract with --overwrite"
+            ) from None
         if "key_offsets" in arrays and arrays["key_offsets"].ndim == 1:
             n = len(arrays["key_offsets"]) - 1
             for name, value in OPTIONAL_COLUMNS.items():
@@ -209,16 +223,26 @@ class SampleTable:
         if missing:
             raise CacheError(f"{path.name} lacks column(s) {', '.join(missing)}", "rerun extract with --overwrite")
         offsets, key_bytes = arrays["key_offsets"], arrays["key_bytes"]
-        if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) < 1 \
-                or key_bytes.dtype != np.uint8 or key_bytes.ndim != 1:
-            raise CacheError(f"{path.name}: key_offsets must be int64 [N + 1] and key_bytes uint8 [total]",
-                             "rerun extract with --overwrite")
+        if (
+            offsets.dtype != np.int64
+            or offsets.ndim != 1
+            or len(offsets) < 1
+            or key_bytes.dtype != np.uint8
+            or key_bytes.ndim != 1
+        ):
+            raise CacheError(
+                f"{path.name}: key_offsets must be int64 [N + 1] and key_bytes uint8 [total]",
+                "rerun extract with --overwrite",
+            )
         n = len(offsets) - 1
         for name, (dtype, shape) in COLUMNS.items():
             col = arrays[name]
             if col.dtype != dtype or col.shape != (n, *shape):
-                raise CacheError(f"{path.name}: column {name} has {col.dtype}{list(col.shape)}, "
-                                 f"expected {np.dtype(dtype)}{[n, *shape]}", "rerun extract with --overwrite")
+                raise CacheError(
+                    f"{path.name}: column {name} has {col.dtype}{list(col.shape)}, "
+                    f"expected {np.dtype(dtype)}{[n, *shape]}",
+                    "rerun extract with --overwrite",
+                )
         if offsets[0] != 0 or offsets[-1] != len(key_bytes) or np.any(np.diff(offsets) < 0):
             raise CacheError(f"{path.name}: key offsets are inconsistent", "rerun extract with --overwrite")
         return cls(key_bytes, offsets, {n: arrays[n] for n in COLUMNS})
@@ -227,8 +251,10 @@ class SampleTable:
 def record_to_json(record: dict) -> dict:
     """A sample record as it travels in JSON: source_mtime_ns as a decimal string (it exceeds
     2^53, which JavaScript and other double-based JSON readers would round)."""
-    return {**{k: v for k, v in record.items() if k not in ("shard", "row")},
-            "source_mtime_ns": str(record["source_mtime_ns"])}
+    return {
+        **{k: v for k, v in record.items() if k not in ("shard", "row")},
+        "source_mtime_ns": str(record["source_mtime_ns"]),
+    }
 
 
 def record_from_json(obj: Any, num_buckets: int | None = None) -> dict:
@@ -257,8 +283,13 @@ def record_from_json(obj: Any, num_buckets: int | None = None) -> dict:
     size, box = obj.get("source_size"), obj.get("box")
     if not (isinstance(size, list) and len(size) == 2 and all(_int_in(v, 1, 1 << 30) for v in size)):
         raise ValueError(f"{obj['key']!r}: source_size {size!r} is not [width, height]")
-    if not (isinstance(box, list) and len(box) == 4 and all(_int_in(v, 0, 1 << 30) for v in box)
-            and box[0] < box[2] <= size[0] and box[1] < box[3] <= size[1]):
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(_int_in(v, 0, 1 << 30) for v in box)
+        and box[0] < box[2] <= size[0]
+        and box[1] < box[3] <= size[1]
+    ):
         raise ValueError(f"{obj['key']!r}: box {box!r} is not inside the {size} source")
     out["source_size"], out["box"] = size, box
     placement = obj.get("placement", 0)

@@ -41,8 +41,10 @@ def key_problem(key: object) -> str | None:
 def check_key(key: object, where: str = "the cache") -> str:
     problem = key_problem(key)
     if problem:
-        raise CacheError(f"{where} holds the sample key {key!r}: {problem}",
-                         "the cache was edited or is corrupt; rebuild it with extract --overwrite")
+        raise CacheError(
+            f"{where} holds the sample key {key!r}: {problem}",
+            "the cache was edited or is corrupt; rebuild it with extract --overwrite",
+        )
     return key  # type: ignore[return-value]
 
 
@@ -106,7 +108,7 @@ def first_bad_key(key_bytes: np.ndarray, offsets: np.ndarray) -> tuple[int, str]
     if not len(bad):
         return None
     i = _owner(offsets, int(bad.min()))
-    key = blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8", errors="backslashreplace")
+    key = blob[offsets[i] : offsets[i + 1]].tobytes().decode("utf-8", errors="backslashreplace")
     return i, key_problem(key) or "a key is a normalised relative path"
 
 
@@ -126,6 +128,8 @@ def source_path(source_root: str | Path, key: str, follow_symlinks: bool = False
         real_root = root.resolve()
         real = path.resolve()
         if not real.is_relative_to(real_root):
-            raise DecodeError("outside_source", f"a symbolic link leads outside {root} (to {real}); "
-                                                "copy the file in, or pass --follow-symlinks")
+            raise DecodeError(
+                "outside_source",
+                f"a symbolic link leads outside {root} (to {real}); copy the file in, or pass --follow-symlinks",
+            )
     return path

@@ -40,12 +40,15 @@ class StorageDtype:
     max_abs: float | None = None  # what the scale maps each row's largest magnitude to
 
 
-STORAGE_DTYPES: dict[str, StorageDtype] = {d.name: d for d in (
-    StorageDtype("bfloat16", torch.bfloat16, "BF16", 2, False),
-    StorageDtype("float16", torch.float16, "F16", 2, False),
-    StorageDtype("float32", torch.float32, "F32", 4, False),
-    StorageDtype("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", 1, True, max_abs=448.0),
-)}
+STORAGE_DTYPES: dict[str, StorageDtype] = {
+    d.name: d
+    for d in (
+        StorageDtype("bfloat16", torch.bfloat16, "BF16", 2, False),
+        StorageDtype("float16", torch.float16, "F16", 2, False),
+        StorageDtype("float32", torch.float32, "F32", 4, False),
+        StorageDtype("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", 1, True, max_abs=448.0),
+    )
+}
 COMPANION_CODE = "F32"  # `_scale` and `_lnstats` tensors
 COMPANION_ITEMSIZE = 4
 VIEWS = ("", "_flip")
@@ -71,8 +74,11 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return COMPANION_ITEMSIZE if self.role != "value" else next(
-            d.itemsize for d in STORAGE_DTYPES.values() if d.code == self.code)
+        return (
+            COMPANION_ITEMSIZE
+            if self.role != "value"
+            else next(d.itemsize for d in STORAGE_DTYPES.values() if d.code == self.code)
+        )
 
     @property
     def row_bytes(self) -> int:
@@ -136,8 +142,9 @@ class Layout:
                     specs[name + "_scale"] = TensorSpec(name + "_scale", feature, "scale", (), COMPANION_CODE)
                 if self.has_lnstats(feature):
                     stats_shape = (2,) if n is None else (n, 2)
-                    specs[name + "_lnstats"] = TensorSpec(name + "_lnstats", feature, "lnstats", stats_shape,
-                                                          COMPANION_CODE)
+                    specs[name + "_lnstats"] = TensorSpec(
+                        name + "_lnstats", feature, "lnstats", stats_shape, COMPANION_CODE
+                    )
         return specs
 
     def row_bytes(self, hidden: int, num_registers: int, grid: tuple[int, int]) -> int:
@@ -145,16 +152,29 @@ class Layout:
 
     def record(self) -> dict:
         """The manifest's `storage` section."""
-        return {"dtype": self.dtype, "registers": self.registers, "pool": self.pool, "layers": list(self.layers),
-                "layers_normed": False, "scaled": self.storage.scaled, "flip": self.flip, "ln_stats": self.ln_stats}
+        return {
+            "dtype": self.dtype,
+            "registers": self.registers,
+            "pool": self.pool,
+            "layers": list(self.layers),
+            "layers_normed": False,
+            "scaled": self.storage.scaled,
+            "flip": self.flip,
+            "ln_stats": self.ln_stats,
+        }
 
     @classmethod
     def from_record(cls, storage: dict) -> "Layout":
         """From a manifest's (or shard's) `storage` section, already schema-checked. Version 1
         caches have no `flip` and no `ln_stats`."""
-        return cls(dtype=storage["dtype"], registers=storage["registers"], pool=storage.get("pool", 1),
-                   layers=tuple(storage.get("layers", [])), flip=storage.get("flip", False),
-                   ln_stats=storage.get("ln_stats", False))
+        return cls(
+            dtype=storage["dtype"],
+            registers=storage["registers"],
+            pool=storage.get("pool", 1),
+            layers=tuple(storage.get("layers", [])),
+            flip=storage.get("flip", False),
+            ln_stats=storage.get("ln_stats", False),
+        )
 
 
 def storage_problems(storage: Any) -> list[str]:
@@ -171,11 +191,17 @@ def storage_problems(storage: Any) -> list[str]:
     if not _is_int(pool, 1, MAX_POOL):
         problems.append(f"storage.pool must be an integer 1..{MAX_POOL}")
     layers = storage.get("layers", [])
-    if not isinstance(layers, list) or not all(_is_int(k, 1, MAX_LAYER) for k in layers) \
-            or len(set(layers)) != len(layers):
+    if (
+        not isinstance(layers, list)
+        or not all(_is_int(k, 1, MAX_LAYER) for k in layers)
+        or len(set(layers)) != len(layers)
+    ):
         problems.append(f"storage.layers must be a list of distinct block numbers 1..{MAX_LAYER}")
-    if "scaled" in storage and storage.get("dtype") in tuple(STORAGE_DTYPES) \
-            and storage["scaled"] != STORAGE_DTYPES[storage["dtype"]].scaled:
+    if (
+        "scaled" in storage
+        and storage.get("dtype") in tuple(STORAGE_DTYPES)
+        and storage["scaled"] != STORAGE_DTYPES[storage["dtype"]].scaled
+    ):
         problems.append("storage.scaled disagrees with storage.dtype")
     return problems
 
@@ -185,6 +211,7 @@ def _is_int(value: Any, low: int, high: int = 1 << 62) -> bool:
 
 
 # ---- values in and out ----------------------------------------------------------------------
+
 
 def quantize_rows(x: torch.Tensor, dtype: StorageDtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled storage: (stored, float32 scale per row) with row = stored.float() * scale."""
@@ -222,6 +249,7 @@ def rows_per_shard(row_bytes: int, max_bytes: int) -> int:
 
 # ---- shard metadata -------------------------------------------------------------------------
 
+
 def encode_json(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
@@ -247,8 +275,11 @@ def shard_file_bytes(specs: dict[str, TensorSpec], rows: int, metadata: dict[str
     offset = 0
     for name in sorted(specs):
         nbytes = rows * specs[name].row_bytes
-        header[name] = {"dtype": specs[name].code, "shape": [rows, *specs[name].row_shape],
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": specs[name].code,
+            "shape": [rows, *specs[name].row_shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     length = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
     return 8 + length + (-length % 8) + offset
@@ -290,8 +321,9 @@ def parse_shard_metadata(meta: dict[str, str]) -> ShardMeta:
     settings = parse_json_bounded(meta.get("settings", ""), "metadata settings")
     if not isinstance(bucket, dict) or not isinstance(bucket.get("name"), str):
         raise ValueError("metadata bucket is not a bucket record")
-    if not isinstance(settings, dict) or not all(isinstance(settings.get(k), dict)
-                                                 for k in ("model", "preprocessing", "storage")):
+    if not isinstance(settings, dict) or not all(
+        isinstance(settings.get(k), dict) for k in ("model", "preprocessing", "storage")
+    ):
         raise ValueError("metadata settings lack model, preprocessing or storage")
     problems = storage_problems(settings["storage"])
     if problems:
@@ -305,8 +337,10 @@ def shard_identity_problems(meta: dict[str, str], bucket: dict, grid: tuple[int,
     tensor would be reshaped to the wrong grid without any size mismatch."""
     problems = []
     if meta.get("grid") != f"{grid[0]}x{grid[1]}":
-        problems.append(f"the shard's grid is {meta.get('grid')!r}, the manifest's bucket {bucket.get('name')} says "
-                        f"{grid[0]}x{grid[1]}")
+        problems.append(
+            f"the shard's grid is {meta.get('grid')!r}, the manifest's bucket {bucket.get('name')} says "
+            f"{grid[0]}x{grid[1]}"
+        )
     if meta.get("format_version") == "1":
         if meta.get("bucket") != bucket.get("name"):
             problems.append(f"the shard is bucket {meta.get('bucket')!r}, the manifest says {bucket.get('name')!r}")
@@ -326,8 +360,13 @@ def shard_tensor_problems(entries: dict, specs: dict[str, TensorSpec], rows: int
     problems = []
     if set(entries) != set(specs):
         missing, extra = sorted(set(specs) - set(entries)), sorted(set(entries) - set(specs))
-        problems.append("tensors differ from the layout: " + ", ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])))
+        problems.append(
+            "tensors differ from the layout: "
+            + ", ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unexpected {', '.join(extra)}"] if extra else [])
+            )
+        )
     counts = set()
     for name, spec in specs.items():
         entry = entries.get(name)

@@ -42,7 +42,8 @@ class CacheLock:
                     continue
                 raise CacheError(
                     f"{self.path.parent} is being written by another dinocache process ({holder or 'unknown owner'})",
-                    f"wait for it to finish; if no such process runs any more, delete {self.path}") from None
+                    f"wait for it to finish; if no such process runs any more, delete {self.path}",
+                ) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.owner, fh)
             return self

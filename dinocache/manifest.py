@@ -60,27 +60,37 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise CacheError(f"cache folder {root} does not exist",
-                         f"run `dinocache extract DIR --out {root}` first, or pass the folder your cache is in")
+        raise CacheError(
+            f"cache folder {root} does not exist",
+            f"run `dinocache extract DIR --out {root}` first, or pass the folder your cache is in",
+        )
     if is_link(path):
-        raise CacheError(f"{path} is a symbolic link: dinocache reads a cache's files only inside its folder",
-                         "replace the link with the file it points to")
+        raise CacheError(
+            f"{path} is a symbolic link: dinocache reads a cache's files only inside its folder",
+            "replace the link with the file it points to",
+        )
     if not path.is_file():
         shards = root / SHARD_DIR
-        hint = ("this looks like a cache whose first run never committed; rerun the same extract to finish it"
-                if shards.is_dir() else "pass the folder given to extract --out")
+        hint = (
+            "this looks like a cache whose first run never committed; rerun the same extract to finish it"
+            if shards.is_dir()
+            else "pass the folder given to extract --out"
+        )
         raise CacheError(f"{root} has no {MANIFEST_NAME}: it is not a dinocache cache", hint)
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
         manifest = parse_json_bounded(path.read_bytes(), MANIFEST_NAME)
     except (OSError, ValueError) as exc:
-        raise CacheError(f"{path} is not readable: {exc}",
-                         "restore it from a backup, or rebuild the cache with extract --overwrite") from None
+        raise CacheError(
+            f"{path} is not readable: {exc}", "restore it from a backup, or rebuild the cache with extract --overwrite"
+        ) from None
     problems = schema_problems(manifest)
     if problems:
-        raise CacheError(f"{path} is not a valid manifest: " + "; ".join(problems[:5]),
-                         "restore it from a backup, or rebuild the cache with extract --overwrite")
+        raise CacheError(
+            f"{path} is not a valid manifest: " + "; ".join(problems[:5]),
+            "restore it from a backup, or rebuild the cache with extract --overwrite",
+        )
     return manifest
 
 
@@ -97,11 +107,21 @@ def schema_problems(manifest: Any) -> list[str]:
         return [f"format is {_show(manifest.get('format'))}, expected {FORMAT_NAME!r}"]
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        return [f"format_version is {_show(version)}; this dinocache reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))} (a newer dinocache wrote it? upgrade)"]
+        return [
+            f"format_version is {_show(version)}; this dinocache reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (a newer dinocache wrote it? upgrade)"
+        ]
     problems = []
-    for key, kind in (("model", dict), ("preprocessing", dict), ("storage", dict), ("buckets", list),
-                      ("shards", list), ("samples", dict), ("failures", list), ("runs", list)):
+    for key, kind in (
+        ("model", dict),
+        ("preprocessing", dict),
+        ("storage", dict),
+        ("buckets", list),
+        ("shards", list),
+        ("samples", dict),
+        ("failures", list),
+        ("runs", list),
+    ):
         if not isinstance(manifest.get(key, [] if key == "runs" else None), kind):
             problems.append(f"'{key}' is missing or not a{'n' if kind is dict else ''} {kind.__name__}")
     if problems:
@@ -111,14 +131,21 @@ def schema_problems(manifest: Any) -> list[str]:
     problems += storage_problems(manifest["storage"])
     if problems:
         return problems
-    problems += _bucket_problems(manifest["buckets"], manifest["model"]["patch_size"], manifest["storage"].get("pool", 1))
+    problems += _bucket_problems(
+        manifest["buckets"], manifest["model"]["patch_size"], manifest["storage"].get("pool", 1)
+    )
     problems += _shard_problems(manifest["shards"], len(manifest["buckets"]))
     problems += _file_record_problems(manifest["samples"], "samples", INDEX_DIR, count=True)
     for i, failure in enumerate(manifest["failures"]):
-        if not (isinstance(failure, dict) and isinstance(failure.get("key"), str) and 0 < len(failure["key"]) <= 8192
-                and isinstance(failure.get("reason"), str) and isinstance(failure.get("detail", ""), str)
-                and _is_int(failure.get("source_bytes", 0), -1)
-                and _int_value(failure.get("source_mtime_ns", 0)) is not None):
+        if not (
+            isinstance(failure, dict)
+            and isinstance(failure.get("key"), str)
+            and 0 < len(failure["key"]) <= 8192
+            and isinstance(failure.get("reason"), str)
+            and isinstance(failure.get("detail", ""), str)
+            and _is_int(failure.get("source_bytes", 0), -1)
+            and _int_value(failure.get("source_mtime_ns", 0)) is not None
+        ):
             problems.append(f"failures[{i}] must have a key, a reason, a detail and the source's size and mtime")
             break
     else:
@@ -127,8 +154,10 @@ def schema_problems(manifest: Any) -> list[str]:
             problems.append("failures list a key more than once")
     for i, run in enumerate(manifest.get("runs", [])):
         if not isinstance(run, dict) or any(
-                not _is_number(run[k]) for k in ("planned", "processed", "failed", "seconds", "images_per_second",
-                                                  "rank", "world_size") if k in run):
+            not _is_number(run[k])
+            for k in ("planned", "processed", "failed", "seconds", "images_per_second", "rank", "world_size")
+            if k in run
+        ):
             problems.append(f"runs[{i}] must be an object whose counts and times are numbers")
             break
     statistics = manifest.get("statistics", [])
@@ -154,8 +183,12 @@ def _model_problems(model: dict) -> list[str]:
     if not isinstance(model.get("config", {}), dict):
         problems.append("model.config must be an object")
     norm = model.get("final_norm")
-    if norm is not None and not (isinstance(norm, dict) and norm.get("file") == NORM_FILE
-                                 and _is_sha(norm.get("sha256")) and _is_number(norm.get("eps"))):
+    if norm is not None and not (
+        isinstance(norm, dict)
+        and norm.get("file") == NORM_FILE
+        and _is_sha(norm.get("sha256"))
+        and _is_number(norm.get("eps"))
+    ):
         problems.append(f"model.final_norm must name {NORM_FILE} with its sha256 and eps")
     return problems
 
@@ -178,16 +211,26 @@ def _bucket_problems(buckets: list, patch: int, pool: int) -> list[str]:
         return [f"more than {MAX_BUCKETS} buckets"]
     names = set()
     for i, b in enumerate(buckets):
-        ok = isinstance(b, dict) and b.get("index") == i and all(
-            _is_int(b.get(k), MIN_SIDE, MAX_SIDE) for k in ("width", "height", "input_width", "input_height"))
+        ok = (
+            isinstance(b, dict)
+            and b.get("index") == i
+            and all(_is_int(b.get(k), MIN_SIDE, MAX_SIDE) for k in ("width", "height", "input_width", "input_height"))
+        )
         if ok:
             grid = [b["input_height"] // patch, b["input_width"] // patch]
-            ok = (b.get("name") == f"{b['width']}x{b['height']}" and b["input_width"] % patch == 0
-                  and b["input_height"] % patch == 0 and b.get("grid") == grid
-                  and b.get("stored_grid", grid) == list(stored_grid(grid, pool)) and b["name"] not in names)
+            ok = (
+                b.get("name") == f"{b['width']}x{b['height']}"
+                and b["input_width"] % patch == 0
+                and b["input_height"] % patch == 0
+                and b.get("grid") == grid
+                and b.get("stored_grid", grid) == list(stored_grid(grid, pool))
+                and b["name"] not in names
+            )
         if not ok:
-            return [f"buckets[{i}] must have its index, a WxH name, sizes in {MIN_SIDE}..{MAX_SIDE} (model input a "
-                    f"multiple of {patch}), its grid and stored grid, and a name no other bucket has"]
+            return [
+                f"buckets[{i}] must have its index, a WxH name, sizes in {MIN_SIDE}..{MAX_SIDE} (model input a "
+                f"multiple of {patch}), its grid and stored grid, and a name no other bucket has"
+            ]
         names.add(b["name"])
     return []
 
@@ -207,8 +250,13 @@ def _shard_problems(shards: list, num_buckets: int) -> list[str]:
 
 
 def _file_record_problems(entry: Any, where: str, folder: str, count: bool = False) -> list[str]:
-    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _is_int(entry.get("bytes"), 0)
-            and _is_sha(entry.get("sha256")) and (not count or _is_int(entry.get("count"), 0))):
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and _is_int(entry.get("bytes"), 0)
+        and _is_sha(entry.get("sha256"))
+        and (not count or _is_int(entry.get("count"), 0))
+    ):
         return [f"{where} must have a file, bytes{', count' if count else ''} and a sha256"]
     if not _inside(entry["file"], folder):
         return [f"{where}: path {entry['file']!r} escapes the cache folder (not a plain name inside {folder}/)"]
@@ -217,8 +265,13 @@ def _file_record_problems(entry: Any, where: str, folder: str, count: bool = Fal
 
 def _inside(file: str, folder: str) -> bool:
     parts = file.split("/")
-    return (len(parts) == 2 and parts[0] == folder and parts[1] not in ("", ".", "..")
-            and "\\" not in file and "\0" not in file)
+    return (
+        len(parts) == 2
+        and parts[0] == folder
+        and parts[1] not in ("", ".", "..")
+        and "\\" not in file
+        and "\0" not in file
+    )
 
 
 def _is_int(value: Any, low: int, high: int = 1 << 62) -> bool:
@@ -249,8 +302,10 @@ def cache_path(root: Path, file: str, folder: str = SHARD_DIR) -> Path:
     """The path of a file the manifest names: a plain name inside `folder`, inside the cache,
     reached through no symbolic link (a link would let a cache make us read any file)."""
     if not isinstance(file, str) or not _inside(file, folder):
-        raise CacheError(f"path {file!r} escapes the cache folder (not a plain name inside {folder}/)",
-                         "the manifest was edited or is corrupt")
+        raise CacheError(
+            f"path {file!r} escapes the cache folder (not a plain name inside {folder}/)",
+            "the manifest was edited or is corrupt",
+        )
     return contained_file(root, file, "cache file")
 
 
@@ -267,10 +322,14 @@ def load_samples(root: Path, manifest: dict):
     if not path.is_file():
         raise CacheError(f"the sample table {info['file']} is missing", "rebuild the cache with extract --overwrite")
     if path.stat().st_size != info["bytes"]:
-        raise CacheError(f"the sample table {info['file']} has {path.stat().st_size} bytes, the manifest says "
-                         f"{info['bytes']}", "rebuild the cache with extract --overwrite")
+        raise CacheError(
+            f"the sample table {info['file']} has {path.stat().st_size} bytes, the manifest says {info['bytes']}",
+            "rebuild the cache with extract --overwrite",
+        )
     table = SampleTable.load(path)
     if len(table) != info["count"]:
-        raise CacheError(f"the sample table holds {len(table)} samples, the manifest says {info['count']}",
-                         "rebuild the cache with extract --overwrite")
+        raise CacheError(
+            f"the sample table holds {len(table)} samples, the manifest says {info['count']}",
+            "rebuild the cache with extract --overwrite",
+        )
     return table

@@ -19,31 +19,48 @@ import torch
 
 from .errors import ModelLoadError
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
+from .names import DEFAULT_MODEL, NORM_FILE
 
 log = logging.getLogger("dinocache")
-
-from .names import DEFAULT_MODEL, NORM_FILE
 
 RANDOM_PREFIX = "random:"
 
 # Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim).
 ARCHITECTURES: dict[str, dict] = {
     "vits16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "vits16plus": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                       use_gated_mlp=True),
+    "vits16plus": dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, use_gated_mlp=True
+    ),
     "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "vith16plus": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
-                       use_gated_mlp=True),
-    "vit7b16": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192,
-                    use_gated_mlp=True),
+    "vith16plus": dict(
+        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, use_gated_mlp=True
+    ),
+    "vit7b16": dict(
+        hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192, use_gated_mlp=True
+    ),
 }
 
 # The config fields that change features (the rest is Hub bookkeeping such as id2label).
-ARCHITECTURE_FIELDS = ("patch_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "hidden_act", "layer_norm_eps", "rope_theta", "query_bias", "key_bias", "value_bias",
-                       "proj_bias", "mlp_bias", "layerscale_value", "use_gated_mlp", "num_register_tokens",
-                       "num_channels")
+ARCHITECTURE_FIELDS = (
+    "patch_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "layer_norm_eps",
+    "rope_theta",
+    "query_bias",
+    "key_bias",
+    "value_bias",
+    "proj_bias",
+    "mlp_bias",
+    "layerscale_value",
+    "use_gated_mlp",
+    "num_register_tokens",
+    "num_channels",
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,8 +121,10 @@ class LoadedModel:
 
     def norm_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final LayerNorm's weight and bias, float32 on the CPU."""
-        return (self.final_norm.weight.detach().float().cpu().contiguous(),
-                self.final_norm.bias.detach().float().cpu().contiguous())
+        return (
+            self.final_norm.weight.detach().float().cpu().contiguous(),
+            self.final_norm.bias.detach().float().cpu().contiguous(),
+        )
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -144,8 +163,12 @@ def sdpa_context(backend: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    kernel = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
     return sdpa_kernel(kernel)
 
 
@@ -165,8 +188,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU",
-                             "use --device cpu, or install a CUDA build of torch")
+        raise ModelLoadError(
+            "--device cuda was asked for but torch sees no CUDA GPU",
+            "use --device cpu, or install a CUDA build of torch",
+        )
     try:
         return torch.device(device)
     except RuntimeError:
@@ -198,8 +223,10 @@ def random_config(arch: str):
     from transformers import DINOv3ViTConfig
 
     if arch not in ARCHITECTURES:
-        raise ModelLoadError(f"unknown architecture {arch!r} in random:{arch}",
-                             f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unknown architecture {arch!r} in random:{arch}",
+            f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}",
+        )
     return DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1e-5, **ARCHITECTURES[arch])
 
 
@@ -250,28 +277,46 @@ class ModelSpec:
         """The final LayerNorm as a small safetensors file (weight, bias float32; eps in metadata)."""
         from safetensors.torch import save
 
-        return save({"weight": self.norm_weight.float().contiguous(), "bias": self.norm_bias.float().contiguous()},
-                    metadata={"eps": repr(self.norm_eps)})
+        return save(
+            {"weight": self.norm_weight.float().contiguous(), "bias": self.norm_bias.float().contiguous()},
+            metadata={"eps": repr(self.norm_eps)},
+        )
 
     def record(self) -> dict:
         """The manifest's `model` section."""
         import hashlib
 
-        return {"id": self.id, "revision": self.revision, "patch_size": self.patch_size,
-                "hidden_size": self.hidden_size, "num_registers": self.num_registers,
-                "compute_dtype": str(self.dtype).removeprefix("torch."), "config": self.config_fields(),
-                "final_norm": {"file": NORM_FILE, "sha256": hashlib.sha256(self.norm_file()).hexdigest(),
-                               "eps": self.norm_eps}}
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_registers": self.num_registers,
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "config": self.config_fields(),
+            "final_norm": {
+                "file": NORM_FILE,
+                "sha256": hashlib.sha256(self.norm_file()).hexdigest(),
+                "eps": self.norm_eps,
+            },
+        }
 
 
-def resolve_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-                  image_mean=None, image_std=None, seed: int = 0) -> ModelSpec:
+def resolve_model(
+    spec: str,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    image_mean=None,
+    image_std=None,
+    seed: int = 0,
+) -> ModelSpec:
     """Everything about a model but its weights: Hub id, local folder, official .pth, or random:<arch>."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     preloaded = None
     if spec.startswith(RANDOM_PREFIX):
-        config = random_config(spec[len(RANDOM_PREFIX):])
+        config = random_config(spec[len(RANDOM_PREFIX) :])
         kind, processor_cfg = "random", {}
         # transformers initialises every LayerNorm to the identity affine
         weight, bias = torch.ones(config.hidden_size), torch.zeros(config.hidden_size)
@@ -292,8 +337,20 @@ def resolve_model(spec: str, revision: str | None = None, device: str = "auto", 
         weight, bias = found
     mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
     std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
-    return ModelSpec(spec, revision, dev, torch_dtype, config, mean, std, weight.float().cpu(), bias.float().cpu(),
-                     kind, seed, preloaded)
+    return ModelSpec(
+        spec,
+        revision,
+        dev,
+        torch_dtype,
+        config,
+        mean,
+        std,
+        weight.float().cpu(),
+        bias.float().cpu(),
+        kind,
+        seed,
+        preloaded,
+    )
 
 
 def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "auto") -> LoadedModel:
@@ -306,7 +363,9 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
         model = mspec.preloaded
         mspec.preloaded = None
     elif mspec.kind == "random":
-        log.warning("%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", mspec.id)
+        log.warning(
+            "%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", mspec.id
+        )
         torch.manual_seed(mspec.seed)
         model = DINOv3ViTModel(mspec.config)
     else:
@@ -314,24 +373,43 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
     model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
     final_norm, model.norm = model.norm, torch.nn.Identity()
     loaded = LoadedModel(
-        model=model, model_id=mspec.id, revision=mspec.revision, patch_size=mspec.patch_size,
-        hidden_size=mspec.hidden_size, num_registers=mspec.num_registers,
-        image_mean=mspec.image_mean, image_std=mspec.image_std, device=mspec.device, dtype=mspec.dtype,
-        final_norm=final_norm, config=mspec.config_fields(), sdpa_backend=sdpa_backend, spec=mspec,
+        model=model,
+        model_id=mspec.id,
+        revision=mspec.revision,
+        patch_size=mspec.patch_size,
+        hidden_size=mspec.hidden_size,
+        num_registers=mspec.num_registers,
+        image_mean=mspec.image_mean,
+        image_std=mspec.image_std,
+        device=mspec.device,
+        dtype=mspec.dtype,
+        final_norm=final_norm,
+        config=mspec.config_fields(),
+        sdpa_backend=sdpa_backend,
+        spec=mspec,
     )
     if compile:
         loaded.enable_compile()
     return loaded
 
 
-def load_model(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-               image_mean=None, image_std=None, seed: int = 0, compile: bool = False,
-               sdpa_backend: str = "auto") -> LoadedModel:
+def load_model(
+    spec: str,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    image_mean=None,
+    image_std=None,
+    seed: int = 0,
+    compile: bool = False,
+    sdpa_backend: str = "auto",
+) -> LoadedModel:
     """Load a DINOv3 ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
     if sdpa_backend not in SDPA_BACKENDS:
         raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
-    return load_weights(resolve_model(spec, revision, device, dtype, image_mean, image_std, seed), compile,
-                        sdpa_backend)
+    return load_weights(
+        resolve_model(spec, revision, device, dtype, image_mean, image_std, seed), compile, sdpa_backend
+    )
 
 
 def _from_pretrained(spec: str, revision: str | None, config):
@@ -340,8 +418,9 @@ def _from_pretrained(spec: str, revision: str | None, config):
     try:
         return DINOv3ViTModel.from_pretrained(spec, revision=revision, config=config)
     except OSError as exc:
-        raise ModelLoadError(f"could not load the weights of {spec}: {str(exc).splitlines()[0]}",
-                             _weights_hint(spec)) from None
+        raise ModelLoadError(
+            f"could not load the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
+        ) from None
 
 
 def _read_final_norm(spec: str, revision: str | None):
@@ -372,8 +451,9 @@ def _read_final_norm(spec: str, revision: str | None):
                 return None
             return fh.get_tensor(name), fh.get_tensor(name[: -len("weight")] + "bias")
     except Exception as exc:  # a damaged file: from_pretrained will say so
-        raise ModelLoadError(f"could not read the weights of {spec}: {str(exc).splitlines()[0]}",
-                             _weights_hint(spec)) from None
+        raise ModelLoadError(
+            f"could not read the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
+        ) from None
 
 
 def _patch_size(config) -> int:
@@ -388,8 +468,10 @@ def _patch_size(config) -> int:
 def _weights_hint(spec: str) -> str:
     if Path(spec).exists():
         return f"{spec} must be a folder saved by save_pretrained (config.json + model.safetensors)"
-    return (f"if {spec} is a gated Hub repo, accept its license on the Hub page and run `hf auth login`; "
-            "offline, download it once and pass the local folder to --model; for a smoke test use --model random:vits16")
+    return (
+        f"if {spec} is a gated Hub repo, accept its license on the Hub page and run `hf auth login`; "
+        "offline, download it once and pass the local folder to --model; for a smoke test use --model random:vits16"
+    )
 
 
 def _load_config(spec: str, revision: str | None):
@@ -398,10 +480,15 @@ def _load_config(spec: str, revision: str | None):
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)  # never trust_remote_code
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}", _weights_hint(spec)) from None
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {str(exc).splitlines()[0]}", _weights_hint(spec)
+        ) from None
     if config.model_type != "dinov3_vit":
-        hint = ("ConvNeXt DINOv3 models have no CLS/register tokens and are not supported yet"
-                if "convnext" in config.model_type else "pass a DINOv3 ViT, e.g. " + DEFAULT_MODEL)
+        hint = (
+            "ConvNeXt DINOv3 models have no CLS/register tokens and are not supported yet"
+            if "convnext" in config.model_type
+            else "pass a DINOv3 ViT, e.g. " + DEFAULT_MODEL
+        )
         raise ModelLoadError(f"{spec} is a {config.model_type!r} model, not a DINOv3 ViT", hint)
     return config
 

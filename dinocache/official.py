@@ -35,15 +35,19 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path} as an official DINOv3 checkpoint: {str(exc).splitlines()[0]}",
-                             "pass the .pth file downloaded from Meta, or a transformers folder / Hub id") from None
+        raise ModelLoadError(
+            f"cannot read {path} as an official DINOv3 checkpoint: {str(exc).splitlines()[0]}",
+            "pass the .pth file downloaded from Meta, or a transformers folder / Hub id",
+        ) from None
     for wrapper in ("teacher", "model", "state_dict"):  # training checkpoints nest the weights
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()} if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise ModelLoadError(f"{path} does not look like an official DINOv3 ViT checkpoint (no cls_token / patch_embed)",
-                             "ConvNeXt checkpoints are not supported; pass a ViT .pth")
+        raise ModelLoadError(
+            f"{path} does not look like an official DINOv3 ViT checkpoint (no cls_token / patch_embed)",
+            "ConvNeXt checkpoints are not supported; pass a ViT .pth",
+        )
     return sd
 
 
@@ -58,9 +62,16 @@ def official_config(sd: dict[str, torch.Tensor]):
     if hidden not in HEADS_BY_WIDTH:
         raise ModelLoadError(f"unknown DINOv3 width {hidden}", f"known widths: {sorted(HEADS_BY_WIDTH)}")
     registers = sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0
-    return DINOv3ViTConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=HEADS_BY_WIDTH[hidden],
-                           intermediate_size=inner, use_gated_mlp=gated, num_register_tokens=registers,
-                           patch_size=sd["patch_embed.proj.weight"].shape[-1], layerscale_value=1.0)
+    return DINOv3ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=HEADS_BY_WIDTH[hidden],
+        intermediate_size=inner,
+        use_gated_mlp=gated,
+        num_register_tokens=registers,
+        patch_size=sd["patch_embed.proj.weight"].shape[-1],
+        layerscale_value=1.0,
+    )
 
 
 def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> dict[str, torch.Tensor]:
@@ -80,13 +91,20 @@ def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> 
     for i in range(depth):
         b, h = f"blocks.{i}.", f"{layer_prefix}{i}."
         q, k, v = sd[b + "attn.qkv.weight"].chunk(3, dim=0)
-        out[h + "attention.q_proj.weight"], out[h + "attention.k_proj.weight"], out[h + "attention.v_proj.weight"] = q, k, v
+        out[h + "attention.q_proj.weight"], out[h + "attention.k_proj.weight"], out[h + "attention.v_proj.weight"] = (
+            q,
+            k,
+            v,
+        )
         if b + "attn.qkv.bias" in sd:
             qb, _, vb = sd[b + "attn.qkv.bias"].chunk(3)
             out[h + "attention.q_proj.bias"], out[h + "attention.v_proj.bias"] = qb, vb
         renames = [("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.o_proj")]
-        renames += ([("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
-                    if b + "mlp.w1.weight" in sd else [("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")])
+        renames += (
+            [("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
+            if b + "mlp.w1.weight" in sd
+            else [("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
+        )
         for src, dst in renames:
             for suffix in ("weight", "bias"):
                 if f"{b}{src}.{suffix}" in sd:
@@ -106,12 +124,15 @@ def load_official_model(path: str | Path):
     prefix = "model.layer." if any(k.startswith("model.layer.") for k in model.state_dict()) else "layer."
     converted = official_to_transformers(sd, prefix)
     expected = set(model.state_dict())
-    unknown = sorted(k for k in sd if not k.startswith(IGNORED) and not k.endswith("bias_mask")
-                     and not _mapped(k, converted, sd))
+    unknown = sorted(
+        k for k in sd if not k.startswith(IGNORED) and not k.endswith("bias_mask") and not _mapped(k, converted, sd)
+    )
     missing = sorted(expected - set(converted))
     if missing or unknown:
-        raise ModelLoadError(f"{path}: keys the mapping does not cover: missing {missing[:5]}, unused {unknown[:5]}",
-                             "this checkpoint's layout is not supported; convert it with transformers' script")
+        raise ModelLoadError(
+            f"{path}: keys the mapping does not cover: missing {missing[:5]}, unused {unknown[:5]}",
+            "this checkpoint's layout is not supported; convert it with transformers' script",
+        )
     model.load_state_dict(converted, strict=True)
     return model.eval(), config
 
@@ -121,5 +142,6 @@ def _mapped(key: str, converted: dict, sd: dict) -> bool:
     tensor = sd[key]
     if key.endswith("attn.qkv.weight") or key.endswith("attn.qkv.bias"):
         return True
-    return any(t is tensor or (t.data_ptr() == tensor.data_ptr() and t.numel() == tensor.numel())
-               for t in converted.values())
+    return any(
+        t is tensor or (t.data_ptr() == tensor.data_ptr() and t.numel() == tensor.numel()) for t in converted.values()
+    )

@@ -35,8 +35,10 @@ def place(width: int, height: int, buckets: list[Bucket], resize: str, crop: Cro
     if crop is not None:
         left, top, right, bottom = crop.box
         if right > width or bottom > height:
-            raise DecodeError("crop_outside", f"the --crops box {list(crop.box)} (line {crop.line}) does not fit the "
-                                              f"{width}x{height} image")
+            raise DecodeError(
+                "crop_outside",
+                f"the --crops box {list(crop.box)} (line {crop.line}) does not fit the {width}x{height} image",
+            )
         return Placement(crop.bucket, crop.box, BY_CROPS)
     bucket = assign_bucket(width, height, buckets)
     return Placement(bucket.index, crop_box(width, height, bucket, resize), BY_RULE)

@@ -42,11 +42,15 @@ def plan_model(spec: str) -> ModelSpec:
     names."""
     if spec.startswith(RANDOM_PREFIX) or (Path(spec) / "config.json").is_file():
         return resolve_model(spec, device="cpu", dtype="auto")
-    arch = next((a for a in sorted(ARCHITECTURES, key=len, reverse=True) if a in Path(spec).name.lower()
-                 or a in spec.lower()), "")
+    arch = next(
+        (a for a in sorted(ARCHITECTURES, key=len, reverse=True) if a in Path(spec).name.lower() or a in spec.lower()),
+        "",
+    )
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"cannot tell the architecture of {spec!r} without loading it",
-                          "pass --model random:<arch> with the same shape (e.g. random:vitl16) or a local folder")
+        raise ConfigError(
+            f"cannot tell the architecture of {spec!r} without loading it",
+            "pass --model random:<arch> with the same shape (e.g. random:vitl16) or a local folder",
+        )
     plain = resolve_model(RANDOM_PREFIX + arch, device="cpu", dtype="auto")
     plain.id = spec
     return plain
@@ -88,10 +92,18 @@ class PlanReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, layout: Layout | None = None,
-                    out: str | Path | None = None, max_pixels: int = 178_956_970,
-                    shard_max_bytes: int = DEFAULT_SHARD_BYTES, jpeg_draft: bool = False, crops=None,
-                    follow_symlinks: bool = False) -> PlanReport:
+def plan_extraction(
+    input_dir: str | Path,
+    config: BucketConfig,
+    model: str,
+    layout: Layout | None = None,
+    out: str | Path | None = None,
+    max_pixels: int = 178_956_970,
+    shard_max_bytes: int = DEFAULT_SHARD_BYTES,
+    jpeg_draft: bool = False,
+    crops=None,
+    follow_symlinks: bool = False,
+) -> PlanReport:
     """What `extract` would do with the same options, from the headers alone: the same scan,
     the same placement (placement.place), the same layout and shard split, so the projected
     bytes are what extract writes."""
@@ -100,8 +112,9 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, lay
     layout = layout or Layout()
     mspec = plan_model(model)
     buckets = make_buckets(config.sizes, mspec.patch_size)
-    settings = cache_settings(mspec, Preprocessing(mspec.image_mean, mspec.image_std, config.resize, jpeg_draft),
-                              layout, buckets)
+    settings = cache_settings(
+        mspec, Preprocessing(mspec.image_mean, mspec.image_std, config.resize, jpeg_draft), layout, buckets
+    )
     report = PlanReport()
     per_bucket: list[list[dict]] = [[] for _ in buckets]
     distortions = []
@@ -121,14 +134,24 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, lay
         except Exception as exc:  # DecodeError: a crop that does not fit
             reason = getattr(exc, "reason", "crop_outside")
             report.unreadable[reason] = report.unreadable.get(reason, 0) + 1
-            report.unreadable_files.append({"key": src.key, "reason": reason, "detail": getattr(exc, "detail", str(exc))})
+            report.unreadable_files.append(
+                {"key": src.key, "reason": reason, "detail": getattr(exc, "detail", str(exc))}
+            )
             continue
         bucket = buckets[where.bucket]
         left, top, right, bottom = where.box
-        per_bucket[bucket.index].append({"key": src.key, "bucket": bucket.index, "source_bytes": src.size,
-                                         "source_mtime_ns": str(src.mtime_ns), "source_sha256": _PLACEHOLDER_SHA,
-                                         "source_size": [width, height], "box": list(where.box),
-                                         "placement": where.placement})
+        per_bucket[bucket.index].append(
+            {
+                "key": src.key,
+                "bucket": bucket.index,
+                "source_bytes": src.size,
+                "source_mtime_ns": str(src.mtime_ns),
+                "source_sha256": _PLACEHOLDER_SHA,
+                "source_size": [width, height],
+                "box": list(where.box),
+                "placement": where.placement,
+            }
+        )
         if config.resize == "crop" or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
@@ -148,16 +171,24 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, lay
         per_shard = rows_per_shard(layout.row_bytes(mspec.hidden_size, mspec.num_registers, grid), shard_max_bytes)
         nbytes = 0
         for start in range(0, len(records), per_shard):
-            rows = records[start:start + per_shard]
+            rows = records[start : start + per_shard]
             metadata = shard_metadata(settings, settings["buckets"][bucket.index], encode_json(rows), layout.pool)
             nbytes += shard_file_bytes(specs, len(rows), metadata)
             report.shards += 1
         report.projected_bytes += nbytes
-        report.estimated_gpu_seconds += len(records) * forward_flops(model_shape_of(mspec), bucket.grid) \
-            * len(layout.views()) / ASSUMED_GPU_FLOPS
-        report.buckets.append({"name": bucket.name, "input": f"{bucket.input_width}x{bucket.input_height}",
-                               "grid": f"{grid[0]}x{grid[1]}", "images": len(records),
-                               "share": len(records) / report.images if report.images else 0.0, "bytes": nbytes})
+        report.estimated_gpu_seconds += (
+            len(records) * forward_flops(model_shape_of(mspec), bucket.grid) * len(layout.views()) / ASSUMED_GPU_FLOPS
+        )
+        report.buckets.append(
+            {
+                "name": bucket.name,
+                "input": f"{bucket.input_width}x{bucket.input_height}",
+                "grid": f"{grid[0]}x{grid[1]}",
+                "images": len(records),
+                "share": len(records) / report.images if report.images else 0.0,
+                "bytes": nbytes,
+            }
+        )
     if out is not None:
         target = Path(out).absolute()
         while not target.exists() and target != target.parent:
@@ -165,11 +196,15 @@ def plan_extraction(input_dir: str | Path, config: BucketConfig, model: str, lay
         report.disk_free_bytes = shutil.disk_usage(target).free
         report.disk_checked_at = str(target)
         if report.projected_bytes > report.disk_free_bytes:
-            report.warnings.append(f"the cache would need {human_bytes(report.projected_bytes)} but only "
-                                   f"{human_bytes(report.disk_free_bytes)} are free under {target}")
+            report.warnings.append(
+                f"the cache would need {human_bytes(report.projected_bytes)} but only "
+                f"{human_bytes(report.disk_free_bytes)} are free under {target}"
+            )
     if report.upscaled > 0.2 * max(1, report.images):
-        report.warnings.append(f"{report.upscaled} of {report.images} images are smaller than their bucket and "
-                               "will be upscaled: consider smaller buckets")
+        report.warnings.append(
+            f"{report.upscaled} of {report.images} images are smaller than their bucket and "
+            "will be upscaled: consider smaller buckets"
+        )
     return report
 
 
@@ -181,8 +216,14 @@ class _Unusable(Exception):
 
 def model_shape_of(mspec: ModelSpec) -> ModelShape:
     c = mspec.config
-    return ModelShape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, bool(getattr(c, "use_gated_mlp", False)),
-                      c.num_register_tokens, mspec.patch_size)
+    return ModelShape(
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.intermediate_size,
+        bool(getattr(c, "use_gated_mlp", False)),
+        c.num_register_tokens,
+        mspec.patch_size,
+    )
 
 
 def human_seconds(s: float) -> str:
@@ -198,14 +239,20 @@ def human_seconds(s: float) -> str:
 def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dtype: str, listed: int = 5) -> str:
     lines = [f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7} {'projected':>10}"]
     for b in report.buckets:
-        lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}% "
-                     f"{human_bytes(b['bytes']):>10}")
+        lines.append(
+            f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}% "
+            f"{human_bytes(b['bytes']):>10}"
+        )
     kind = "share of the picture cropped away" if config.resize == "crop" else "aspect ratio change"
     lines += [
         "",
-        f"images        {report.images} usable" + (f", {sum(report.unreadable.values())} unusable "
-                                                   f"({', '.join(f'{k}={v}' for k, v in sorted(report.unreadable.items()))})"
-                                                   if report.unreadable else ""),
+        f"images        {report.images} usable"
+        + (
+            f", {sum(report.unreadable.values())} unusable "
+            f"({', '.join(f'{k}={v}' for k, v in sorted(report.unreadable.items()))})"
+            if report.unreadable
+            else ""
+        ),
     ]
     for f in report.unreadable_files[:listed]:
         lines.append(f"              - {f['key']}: {f['reason']} ({f['detail']})")
@@ -215,8 +262,11 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
         f"distortion    mean {report.mean_distortion * 100:.1f}%, worst {report.worst_distortion * 100:.1f}% "
         f"({report.worst_key}) [{kind}, resize: {config.resize}]",
         f"upscaled      {report.upscaled} image(s) smaller than their bucket"
-        + (f": {', '.join(report.upscaled_files[:listed])}{', ...' if report.upscaled > listed else ''}"
-           if report.upscaled else ""),
+        + (
+            f": {', '.join(report.upscaled_files[:listed])}{', ...' if report.upscaled > listed else ''}"
+            if report.upscaled
+            else ""
+        ),
         f"cache size    {human_bytes(report.projected_bytes)} in {report.shards} shard(s) ({model}, {storage_dtype})",
         f"time          ~{human_seconds(report.estimated_gpu_seconds)} of one H100/H200 at 50% MFU "
         "(extract --compile); CPU runs are 100-1000x slower",

@@ -53,8 +53,14 @@ class FeatureCache(Dataset):
     statistics (`dinocache norm-stats`) for that flavour. float8 caches are dequantized on read.
     """
 
-    def __init__(self, root: str | Path = DEFAULT_OUT, dtype: torch.dtype | None = None, max_open_shards: int = 64,
-                 flavour: str = "normed", normalize: bool = False):
+    def __init__(
+        self,
+        root: str | Path = DEFAULT_OUT,
+        dtype: torch.dtype | None = None,
+        max_open_shards: int = 64,
+        flavour: str = "normed",
+        normalize: bool = False,
+    ):
         self.root = Path(root)
         self.dtype = dtype
         self.manifest, self.table = _open_generation(self.root)  # the table is memory-mapped, sorted by key
@@ -68,11 +74,18 @@ class FeatureCache(Dataset):
         self.hidden_size, self.num_registers = model["hidden_size"], model["num_registers"]
         self.flavour = flavour
         self._norm = self._load_norm() if flavour != "normed" else None
-        problem = flavour_problem(flavour, self._norm is not None or "final_norm" in model,
-                                  self.layout.ln_stats and self.layout.pool == 1, self.layout.pool)
+        problem = flavour_problem(
+            flavour,
+            self._norm is not None or "final_norm" in model,
+            self.layout.ln_stats and self.layout.pool == 1,
+            self.layout.pool,
+        )
         if problem:
-            raise CacheError(f"{self.root}: {problem}", "rebuild the cache with the current dinocache "
-                             "(extract --overwrite, without --pool for prenorm) or read flavour='normed'")
+            raise CacheError(
+                f"{self.root}: {problem}",
+                "rebuild the cache with the current dinocache "
+                "(extract --overwrite, without --pool for prenorm) or read flavour='normed'",
+            )
         self.statistics = None
         if normalize:
             from .normstats import load_statistics
@@ -128,21 +141,32 @@ class FeatureCache(Dataset):
             shard = self._handle(shard_index)
             rows = np.array([int(self._row_col[resolved[p][0]]) for p in positions], dtype=np.int64)
             if rows.min() < 0 or rows.max() >= self.shards[shard_index]["rows"]:
-                raise CacheError(f"{self.root}: a sample points past the end of {self.shards[shard_index]['file']}",
-                                 "run `dinocache verify` for details")
+                raise CacheError(
+                    f"{self.root}: a sample points past the end of {self.shards[shard_index]['file']}",
+                    "run `dinocache verify` for details",
+                )
             views = {view for p in positions for view in self._views(resolved[p][1])}
             batch = self._read(shard, shard_index, rows, views)
             bucket = self.buckets[shard.bucket_index]
             for j, p in enumerate(positions):
                 i, flipped = resolved[p]
-                item = {"key": self.table.key(i), "bucket": bucket["name"], "bucket_index": shard.bucket_index,
-                        "grid": shard.grid}
+                item = {
+                    "key": self.table.key(i),
+                    "bucket": bucket["name"],
+                    "bucket_index": shard.bucket_index,
+                    "grid": shard.grid,
+                }
                 if flipped is None:
                     item.update({name: value[j] for name, value in batch.items()})
                 else:
                     suffix = "_flip" if flipped else ""
-                    item.update({name[: len(name) - len(suffix)] if suffix else name: value[j]
-                                 for name, value in batch.items() if self._view_of(name) == suffix})
+                    item.update(
+                        {
+                            name[: len(name) - len(suffix)] if suffix else name: value[j]
+                            for name, value in batch.items()
+                            if self._view_of(name) == suffix
+                        }
+                    )
                     item["flipped"] = bool(flipped)
                 out[p] = item
         return out  # type: ignore[return-value]
@@ -200,8 +224,10 @@ class FeatureCache(Dataset):
                 value = value.reshape(len(rows), *shape, value.shape[-1])
                 out[name] = value.to(self.dtype) if self.dtype is not None else value
         except (SafetensorsError, ValueError, OSError, RuntimeError) as exc:
-            raise CacheError(f"cannot read rows of {self.shards[shard_index]['file']}: {str(exc).splitlines()[0]}",
-                             "run `dinocache verify` for details") from None
+            raise CacheError(
+                f"cannot read rows of {self.shards[shard_index]['file']}: {str(exc).splitlines()[0]}",
+                "run `dinocache verify` for details",
+            ) from None
         return out
 
     def _handle(self, shard_index: int) -> _Shard:
@@ -210,26 +236,33 @@ class FeatureCache(Dataset):
             self._open.move_to_end(shard_index)
             return shard
         if not 0 <= shard_index < len(self.shards):
-            raise CacheError(f"{self.root}: a sample points at shard #{shard_index}, which does not exist",
-                             "run `dinocache verify` for details")
+            raise CacheError(
+                f"{self.root}: a sample points at shard #{shard_index}, which does not exist",
+                "run `dinocache verify` for details",
+            )
         record = self.shards[shard_index]
         path = shard_path(self.root, record["file"])
         try:
             file = SafetensorsFile(path)
         except SafetensorsError as exc:
-            hint = ("rerun the extract command: it recomputes the rows of missing or damaged shards"
-                    if not path.exists() or path.stat().st_size != record["bytes"]
-                    else "run `dinocache verify`; rerun extract with --repair to recompute damaged shards")
+            hint = (
+                "rerun the extract command: it recomputes the rows of missing or damaged shards"
+                if not path.exists() or path.stat().st_size != record["bytes"]
+                else "run `dinocache verify`; rerun extract with --repair to recompute damaged shards"
+            )
             raise CacheError(f"cannot open shard {record['file']}: {exc}", hint) from None
         bucket = self.buckets[record["bucket"]]
         grid = tuple(bucket["stored_grid"]) if "stored_grid" in bucket else tuple(bucket["grid"])
         specs = self.layout.tensors(self.hidden_size, self.num_registers, grid)
-        problems = shard_tensor_problems(file.entries, specs, record["rows"]) \
-            + shard_identity_problems(file.metadata, bucket, grid)
+        problems = shard_tensor_problems(file.entries, specs, record["rows"]) + shard_identity_problems(
+            file.metadata, bucket, grid
+        )
         if problems:
-            raise CacheError(f"shard {record['file']} does not match the manifest ({bucket['name']}, grid "
-                             f"{grid[0]}x{grid[1]}, hidden {self.hidden_size}): {'; '.join(problems[:3])}",
-                             "run `dinocache verify`; rerun extract with --repair to recompute it")
+            raise CacheError(
+                f"shard {record['file']} does not match the manifest ({bucket['name']}, grid "
+                f"{grid[0]}x{grid[1]}, hidden {self.hidden_size}): {'; '.join(problems[:3])}",
+                "run `dinocache verify`; rerun extract with --repair to recompute it",
+            )
         shard = _Shard(file, specs, grid, record["bucket"])
         self._open[shard_index] = shard
         if len(self._open) > self._max_open:
@@ -244,7 +277,9 @@ class FeatureCache(Dataset):
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise CacheError(f"cannot read {info['file']}: {exc.strerror}", "rebuild the cache with extract --overwrite") from None
+            raise CacheError(
+                f"cannot read {info['file']}: {exc.strerror}", "rebuild the cache with extract --overwrite"
+            ) from None
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CacheError(f"{info['file']} fails its sha256 checksum", "rerun extract to rewrite it")
         try:
@@ -253,8 +288,10 @@ class FeatureCache(Dataset):
         except (SafetensorsError, KeyError) as exc:
             raise CacheError(f"{info['file']} is not a final-norm file: {exc}", "rerun extract to rewrite it") from None
         if weight.shape != (self.hidden_size,) or bias.shape != (self.hidden_size,):
-            raise CacheError(f"{info['file']} holds a norm of {list(weight.shape)}, the model is {self.hidden_size} wide",
-                             "rebuild the cache with extract --overwrite")
+            raise CacheError(
+                f"{info['file']} holds a norm of {list(weight.shape)}, the model is {self.hidden_size} wide",
+                "rebuild the cache with extract --overwrite",
+            )
         return weight, bias
 
     def _root_file(self, name: str) -> Path:

@@ -53,11 +53,21 @@ class RunRecord:
         return self.processed / seconds if seconds > 0 else 0.0
 
     def as_dict(self, stages: StageTimer, finished: str) -> dict:
-        out = {"started": self.started, "input_dir": self.input_dir, "planned": self.planned, "device": self.device,
-               "tool_version": self.tool_version, "rank": self.rank, "world_size": self.world_size,
-               "finished": finished, "processed": self.processed, "failed": self.failed,
-               "seconds": round(self.seconds(), 3), "stage_seconds": stages.rounded(),
-               "images_per_second": round(self.images_per_second(), 3)}
+        out = {
+            "started": self.started,
+            "input_dir": self.input_dir,
+            "planned": self.planned,
+            "device": self.device,
+            "tool_version": self.tool_version,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "finished": finished,
+            "processed": self.processed,
+            "failed": self.failed,
+            "seconds": round(self.seconds(), 3),
+            "stage_seconds": stages.rounded(),
+            "images_per_second": round(self.images_per_second(), 3),
+        }
         if self.interrupted:
             out["interrupted"] = self.interrupted
         if self.oom_retries:

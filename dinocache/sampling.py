@@ -31,8 +31,18 @@ class BucketBatchSampler(Sampler[list]):
     read in one window instead of throughout the epoch. None: a global shuffle.
     """
 
-    def __init__(self, cache, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, flip: bool = False, shard_window: int | None = None):
+    def __init__(
+        self,
+        cache,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        flip: bool = False,
+        shard_window: int | None = None,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -71,7 +81,7 @@ class BucketBatchSampler(Sampler[list]):
             if self.shuffle:
                 rng.shuffle(members)
             for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
+                batch = members[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
@@ -91,7 +101,7 @@ class BucketBatchSampler(Sampler[list]):
                 rng.shuffle(window_order)
             batches = []
             for start in range(0, len(window_order), self.shard_window):
-                members = np.concatenate([groups[g] for g in window_order[start:start + self.shard_window]])
+                members = np.concatenate([groups[g] for g in window_order[start : start + self.shard_window]])
                 batches += self._batches_of(np.sort(members), rng)
         if self.world_size > 1 and batches:
             if self.drop_last:
@@ -102,10 +112,12 @@ class BucketBatchSampler(Sampler[list]):
         return batches
 
     def _views(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch, 0x466C6970]).integers(0, 2, len(self._buckets)).astype(bool)
+        return (
+            np.random.default_rng([self.seed, self.epoch, 0x466C6970]).integers(0, 2, len(self._buckets)).astype(bool)
+        )
 
     def __iter__(self) -> Iterator[list]:
-        batches = self._global_batches()[self.rank::self.world_size][self.start_step:]
+        batches = self._global_batches()[self.rank :: self.world_size][self.start_step :]
         if not self.flip:
             yield from batches
             return
@@ -114,7 +126,7 @@ class BucketBatchSampler(Sampler[list]):
             yield [(i, bool(views[i])) for i in batch]
 
     def __len__(self) -> int:
-        return len(self._global_batches()[self.rank::self.world_size][self.start_step:])
+        return len(self._global_batches()[self.rank :: self.world_size][self.start_step :])
 
 
 def collate_features(items: list[dict]) -> dict:
@@ -128,8 +140,11 @@ def collate_features(items: list[dict]) -> dict:
     "patches_flip", ...) stacked the same way.
     """
     first = items[0]
-    out: dict = {"key": [it["key"] for it in items], "bucket": [it["bucket"] for it in items],
-                 "grid": torch.tensor([it["grid"] for it in items], dtype=torch.long)}
+    out: dict = {
+        "key": [it["key"] for it in items],
+        "bucket": [it["bucket"] for it in items],
+        "grid": torch.tensor([it["grid"] for it in items], dtype=torch.long),
+    }
     if "flipped" in first:
         out["flipped"] = [it["flipped"] for it in items]
     same_grid = all(it["grid"] == first["grid"] for it in items)

@@ -38,8 +38,10 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
     """
     root = Path(root)
     if not root.is_dir():
-        raise DinocacheError(f"input folder {root} does not exist or is not a folder",
-                             "pass the folder that holds your images, e.g. dinocache extract data/images")
+        raise DinocacheError(
+            f"input folder {root} does not exist or is not a folder",
+            "pass the folder that holds your images, e.g. dinocache extract data/images",
+        )
     real_root = os.path.realpath(root)
     skip = {os.path.realpath(p) for p in exclude}
     found: list[SourceFile] = []
@@ -57,8 +59,10 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
             if not follow_symlinks and os.path.islink(path):
                 target = os.path.realpath(path)
                 if os.path.commonpath([real_root, target]) != real_root:
-                    problem = ("outside_source", f"a symbolic link to {target}, outside the input folder "
-                                                 "(pass --follow-symlinks to read it)")
+                    problem = (
+                        "outside_source",
+                        f"a symbolic link to {target}, outside the input folder (pass --follow-symlinks to read it)",
+                    )
             try:
                 st = os.stat(path)
                 found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns, problem))
@@ -70,8 +74,10 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
 
 def require_images(sources: list[SourceFile], root: str | Path) -> None:
     if not sources:
-        raise DinocacheError(f"no images found in {root} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, any case, "
-                             "in all subfolders)", "check the path; point extract at the folder that holds your images")
+        raise DinocacheError(
+            f"no images found in {root} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, any case, in all subfolders)",
+            "check the path; point extract at the folder that holds your images",
+        )
 
 
 def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
@@ -89,8 +95,11 @@ def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
             if width <= 0 or height <= 0:
                 raise DecodeError("corrupt", f"header declares an empty image ({width}x{height})")
             if max_pixels is not None and width * height > max_pixels:
-                raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of "
-                                               f"{max_pixels} (raise --max-pixels if this image is legitimate)")
+                raise DecodeError(
+                    "too_large",
+                    f"{width}x{height} = {width * height} pixels is over the limit of "
+                    f"{max_pixels} (raise --max-pixels if this image is legitimate)",
+                )
             orientation = _orientation(img)
     except DecodeError:
         raise
@@ -107,6 +116,8 @@ def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return width, height
+
+
 def _orientation(img) -> int:
     """EXIF orientation from what the header parse already holds: Pillow's PNG getexif() would
     decode the whole image to look for an eXIf chunk after the pixels, so PNGs use only an

@@ -41,8 +41,9 @@ def pca_rgb(patches: torch.Tensor) -> np.ndarray:
     return (scaled.reshape(rows, cols, 3).numpy() * 255).round().astype(np.uint8)
 
 
-def render(cache_dir: str | Path, key: str, source_dir: str | Path | None = None,
-           follow_symlinks: bool = False) -> Image.Image:
+def render(
+    cache_dir: str | Path, key: str, source_dir: str | Path | None = None, follow_symlinks: bool = False
+) -> Image.Image:
     cache = FeatureCache(cache_dir)
     if key not in cache:
         raise CacheError(_not_cached(cache, key), f"list the keys with `dinocache keys {cache_dir}`")
@@ -55,14 +56,17 @@ def render(cache_dir: str | Path, key: str, source_dir: str | Path | None = None
         data = read_source(str(source_path(source_dir, key, follow_symlinks)))
         pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]), size, prep, 1 << 62)
     except DecodeError as exc:
-        raise CacheError(f"cannot read the source image {source_dir / key}: {exc.detail}",
-                         "pass --source with the folder the cache was extracted from") from None
+        raise CacheError(
+            f"cannot read the source image {source_dir / key}: {exc.detail}",
+            "pass --source with the folder the cache was extracted from",
+        ) from None
     mean = torch.tensor(prep.image_mean).view(3, 1, 1)
     std = torch.tensor(prep.image_std).view(3, 1, 1)
     seen = (pixels * std + mean).clamp(0, 1)
     width = max(1, round(DISPLAY_HEIGHT * size[0] / size[1]))
     picture = Image.fromarray((seen.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
-        (width, DISPLAY_HEIGHT), Image.Resampling.BILINEAR)
+        (width, DISPLAY_HEIGHT), Image.Resampling.BILINEAR
+    )
     features = Image.fromarray(pca_rgb(item["patches"])).resize((width, DISPLAY_HEIGHT), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (2 * width + GAP, DISPLAY_HEIGHT), (255, 255, 255))
     canvas.paste(picture, (0, 0))

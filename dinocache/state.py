@@ -55,8 +55,12 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
         for key in sorted(set(old) | set(new), key=str):
             diffs += settings_differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
         return diffs
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) \
-            and any(isinstance(v, (dict, list)) for v in old + new):
+    if (
+        isinstance(old, list)
+        and isinstance(new, list)
+        and len(old) == len(new)
+        and any(isinstance(v, (dict, list)) for v in old + new)
+    ):
         diffs = []
         for i, (a, b) in enumerate(zip(old, new)):
             diffs += settings_differences(a, b, f"{prefix}[{i}]")
@@ -68,7 +72,9 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
 
 def _brief(value) -> str:
     if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-        return f"{len(value)} buckets ({', '.join(str(v['name']) for v in value[:6])}{', ...' if len(value) > 6 else ''})"
+        return (
+            f"{len(value)} buckets ({', '.join(str(v['name']) for v in value[:6])}{', ...' if len(value) > 6 else ''})"
+        )
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -79,8 +85,11 @@ def check_cache_folders(root: Path) -> None:
     for name in CACHE_FOLDERS:
         real_folder(root / name, f"the cache's {name}/ folder")
     if is_link(root / MANIFEST_NAME):
-        raise CacheError(f"{root / MANIFEST_NAME} is a symbolic link: dinocache writes and reads a cache's files only "
-                         "inside its folder", "replace the link with the file it points to")
+        raise CacheError(
+            f"{root / MANIFEST_NAME} is a symbolic link: dinocache writes and reads a cache's files only "
+            "inside its folder",
+            "replace the link with the file it points to",
+        )
 
 
 @dataclass
@@ -114,8 +123,9 @@ class CacheState:
         self.index_info: dict | None = None  # manifest["samples"] of the committed table
 
     @classmethod
-    def open(cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True,
-             extras: dict | None = None) -> "CacheState":
+    def open(
+        cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True, extras: dict | None = None
+    ) -> "CacheState":
         """Load the cache's committed state. `cleanup` removes temp files and unnamed sample
         tables: only for the lock holder while no other rank writes."""
         check_cache_folders(root)
@@ -125,14 +135,18 @@ class CacheState:
         if (root / MANIFEST_NAME).exists():
             manifest = read_manifest(root)
             if manifest["format_version"] != FORMAT_VERSION:
-                raise CacheError(f"{root} was written by an older dinocache (format {manifest['format_version']}); "
-                                 f"this one writes format {FORMAT_VERSION} and reads the old one, but does not add to it",
-                                 "rebuild it with --overwrite, or extract into another --out")
+                raise CacheError(
+                    f"{root} was written by an older dinocache (format {manifest['format_version']}); "
+                    f"this one writes format {FORMAT_VERSION} and reads the old one, but does not add to it",
+                    "rebuild it with --overwrite, or extract into another --out",
+                )
             diffs = settings_differences(settings_of(manifest), settings)
             if diffs:
                 shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
-                raise CacheError(f"{root} was built with different settings:\n    " + "\n    ".join(shown),
-                                 "use the same options as before, another --out, or --overwrite to rebuild it")
+                raise CacheError(
+                    f"{root} was built with different settings:\n    " + "\n    ".join(shown),
+                    "use the same options as before, another --out, or --overwrite to rebuild it",
+                )
             state.created = manifest.get("created", state.created)
             state.shards = manifest["shards"]
             state.runs = manifest.get("runs", [])
@@ -152,8 +166,11 @@ class CacheState:
         folder = self.root / INDEX_DIR
         if folder.is_dir() and not is_link(folder):
             for entry in os.scandir(folder):
-                if entry.name != current and (OWNED[INDEX_DIR].fullmatch(entry.name) or TEMP.fullmatch(entry.name)) \
-                        and entry.is_file(follow_symlinks=False):
+                if (
+                    entry.name != current
+                    and (OWNED[INDEX_DIR].fullmatch(entry.name) or TEMP.fullmatch(entry.name))
+                    and entry.is_file(follow_symlinks=False)
+                ):
                     os.unlink(entry.path)
         remove_owned(self.root / SHARD_DIR, TEMP)
         remove_owned(self.root, TEMP)
@@ -238,8 +255,9 @@ class CacheState:
             size = path.stat().st_size
             reported = known_records.get(file)
             digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
-            self.add_shard({"file": file, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest},
-                           samples)
+            self.add_shard(
+                {"file": file, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest}, samples
+            )
             adopted += 1
         if adopted:
             log.info("adopted %d shard(s) not yet in the manifest (other ranks, or an interrupted run)", adopted)
@@ -252,8 +270,10 @@ class CacheState:
         meta = parse_shard_metadata(st.metadata)
         if meta.version != FORMAT_VERSION:
             raise ValueError(f"it was written in format {meta.version}")
-        diffs = settings_differences({k: meta.settings[k] for k in ("model", "preprocessing", "storage")},
-                                     {k: self.settings[k] for k in ("model", "preprocessing", "storage")})
+        diffs = settings_differences(
+            {k: meta.settings[k] for k in ("model", "preprocessing", "storage")},
+            {k: self.settings[k] for k in ("model", "preprocessing", "storage")},
+        )
         if diffs:
             raise ValueError("made with other settings: " + "; ".join(diffs[:3]))
         index = meta.bucket.get("index")
@@ -286,8 +306,13 @@ class CacheState:
         """Record an image that cannot be used. A sample is cached or failed, never both: if an
         older version of it was cached, those features describe content that is gone, so they
         are dropped."""
-        self.failures[key] = {"key": key, "reason": reason, "detail": detail,
-                              "source_bytes": source_bytes, "source_mtime_ns": str(source_mtime_ns)}
+        self.failures[key] = {
+            "key": key,
+            "reason": reason,
+            "detail": detail,
+            "source_bytes": source_bytes,
+            "source_mtime_ns": str(source_mtime_ns),
+        }
         if self.table.find(key) >= 0:
             self.dropped.add(key)
 
@@ -309,14 +334,21 @@ class CacheState:
             (self.root / INDEX_DIR).mkdir(exist_ok=True)
             atomic_write_bytes(self.root / name, data)
             old, self.index_file = self.index_file, name
-            self.index_info = {"file": name, "count": len(self.table), "bytes": len(data),
-                               "sha256": hashlib.sha256(data).hexdigest()}
+            self.index_info = {
+                "file": name,
+                "count": len(self.table),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         else:
             old = None
         self.write_extras()
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
-            "created": self.created, "updated": now(),
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": self.created,
+            "updated": now(),
             **self.settings,
             "shards": self.shards,
             "samples": self.index_info,
@@ -369,9 +401,13 @@ def read_rank_reports(root: Path) -> list[tuple[Path, dict]]:
             continue
         try:
             report = parse_json_bounded(path.read_bytes(), name)
-            if not (isinstance(report, dict) and isinstance(report.get("settings"), dict)
-                    and isinstance(report.get("run"), dict) and isinstance(report.get("shards", []), list)
-                    and isinstance(report.get("failures", []), list)):
+            if not (
+                isinstance(report, dict)
+                and isinstance(report.get("settings"), dict)
+                and isinstance(report.get("run"), dict)
+                and isinstance(report.get("shards", []), list)
+                and isinstance(report.get("failures", []), list)
+            ):
                 raise ValueError("not a rank report")
             reports.append((path, report))
         except (OSError, ValueError) as exc:
@@ -389,16 +425,24 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
     elif reports:
         settings = reports[0][1]["settings"]
     else:
-        raise CacheError(f"{root} has neither a manifest nor rank reports: nothing to merge",
-                         "pass the --out folder the ranks wrote to")
+        raise CacheError(
+            f"{root} has neither a manifest nor rank reports: nothing to merge",
+            "pass the --out folder the ranks wrote to",
+        )
     with contextlib.nullcontext() if locked else CacheLock(root):
         state = CacheState.open(root, settings, overwrite=False)
         for _, report in reports:
             if report["settings"] != settings:
-                raise CacheError(f"rank report {report.get('rank')} was made with other settings than {root}",
-                                 "merge only ranks of the same command")
-        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])
-                 if isinstance(r, dict) and isinstance(r.get("file"), str)}
+                raise CacheError(
+                    f"rank report {report.get('rank')} was made with other settings than {root}",
+                    "merge only ranks of the same command",
+                )
+        known = {
+            r["file"]: r
+            for _, report in reports
+            for r in report.get("shards", [])
+            if isinstance(r, dict) and isinstance(r.get("file"), str)
+        }
         result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
         for _, report in reports:
             for failure in report.get("failures", []):
@@ -417,4 +461,3 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
         remove_folder_if_empty(root / RANK_DIR)
         result.samples = len(state.table)
     return result
-

@@ -22,9 +22,16 @@ def cache_stats(root: str | Path) -> dict:
     for b in manifest["buckets"]:
         count = per_bucket.get(b["index"], 0)
         stored = b.get("stored_grid", b["grid"])
-        buckets.append({"name": b["name"], "input": f"{b['input_width']}x{b['input_height']}",
-                        "grid": f"{b['grid'][0]}x{b['grid'][1]}", "stored_grid": f"{stored[0]}x{stored[1]}",
-                        "images": count, "share": round(count / total, 4) if total else 0.0})
+        buckets.append(
+            {
+                "name": b["name"],
+                "input": f"{b['input_width']}x{b['input_height']}",
+                "grid": f"{b['grid'][0]}x{b['grid'][1]}",
+                "stored_grid": f"{stored[0]}x{stored[1]}",
+                "images": count,
+                "share": round(count / total, 4) if total else 0.0,
+            }
+        )
     layout = Layout.from_record(manifest["storage"])
     failures = manifest["failures"]
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
@@ -33,8 +40,11 @@ def cache_stats(root: str | Path) -> dict:
     sizes = np.asarray(table.columns["source_size"], dtype=np.float64).reshape(-1, 2)
     aspects = sizes[:, 0] / np.maximum(sizes[:, 1], 1) if len(sizes) else np.zeros(0)
     hist, _ = np.histogram(aspects, bins=[0.0, *ASPECT_EDGES, np.inf])
-    labels = [f"< {ASPECT_EDGES[0]:.2f}"] + [f"{a:.2f}-{b:.2f}" for a, b in zip(ASPECT_EDGES, ASPECT_EDGES[1:])] \
+    labels = (
+        [f"< {ASPECT_EDGES[0]:.2f}"]
+        + [f"{a:.2f}-{b:.2f}" for a, b in zip(ASPECT_EDGES, ASPECT_EDGES[1:])]
         + [f">= {ASPECT_EDGES[-1]:.2f}"]
+    )
     return {
         "cache": str(root),
         "images": total,
@@ -56,9 +66,15 @@ def cache_stats(root: str | Path) -> dict:
         "token_stats": layout.ln_stats,
         "format_version": manifest["format_version"],
         "resize": manifest["preprocessing"].get("resize"),
-        "statistics": [{"flavour": e.get("flavour"), "file": e["file"], "samples": e.get("samples"),
-                        "stale": e.get("samples_sha256") != manifest["samples"]["sha256"]}
-                       for e in manifest.get("statistics", [])],
+        "statistics": [
+            {
+                "flavour": e.get("flavour"),
+                "file": e["file"],
+                "samples": e.get("samples"),
+                "stale": e.get("samples_sha256") != manifest["samples"]["sha256"],
+            }
+            for e in manifest.get("statistics", [])
+        ],
         "aspect_histogram": [{"aspect": label, "images": int(n)} for label, n in zip(labels, hist)],
         "runs": runs,
     }
@@ -98,11 +114,16 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         f"images     {stats['images']} cached, {stats['failed']} failed",
         f"on disk    {human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
         "",
-        f"{'bucket':>11} {'input':>11} {'grid':>7}" + (f" {'stored':>7}" if pooled else "") + f" {'images':>8} {'share':>7}",
+        f"{'bucket':>11} {'input':>11} {'grid':>7}"
+        + (f" {'stored':>7}" if pooled else "")
+        + f" {'images':>8} {'share':>7}",
     ]
     for b in stats["buckets"]:
-        lines.append(f"{b['name']:>11} {b['input']:>11} {b['grid']:>7}" + (f" {b['stored_grid']:>7}" if pooled else "")
-                     + f" {b['images']:>8} {b['share'] * 100:>6.1f}%")
+        lines.append(
+            f"{b['name']:>11} {b['input']:>11} {b['grid']:>7}"
+            + (f" {b['stored_grid']:>7}" if pooled else "")
+            + f" {b['images']:>8} {b['share'] * 100:>6.1f}%"
+        )
     if stats["failures_by_reason"]:
         lines += ["", "failures by reason:"]
         lines += [f"  {reason:<14} {count}" for reason, count in stats["failures_by_reason"].items()]
@@ -116,15 +137,23 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         for h in stats["aspect_histogram"]:
             lines.append(f"  {h['aspect']:>11} {h['images']:>8}  " + "#" * round(40 * h["images"] / peak))
     for entry in stats["statistics"]:
-        lines += ["", f"statistics {entry['flavour']} over {entry['samples']} samples"
-                  + (" -- STALE: the cache changed since; rerun `dinocache norm-stats`" if entry["stale"] else "")]
+        lines += [
+            "",
+            f"statistics {entry['flavour']} over {entry['samples']} samples"
+            + (" -- STALE: the cache changed since; rerun `dinocache norm-stats`" if entry["stale"] else ""),
+        ]
     if stats["runs"]:
-        lines += ["", f"{'run started':<26} {'rank':>5} {'images':>8} {'failed':>7} {'seconds':>9} {'img/s':>8}  device",
-                  "(img/s: images extracted / the run's wall time, model loading excluded)"]
+        lines += [
+            "",
+            f"{'run started':<26} {'rank':>5} {'images':>8} {'failed':>7} {'seconds':>9} {'img/s':>8}  device",
+            "(img/s: images extracted / the run's wall time, model loading excluded)",
+        ]
         for run in stats["runs"]:
             rank = f"{run.get('rank', 0)}/{run.get('world_size', 1)}"
             note = f"  ({run['interrupted']})" if run.get("interrupted") else ""
-            lines.append(f"{str(run.get('started', '?')):<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
-                         f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}"
-                         + note)
+            lines.append(
+                f"{str(run.get('started', '?')):<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
+                f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}"
+                + note
+            )
     return "\n".join(lines)

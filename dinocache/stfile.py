@@ -117,7 +117,7 @@ class SafetensorsFile:
         """Zero-copy numpy view (bf16 as int16, float8 as uint8)."""
         e = self.entries[name]
         np_dtype = DTYPES[e.dtype][0]
-        raw = self._data()[self.data_start + e.start:self.data_start + e.stop]
+        raw = self._data()[self.data_start + e.start : self.data_start + e.stop]
         return raw.view(np_dtype).reshape(e.shape)
 
     def tensor(self, name: str, index=None) -> torch.Tensor:
@@ -143,11 +143,17 @@ def _entry(name: str, info, data_len: int) -> TensorEntry:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SafetensorsError(f"tensor {name!r}: dtype {dtype!r} is not one dinocache reads")
-    if not (isinstance(shape, list) and len(shape) <= 8
-            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 8
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)
+    ):
         raise SafetensorsError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise SafetensorsError(f"tensor {name!r}: data_offsets {offsets!r} is not a [start, stop] pair")
     start, stop = offsets
     itemsize = DTYPES[dtype][0].itemsize

@@ -83,6 +83,7 @@ class VerifyReport:
 
 # ---- one shard, one pass ------------------------------------------------------------------------
 
+
 def scan_shard(path: Path, check_values: bool, chunk: int = CHUNK) -> tuple[str, SafetensorsFile, list[str], int]:
     """Read a shard once: (sha256 of the whole file, its parsed header, value problems, bytes).
     Memory stays at one chunk whatever the shard's size."""
@@ -140,9 +141,16 @@ def _finite(data: memoryview, code: str) -> bool:
 
 # ---- entry point --------------------------------------------------------------------------------
 
-def verify_paths(paths: list[str | Path], check_values: bool = True, source: str | Path | None = None,
-                 recompute: int = 0, seed: int = 0, device: str = "auto",
-                 follow_symlinks: bool = False) -> VerifyReport:
+
+def verify_paths(
+    paths: list[str | Path],
+    check_values: bool = True,
+    source: str | Path | None = None,
+    recompute: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    follow_symlinks: bool = False,
+) -> VerifyReport:
     """Verify what each path is: a cache folder, a cache's shards/ folder (the whole cache is
     verified), a folder of shards without a manifest, or single shard files. A path that is
     none of these is a usage error (DinocacheError)."""
@@ -159,22 +167,32 @@ def verify_paths(paths: list[str | Path], check_values: bool = True, source: str
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."))
             if not found:
-                hint = ("run `dinocache extract DIR --out " + str(path) + "` first"
-                        if not any(path.iterdir()) else "pass a cache folder, its shards/ folder, or .safetensors files")
-                raise DinocacheError(f"{path} is not a dinocache cache (no {MANIFEST_NAME}) and holds no "
-                                     f"{SHARD_SUFFIX} files", hint)
+                hint = (
+                    "run `dinocache extract DIR --out " + str(path) + "` first"
+                    if not any(path.iterdir())
+                    else "pass a cache folder, its shards/ folder, or .safetensors files"
+                )
+                raise DinocacheError(
+                    f"{path} is not a dinocache cache (no {MANIFEST_NAME}) and holds no {SHARD_SUFFIX} files", hint
+                )
             loose += found
         elif path.is_file() and path.name.endswith(SHARD_SUFFIX):
             loose.append(path)
         elif path.exists():
-            raise DinocacheError(f"{path} is not a cache folder or a {SHARD_SUFFIX} shard", "pass a cache folder, "
-                                 "its shards/ folder, or shard files")
+            raise DinocacheError(
+                f"{path} is not a cache folder or a {SHARD_SUFFIX} shard",
+                "pass a cache folder, its shards/ folder, or shard files",
+            )
         else:
-            raise DinocacheError(f"{path} does not exist", "pass the folder given to extract --out (default "
-                                 "./dinocache_out), its shards/ folder, or shard files")
+            raise DinocacheError(
+                f"{path} does not exist",
+                "pass the folder given to extract --out (default ./dinocache_out), its shards/ folder, or shard files",
+            )
     if recompute and source is None:
-        raise DinocacheError("--recompute needs the images: pass --source DIR",
-                             "e.g. dinocache verify OUT --source data/images --recompute 20")
+        raise DinocacheError(
+            "--recompute needs the images: pass --source DIR",
+            "e.g. dinocache verify OUT --source data/images --recompute 20",
+        )
     if recompute and (loose or len(caches) != 1):
         raise DinocacheError("--recompute works on one cache folder", "pass a single cache folder with --recompute")
     report = VerifyReport(paths=[str(p) for p in paths])
@@ -187,19 +205,36 @@ def verify_paths(paths: list[str | Path], check_values: bool = True, source: str
     return report
 
 
-def verify_cache(root: str | Path, check_values: bool = True, source: str | Path | None = None,
-                 recompute: int = 0, seed: int = 0, device: str = "auto", follow_symlinks: bool = False) -> VerifyReport:
+def verify_cache(
+    root: str | Path,
+    check_values: bool = True,
+    source: str | Path | None = None,
+    recompute: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    follow_symlinks: bool = False,
+) -> VerifyReport:
     """Check one cache folder (never raises for a damaged cache: problems are reported)."""
     if recompute and source is None:
-        raise DinocacheError("--recompute needs the images: pass --source DIR",
-                             "e.g. dinocache verify OUT --source data/images --recompute 20")
+        raise DinocacheError(
+            "--recompute needs the images: pass --source DIR",
+            "e.g. dinocache verify OUT --source data/images --recompute 20",
+        )
     report = VerifyReport(paths=[str(root)])
     _verify_cache(Path(root), report, check_values, source, recompute, seed, device, follow_symlinks)
     return report
 
 
-def _verify_cache(root: Path, report: VerifyReport, check_values: bool, source, recompute: int, seed: int,
-                  device: str, follow_symlinks: bool) -> None:
+def _verify_cache(
+    root: Path,
+    report: VerifyReport,
+    check_values: bool,
+    source,
+    recompute: int,
+    seed: int,
+    device: str,
+    follow_symlinks: bool,
+) -> None:
     try:
         manifest = read_manifest(root)
     except CacheError as exc:
@@ -223,12 +258,17 @@ def _verify_cache(root: Path, report: VerifyReport, check_values: bool, source, 
     if folder.is_dir() and not is_link(folder):
         for name in sorted(os.listdir(folder)):
             if name.endswith(SHARD_SUFFIX) and not name.startswith(".") and f"{SHARD_DIR}/{name}" not in listed:
-                report.add("unlisted_shard", f"{SHARD_DIR}/{name} is not in the manifest (left by an interrupted "
-                           "run? rerun extract to adopt it, or delete it)", f"{SHARD_DIR}/{name}")
+                report.add(
+                    "unlisted_shard",
+                    f"{SHARD_DIR}/{name} is not in the manifest (left by an interrupted "
+                    "run? rerun extract to adopt it, or delete it)",
+                    f"{SHARD_DIR}/{name}",
+                )
 
 
-def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool,
-                        report: VerifyReport) -> None:
+def _check_listed_shard(
+    root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool, report: VerifyReport
+) -> None:
     name = shard["file"]
     try:
         path = shard_path(root, name)
@@ -236,12 +276,18 @@ def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, lay
         report.add("path", f"shard #{index}: {exc.message}", name)
         return
     if not path.is_file():
-        report.add("missing_shard", f"shard {name} is missing (rerun the extract command: it recomputes its rows)", name)
+        report.add(
+            "missing_shard", f"shard {name} is missing (rerun the extract command: it recomputes its rows)", name
+        )
         return
     size = path.stat().st_size
     if size != shard["bytes"]:
-        report.add("size", f"shard {name} has {size} bytes, the manifest says {shard['bytes']} (truncated or "
-                   "replaced; rerun the extract command: it recomputes its rows)", name)
+        report.add(
+            "size",
+            f"shard {name} has {size} bytes, the manifest says {shard['bytes']} (truncated or "
+            "replaced; rerun the extract command: it recomputes its rows)",
+            name,
+        )
         return
     try:
         digest, header, value_problems, read = scan_shard(path, check_values)
@@ -250,17 +296,26 @@ def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, lay
         return
     report.bytes_read += read
     if digest != shard["sha256"]:
-        report.add("checksum", f"shard {name} fails its sha256 checksum (corrupted on disk; rerun extract with "
-                   "--repair to recompute its rows)", name)
+        report.add(
+            "checksum",
+            f"shard {name} fails its sha256 checksum (corrupted on disk; rerun extract with "
+            "--repair to recompute its rows)",
+            name,
+        )
         return
     bucket = manifest["buckets"][shard["bucket"]]
     grid = tuple(bucket.get("stored_grid", bucket["grid"]))
     model = manifest["model"]
     specs = layout.tensors(model["hidden_size"], model["num_registers"], grid)
-    for problem in shard_tensor_problems(header.entries, specs, shard["rows"]) \
-            + shard_identity_problems(header.metadata, bucket, grid):
-        report.add("layout", f"shard {name}: {problem} (bucket {bucket['name']}, grid {grid[0]}x{grid[1]}, "
-                   f"hidden {model['hidden_size']}, storage {layout.dtype})", name)
+    for problem in shard_tensor_problems(header.entries, specs, shard["rows"]) + shard_identity_problems(
+        header.metadata, bucket, grid
+    ):
+        report.add(
+            "layout",
+            f"shard {name}: {problem} (bucket {bucket['name']}, grid {grid[0]}x{grid[1]}, "
+            f"hidden {model['hidden_size']}, storage {layout.dtype})",
+            name,
+        )
     for problem in value_problems:
         report.add("values", f"shard {name}: {problem}", name)
     try:
@@ -271,11 +326,15 @@ def _check_listed_shard(root: Path, index: int, shard: dict, manifest: dict, lay
     if meta.version == 2 and manifest["format_version"] == 2:
         wanted = {k: settings_of(manifest)[k] for k in ("model", "preprocessing", "storage")}
         if meta.settings != wanted or meta.bucket != bucket:
-            report.add("metadata", f"shard {name} was written with other settings or for another bucket than the "
-                       "manifest records", name)
+            report.add(
+                "metadata",
+                f"shard {name} was written with other settings or for another bucket than the manifest records",
+                name,
+            )
     if len(meta.samples) != shard["rows"]:
-        report.add("metadata", f"shard {name} describes {len(meta.samples)} rows, the manifest says {shard['rows']}",
-                   name)
+        report.add(
+            "metadata", f"shard {name} describes {len(meta.samples)} rows, the manifest says {shard['rows']}", name
+        )
 
 
 def _check_samples(root: Path, manifest: dict, report: VerifyReport) -> bool:
@@ -287,7 +346,9 @@ def _check_samples(root: Path, manifest: dict, report: VerifyReport) -> bool:
     try:
         path = cache_path(root, info["file"], INDEX_DIR)
         if path.is_file() and sha256_file(path) != info["sha256"]:
-            report.add("index", f"sample table {info['file']} fails its sha256 checksum (corrupted on disk)", info["file"])
+            report.add(
+                "index", f"sample table {info['file']} fails its sha256 checksum (corrupted on disk)", info["file"]
+            )
             return False
         table = load_samples(root, manifest)
         table.check_keys()
@@ -312,11 +373,21 @@ def _check_samples(root: Path, manifest: dict, report: VerifyReport) -> bool:
     shard_bucket = np.array([s["bucket"] for s in shards] or [0], dtype=np.int64)
     safe_shard = np.where(ok, shard, 0)
     for i in np.flatnonzero(ok & ((row < 0) | (row >= shard_rows[safe_shard])))[:20]:
-        report.add("row", f"sample {keys[i]!r} points at row {row[i]} of {shards[shard[i]]['file']}, "
-                   f"which has {shard_rows[shard[i]]} rows", shards[shard[i]]["file"], keys[i])
+        report.add(
+            "row",
+            f"sample {keys[i]!r} points at row {row[i]} of {shards[shard[i]]['file']}, "
+            f"which has {shard_rows[shard[i]]} rows",
+            shards[shard[i]]["file"],
+            keys[i],
+        )
     for i in np.flatnonzero(ok & (bucket != shard_bucket[safe_shard]))[:20]:
-        report.add("row", f"sample {keys[i]!r} says bucket {bucket[i]} but its shard {shards[shard[i]]['file']} "
-                   f"is bucket {shard_bucket[shard[i]]}", shards[shard[i]]["file"], keys[i])
+        report.add(
+            "row",
+            f"sample {keys[i]!r} says bucket {bucket[i]} but its shard {shards[shard[i]]['file']} "
+            f"is bucket {shard_bucket[shard[i]]}",
+            shards[shard[i]]["file"],
+            keys[i],
+        )
     slots = shard * (1 << 32) + row
     unique, counts = np.unique(slots, return_counts=True)
     for slot in unique[counts > 1][:20]:
@@ -325,8 +396,12 @@ def _check_samples(root: Path, manifest: dict, report: VerifyReport) -> bool:
         report.add("row", f"samples {', '.join(map(repr, owners))} share row {slot & 0xFFFFFFFF} of {where}", where)
     for failure in manifest["failures"]:
         if table.find(failure["key"]) >= 0:
-            report.add("failure_and_cached", f"{failure['key']!r} is both cached and recorded as failed (a sample is "
-                       "one or the other; rerun extract to settle it)", key=failure["key"])
+            report.add(
+                "failure_and_cached",
+                f"{failure['key']!r} is both cached and recorded as failed (a sample is "
+                "one or the other; rerun extract to settle it)",
+                key=failure["key"],
+            )
     return True
 
 
@@ -341,8 +416,9 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
             if not path.is_file():
                 report.add("missing_file", f"{norm['file']} is missing (rerun extract to rewrite it)", norm["file"])
             elif sha256_file(path) != norm["sha256"]:
-                report.add("checksum", f"{norm['file']} fails its sha256 checksum (rerun extract to rewrite it)",
-                           norm["file"])
+                report.add(
+                    "checksum", f"{norm['file']} fails its sha256 checksum (rerun extract to rewrite it)", norm["file"]
+                )
         except CacheError as exc:
             report.add("path", exc.message, norm["file"])
     for entry in manifest.get("statistics", []):
@@ -353,8 +429,10 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
         except CacheError as exc:
             report.add("path", exc.message, entry["file"])
         if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
-            report.notes.append(f"statistics {entry['file']} ({entry.get('flavour')}) are stale: the cache changed "
-                                "since they were computed; rerun `dinocache norm-stats`")
+            report.notes.append(
+                f"statistics {entry['file']} ({entry.get('flavour')}) are stale: the cache changed "
+                "since they were computed; rerun `dinocache norm-stats`"
+            )
 
 
 def _check_source(source: Path, table, manifest: dict, report: VerifyReport, follow_symlinks: bool) -> None:
@@ -378,8 +456,17 @@ def _check_source(source: Path, table, manifest: dict, report: VerifyReport, fol
         report.notes.append(f"{len(gone)} cached image(s) are no longer in {source}: {shown}")
 
 
-def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed: int, device: str,
-               report: VerifyReport, follow_symlinks: bool) -> None:
+def _recompute(
+    root: Path,
+    source: Path,
+    table,
+    manifest: dict,
+    count: int,
+    seed: int,
+    device: str,
+    report: VerifyReport,
+    follow_symlinks: bool,
+) -> None:
     """Re-extract `count` random samples through the same decode path and layout as extract
     (JPEG draft, flip, layers, pool included) and compare every stored feature, token by token."""
     from .buckets import Bucket
@@ -391,8 +478,14 @@ def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed
     model, prep_record = manifest["model"], manifest["preprocessing"]
     prep = Preprocessing.from_record(prep_record)
     layout = Layout.from_record(manifest["storage"])
-    loaded = load_model(model["id"], model.get("revision"), device, model.get("compute_dtype", "float32"),
-                        prep.image_mean, prep.image_std)
+    loaded = load_model(
+        model["id"],
+        model.get("revision"),
+        device,
+        model.get("compute_dtype", "float32"),
+        prep.image_mean,
+        prep.image_std,
+    )
     cache = FeatureCache(root)
     picks = sorted(random.Random(seed).sample(range(len(table)), min(count, len(table))))
     for i in picks:
@@ -409,8 +502,14 @@ def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed
         b = manifest["buckets"][record["bucket"]]
         bucket = Bucket(b["index"], b["width"], b["height"], b["input_width"], b["input_height"], model["patch_size"])
         try:
-            pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]),
-                                 (bucket.input_width, bucket.input_height), prep, 1 << 62)
+            pixels = model_input(
+                data,
+                tuple(record["source_size"]),
+                tuple(record["box"]),
+                (bucket.input_width, bucket.input_height),
+                prep,
+                1 << 62,
+            )
         except DecodeError as exc:
             report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
             continue
@@ -423,8 +522,12 @@ def _recompute(root: Path, source: Path, table, manifest: dict, count: int, seed
             got = stored[name].reshape(value[0].shape)
             worst = min(worst, float(_cosine(got, value[0]).min()))
         if worst < RECOMPUTE_MIN_COSINE:
-            report.add("recompute", f"{key}: recomputed features differ from the stored ones (worst token cosine "
-                       f"{worst:.4f} < {RECOMPUTE_MIN_COSINE}): preprocessing, model or data drift", key=key)
+            report.add(
+                "recompute",
+                f"{key}: recomputed features differ from the stored ones (worst token cosine "
+                f"{worst:.4f} < {RECOMPUTE_MIN_COSINE}): preprocessing, model or data drift",
+                key=key,
+            )
         report.recomputed += 1
 
 
@@ -433,6 +536,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- loose shards (no manifest) -------------------------------------------------------------------
+
 
 def _verify_loose(paths: list[Path], report: VerifyReport, check_values: bool, source, follow_symlinks: bool) -> None:
     report.skipped = [f"{what} (needs the manifest)" for what in NEEDS_MANIFEST]
@@ -494,14 +598,19 @@ def _check_v1_tensors(name: str, header: SafetensorsFile, meta, report: VerifyRe
     n, dim = entries["cls"].shape[0], entries["cls"].shape[-1]
     rows, cols = meta.grid
     if entries["patches"].shape != (n, rows * cols, dim):
-        report.add("layout", f"{name}: patches has shape {list(entries['patches'].shape)}, expected "
-                   f"{[n, rows * cols, dim]} for its {rows}x{cols} grid", name)
+        report.add(
+            "layout",
+            f"{name}: patches has shape {list(entries['patches'].shape)}, expected "
+            f"{[n, rows * cols, dim]} for its {rows}x{cols} grid",
+            name,
+        )
     if n != len(meta.samples):
         report.add("layout", f"{name}: {n} rows of tensors, {len(meta.samples)} row records", name)
 
 
-def _check_records_against_source(source: Path, records: list[dict], name: str, report: VerifyReport,
-                                  follow_symlinks: bool) -> None:
+def _check_records_against_source(
+    source: Path, records: list[dict], name: str, report: VerifyReport, follow_symlinks: bool
+) -> None:
     from .fileio import sha256_file
 
     for record in records:

@@ -24,9 +24,16 @@ class WorkItem:  # one per image to extract: kept small, a run may have millions
     placement: int
 
     def record(self, sha256: str) -> dict:
-        return {"key": self.key, "bucket": self.bucket, "source_bytes": self.source_bytes,
-                "source_mtime_ns": self.source_mtime_ns, "source_sha256": sha256,
-                "source_size": list(self.source_size), "box": list(self.box), "placement": self.placement}
+        return {
+            "key": self.key,
+            "bucket": self.bucket,
+            "source_bytes": self.source_bytes,
+            "source_mtime_ns": self.source_mtime_ns,
+            "source_sha256": sha256,
+            "source_size": list(self.source_size),
+            "box": list(self.box),
+            "placement": self.placement,
+        }
 
 
 @dataclass
@@ -41,13 +48,22 @@ class Selection:
 def _placement_changed(cached: dict, crop: Crop | None) -> bool:
     """A cached sample is recomputed when the crops file now says something else for it."""
     if crop is not None:
-        return cached.get("placement") != BY_CROPS or cached["bucket"] != crop.bucket or tuple(cached["box"]) != crop.box
+        return (
+            cached.get("placement") != BY_CROPS or cached["bucket"] != crop.bucket or tuple(cached["box"]) != crop.box
+        )
     return cached.get("placement") == BY_CROPS  # was placed by a crops file that no longer lists it
 
 
-def select_work(sources: list[SourceFile], buckets: list[Bucket], state, resize: str, max_pixels: int,
-                rehash: bool = False, crops: dict[str, Crop] | None = None,
-                ctx: RankContext | None = None) -> Selection:
+def select_work(
+    sources: list[SourceFile],
+    buckets: list[Bucket],
+    state,
+    resize: str,
+    max_pixels: int,
+    rehash: bool = False,
+    crops: dict[str, Crop] | None = None,
+    ctx: RankContext | None = None,
+) -> Selection:
     """Skip what is cached and unchanged (key + size + mtime, or content hash with `rehash`),
     recompute what changed, retry failures only when their file changed, and place the rest.
     Under a process group each rank reads 1/world of the headers and all receive every result."""
@@ -59,8 +75,11 @@ def select_work(sources: list[SourceFile], buckets: list[Bucket], state, resize:
         cached = state.cached(src.key)
         previous = cached or state.failures.get(src.key)
         crop = crops.get(src.key)
-        same_stamp = previous is not None and previous.get("source_bytes") == src.size \
+        same_stamp = (
+            previous is not None
+            and previous.get("source_bytes") == src.size
             and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
+        )
         if cached and _placement_changed(cached, crop):
             todo.append(src)
         elif same_stamp and not (rehash and cached):
@@ -91,8 +110,9 @@ def select_work(sources: list[SourceFile], buckets: list[Bucket], state, resize:
         except Exception as exc:  # DecodeError: a crop box that does not fit this image
             out.failures.append((src, getattr(exc, "reason", "crop_outside"), getattr(exc, "detail", str(exc))))
             continue
-        out.work.append(WorkItem(src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b),
-                                 where.placement))
+        out.work.append(
+            WorkItem(src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b), where.placement)
+        )
     out.work.sort(key=lambda w: (w.bucket, w.key))
     return out
 

@@ -55,8 +55,16 @@ class ShardWriter:
     sample records).
     """
 
-    def __init__(self, root: Path, layout: Layout, settings: dict, hidden_size: int, num_registers: int,
-                 max_bytes: int = 512 * 1024**2, max_pending: int = 2):
+    def __init__(
+        self,
+        root: Path,
+        layout: Layout,
+        settings: dict,
+        hidden_size: int,
+        num_registers: int,
+        max_bytes: int = 512 * 1024**2,
+        max_pending: int = 2,
+    ):
         self.root = Path(root)
         self.layout = layout
         self.settings = settings  # model, preprocessing, storage, buckets: every shard records its part
@@ -159,8 +167,9 @@ class ShardWriter:
         for tensor_name in list(buf.tensors):
             tensors[tensor_name] = torch.cat(buf.tensors.pop(tensor_name))  # the concatenated copy is all that is kept
         samples_json = encode_json([record_to_json(s) for s in buf.samples])
-        metadata = shard_metadata(self.settings, self.settings["buckets"][buf.bucket.index], samples_json,
-                                  self.layout.pool)
+        metadata = shard_metadata(
+            self.settings, self.settings["buckets"][buf.bucket.index], samples_json, self.layout.pool
+        )
         path = self.root / name
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -176,6 +185,11 @@ class ShardWriter:
             raise
         fsync_dir(path.parent)
         fault_point("shard_renamed")
-        record = {"file": name, "bucket": buf.bucket.index, "rows": len(buf.samples), "bytes": path.stat().st_size,
-                  "sha256": digest}
+        record = {
+            "file": name,
+            "bucket": buf.bucket.index,
+            "rows": len(buf.samples),
+            "bytes": path.stat().st_size,
+            "sha256": digest,
+        }
         return record, buf.samples

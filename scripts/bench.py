@@ -38,8 +38,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no 
 # case: (arch, bucket side, source size, images for recipe, forward, extract, extract options)
 PRESETS = {
     "smoke": [("vits16", 224, (640, 480), 4, 8, 8, [])],
-    "cpu": [("vits16", 448, (2048, 1536), 48, 48, 48, []),
-            ("vits16", 448, (2048, 1536), 0, 0, 48, ["--jpeg-draft"])],
+    "cpu": [("vits16", 448, (2048, 1536), 48, 48, 48, []), ("vits16", 448, (2048, 1536), 0, 0, 48, ["--jpeg-draft"])],
     "gpu": [
         ("vitl16", 1024, (2048, 1536), 24, 512, 1536, ["--compile", "--sdpa-backend", "cudnn"]),
         ("vitl16", 512, (2048, 1536), 0, 1024, 3072, ["--compile", "--sdpa-backend", "cudnn", "--jpeg-draft"]),
@@ -106,8 +105,9 @@ def child_recipe(model_dir: str, images: list[str], side: int, device: str) -> d
         prep = "transformers DINOv3ViTImageProcessor"
 
         def pixels(path):
-            return processor(images=Image.open(path), size={"height": side, "width": side}, do_center_crop=False,
-                             return_tensors="pt")["pixel_values"]
+            return processor(
+                images=Image.open(path), size={"height": side, "width": side}, do_center_crop=False, return_tensors="pt"
+            )["pixel_values"]
     except (ImportError, RuntimeError):  # no torchvision: the processor's own algorithm, in torch
         from dinocache.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, preprocess
 
@@ -116,6 +116,7 @@ def child_recipe(model_dir: str, images: list[str], side: int, device: str) -> d
         def pixels(path):
             x = decode_image(path, 10**10)
             return preprocess(x, (0, 0, x.shape[2], x.shape[1]), (side, side), IMAGENET_MEAN, IMAGENET_STD)[None]
+
     began = time.perf_counter()
     for path in images:
         with torch.no_grad():
@@ -135,8 +136,10 @@ def child_forward(model_dir: str, images: list[str], side: int, device: str, bat
 
     dtype = resolve_dtype("auto", torch.device(device))
     model = DINOv3ViTModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    distinct = [preprocess(x, (0, 0, x.shape[2], x.shape[1]), (side, side), IMAGENET_MEAN, IMAGENET_STD)
-                for x in (decode_image(p, 10**10) for p in images[:batch])]
+    distinct = [
+        preprocess(x, (0, 0, x.shape[2], x.shape[1]), (side, side), IMAGENET_MEAN, IMAGENET_STD)
+        for x in (decode_image(p, 10**10) for p in images[:batch])
+    ]
     x = torch.stack(distinct).to(device, dtype)
     batches = max(1, len(images) // batch)
     with torch.inference_mode():
@@ -145,7 +148,7 @@ def child_forward(model_dir: str, images: list[str], side: int, device: str, bat
             torch.cuda.synchronize()
         began = time.perf_counter()
         for _ in range(batches):
-            model(pixel_values=x).last_hidden_state
+            _ = model(pixel_values=x).last_hidden_state
         if device == "cuda":
             torch.cuda.synchronize()
     seconds = time.perf_counter() - began
@@ -157,7 +160,9 @@ def child_forward(model_dir: str, images: list[str], side: int, device: str, bat
 
 def run_child(kind: str, **kwargs) -> dict:
     began = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(kwargs)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, json.dumps(kwargs)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,12 +173,30 @@ def run_child(kind: str, **kwargs) -> dict:
 def run_extract(model_dir: Path, images: Path, side: int, out: Path, device: str, extra: list[str]) -> dict:
     buckets = out.parent / f"buckets-{side}.yaml"
     buckets.write_text(f"buckets: [[{side}, {side}]]\n")
-    code = ("import resource, sys, json\nfrom dinocache.cli import app\n"
-            "try:\n    app(sys.argv[1:], standalone_mode=False)\nfinally:\n"
-            "    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
-            " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, file=sys.stderr)\n")
-    cmd = [sys.executable, "-c", code, "extract", str(images), "--buckets", str(buckets), "--out", str(out),
-           "--model", str(model_dir), "--device", device, "--no-progress", "--overwrite", *extra]
+    code = (
+        "import resource, sys, json\nfrom dinocache.cli import app\n"
+        "try:\n    app(sys.argv[1:], standalone_mode=False)\nfinally:\n"
+        "    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, file=sys.stderr)\n"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        "extract",
+        str(images),
+        "--buckets",
+        str(buckets),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--device",
+        device,
+        "--no-progress",
+        "--overwrite",
+        *extra,
+    ]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -181,9 +204,15 @@ def run_extract(model_dir: Path, images: Path, side: int, out: Path, device: str
         raise SystemExit(f"extract failed:\n{proc.stderr[-4000:]}")
     rss_main, rss_workers = (float(v) for v in proc.stderr.split("PEAK_RSS_MB")[1].split()[:2])
     run = json.loads((out / "manifest.json").read_text())["runs"][-1]
-    return {"images": run["processed"], "seconds": run["seconds"], "process_seconds": wall,
-            "stage_seconds": run.get("stage_seconds", {}), "peak_rss_mb": rss_main,
-            "peak_rss_workers_mb": rss_workers, "options": extra}
+    return {
+        "images": run["processed"],
+        "seconds": run["seconds"],
+        "process_seconds": wall,
+        "stage_seconds": run.get("stage_seconds", {}),
+        "peak_rss_mb": rss_main,
+        "peak_rss_workers_mb": rss_workers,
+        "options": extra,
+    }
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -191,7 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dinocache-bench")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default: WORK/results.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="where to write the results (default: WORK/results.json)"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -207,7 +238,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
     rows = []
-    print(f"device: {gpu or 'CPU'} ({os.cpu_count()} cores), torch {torch.__version__}, preset {args.preset}", flush=True)
+    print(
+        f"device: {gpu or 'CPU'} ({os.cpu_count()} cores), torch {torch.__version__}, preset {args.preset}", flush=True
+    )
     for arch, side, source, n_recipe, n_forward, n_extract, extra in PRESETS[args.preset]:
         images_dir = args.work / f"jpeg-{source[0]}x{source[1]}"
         began = time.perf_counter()
@@ -220,17 +253,27 @@ def main() -> None:
             for p in sorted(images_dir.glob("*.jpg"))[:n_extract]:
                 os.link(p, subset / p.name)  # hard links: a symlink out of the folder is refused by default
         paths = [str(p) for p in sorted(images_dir.glob("*.jpg"))]
-        print(f"\n{arch} at {side}x{side} from {source[0]}x{source[1]} JPEGs (dataset ready in "
-              f"{time.perf_counter() - began:.0f} s)", flush=True)
-        row = {"arch": arch, "side": side, "source": list(source), "device": gpu or "cpu",
-               "gflop_per_image": flops_per_image(arch, side) / 1e9}
+        print(
+            f"\n{arch} at {side}x{side} from {source[0]}x{source[1]} JPEGs (dataset ready in "
+            f"{time.perf_counter() - began:.0f} s)",
+            flush=True,
+        )
+        row = {
+            "arch": arch,
+            "side": side,
+            "source": list(source),
+            "device": gpu or "cpu",
+            "gflop_per_image": flops_per_image(arch, side) / 1e9,
+        }
         if n_recipe:
-            row["recipe"] = run_child("recipe", model_dir=str(model_dir), images=paths[:n_recipe], side=side,
-                                      device=device)
+            row["recipe"] = run_child(
+                "recipe", model_dir=str(model_dir), images=paths[:n_recipe], side=side, device=device
+            )
         if n_forward:
             batch = max(1, min(64, 65536 // (side // 16) ** 2)) if device == "cuda" else 8
-            row["forward"] = run_child("forward", model_dir=str(model_dir), images=paths[:n_forward], side=side,
-                                       device=device, batch=batch)
+            row["forward"] = run_child(
+                "forward", model_dir=str(model_dir), images=paths[:n_forward], side=side, device=device, batch=batch
+            )
         row["extract"] = run_extract(model_dir, subset, side, args.work / f"out-{arch}-{side}", device, extra)
         for name in ("recipe", "forward", "extract"):
             if name in row:
@@ -241,7 +284,9 @@ def main() -> None:
                     r["mfu"] = r["img_per_s"] * flops_per_image(arch, side) / peak
         for base in ("recipe", "forward"):
             # Rows without their own baseline compare with the last one measured for the same model and size.
-            ref = next((r[base] for r in [row, *reversed(rows)] if base in r and (r["arch"], r["side"]) == (arch, side)), None)
+            ref = next(
+                (r[base] for r in [row, *reversed(rows)] if base in r and (r["arch"], r["side"]) == (arch, side)), None
+            )
             if ref:
                 row[f"extract_vs_{base}"] = row["extract"]["img_per_s"] / ref["img_per_s"]
                 row[f"extract_vs_{base}_process"] = row["extract"]["img_per_s_process"] / ref["img_per_s_process"]
@@ -251,22 +296,30 @@ def main() -> None:
                 r = row[name]
                 mfu = f"  MFU {r['mfu'] * 100:5.1f}%" if "mfu" in r else ""
                 gpu_mem = f"  peak GPU {r['peak_gpu_gb']:.1f} GB" if "peak_gpu_gb" in r else ""
-                print(f"  ({name[0]}) {name:<8} {r['img_per_s']:9.1f} img/s steady, {r['img_per_s_process']:9.1f} img/s "
-                      f"incl. process start ({r['images']} images){mfu}{gpu_mem}  RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"  ({name[0]}) {name:<8} {r['img_per_s']:9.1f} img/s steady, {r['img_per_s_process']:9.1f} img/s "
+                    f"incl. process start ({r['images']} images){mfu}{gpu_mem}  RSS {r['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
         if row["extract"]["options"]:
             print(f"  extract options: {' '.join(row['extract']['options'])}")
         for base in ("recipe", "forward"):
             if f"extract_vs_{base}" in row:
-                print(f"  extract / {base}: {row[f'extract_vs_{base}']:.2f}x steady, "
-                      f"{row[f'extract_vs_{base}_process']:.2f}x as whole processes")
+                print(
+                    f"  extract / {base}: {row[f'extract_vs_{base}']:.2f}x steady, "
+                    f"{row[f'extract_vs_{base}_process']:.2f}x as whole processes"
+                )
         stages = row["extract"]["stage_seconds"]
         if stages:
             total = row["extract"]["seconds"]
-            print("  extract stages: " + ", ".join(f"{k} {v:.1f} s ({v / total * 100:.0f}%)" for k, v in stages.items()))
+            print(
+                "  extract stages: " + ", ".join(f"{k} {v:.1f} s ({v / total * 100:.0f}%)" for k, v in stages.items())
+            )
     out = args.json or args.work / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "device": gpu or "cpu", "torch": torch.__version__,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps({"preset": args.preset, "device": gpu or "cpu", "torch": torch.__version__, "rows": rows}, indent=2)
+    )
     print(f"\nresults: {out}")
 
 

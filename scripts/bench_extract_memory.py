@@ -48,15 +48,39 @@ def run(n: int, workers: int) -> dict:
         write_images(tmp / "images", n)
         (tmp / "buckets.yaml").write_text("buckets: [[64, 64]]\nbatch_size: 64\n")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, "extract", str(tmp / "images"), "--buckets",
-                               str(tmp / "buckets.yaml"), "--out", str(tmp / "out"), "--model", "random:vits16",
-                               "--workers", str(workers), "--shard-size-mb", str(SHARD_MB), "--no-progress"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                "extract",
+                str(tmp / "images"),
+                "--buckets",
+                str(tmp / "buckets.yaml"),
+                "--out",
+                str(tmp / "out"),
+                "--model",
+                "random:vits16",
+                "--workers",
+                str(workers),
+                "--shard-size-mb",
+                str(SHARD_MB),
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         main_mb, workers_mb = (float(v) for v in proc.stderr.split("PEAK_RSS_MB")[1].split()[:2])
-        return {"images": n, "peak_rss_main_mb": main_mb, "peak_rss_worker_mb": workers_mb,
-                "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1)}
+        return {
+            "images": n,
+            "peak_rss_main_mb": main_mb,
+            "peak_rss_worker_mb": workers_mb,
+            "seconds": round(seconds, 1),
+            "images_per_s": round(n / seconds, 1),
+        }
 
 
 def main() -> None:
@@ -69,8 +93,12 @@ def main() -> None:
     for n in args.sizes:
         row = run(n, args.workers)
         rows.append(row)
-        print(f"{n:>7} images: peak RSS main {row['peak_rss_main_mb']:.0f} MB, worker {row['peak_rss_worker_mb']:.0f} MB, "
-              f"{row['seconds']} s incl. start-up ({row['images_per_s']} img/s)", flush=True)
+        print(
+            f"{n:>7} images: peak RSS main {row['peak_rss_main_mb']:.0f} MB, "
+            f"worker {row['peak_rss_worker_mb']:.0f} MB, "
+            f"{row['seconds']} s incl. start-up ({row['images_per_s']} img/s)",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -62,17 +62,49 @@ def synthetic_cache(root: Path, n: int) -> None:
     (root / "index" / "samples-synthetic.safetensors").write_bytes(data)
     shards = n // ROWS_PER_SHARD + 1
     manifest = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "model": {"id": "random:vitl16", "revision": None, "patch_size": 16, "hidden_size": 1024,
-                  "num_registers": 4, "compute_dtype": "bfloat16", "config": {}},
-        "preprocessing": {}, "storage": {"dtype": "bfloat16", "registers": False},
-        "buckets": [{"index": i, "name": f"b{i}", "width": 1024, "height": 1024, "input_width": 1024,
-                     "input_height": 1024, "grid": [64, 64]} for i in range(7)],
-        "shards": [{"file": f"shards/s{i:07d}.safetensors", "bucket": 0, "rows": ROWS_PER_SHARD,
-                    "bytes": 512 * 1024**2, "sha256": "0" * 64} for i in range(shards)],
-        "samples": {"file": "index/samples-synthetic.safetensors", "count": n, "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()},
-        "failures": [], "runs": [],
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "id": "random:vitl16",
+            "revision": None,
+            "patch_size": 16,
+            "hidden_size": 1024,
+            "num_registers": 4,
+            "compute_dtype": "bfloat16",
+            "config": {},
+        },
+        "preprocessing": {},
+        "storage": {"dtype": "bfloat16", "registers": False},
+        "buckets": [
+            {
+                "index": i,
+                "name": f"b{i}",
+                "width": 1024,
+                "height": 1024,
+                "input_width": 1024,
+                "input_height": 1024,
+                "grid": [64, 64],
+            }
+            for i in range(7)
+        ],
+        "shards": [
+            {
+                "file": f"shards/s{i:07d}.safetensors",
+                "bucket": 0,
+                "rows": ROWS_PER_SHARD,
+                "bytes": 512 * 1024**2,
+                "sha256": "0" * 64,
+            }
+            for i in range(shards)
+        ],
+        "samples": {
+            "file": "index/samples-synthetic.safetensors",
+            "count": n,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+        "failures": [],
+        "runs": [],
     }
     write_manifest(root, manifest)
 
@@ -109,9 +141,15 @@ def measure(root: str) -> dict:
     merged = cache.table.merged(new)
     data = merged.to_bytes()
     commit_s = time.perf_counter() - t0
-    return {"samples": n, "open_s": round(open_s, 4), "rss_after_open_mb": round(after_open, 1),
-            "rss_growth_mb": round(after_open - base, 1), "lookup_us": round(lookup_us, 2),
-            "commit_6000_new_s": round(commit_s, 3), "index_mb": round(len(data) / 1e6, 1)}
+    return {
+        "samples": n,
+        "open_s": round(open_s, 4),
+        "rss_after_open_mb": round(after_open, 1),
+        "rss_growth_mb": round(after_open - base, 1),
+        "lookup_us": round(lookup_us, 2),
+        "commit_6000_new_s": round(commit_s, 3),
+        "index_mb": round(len(data) / 1e6, 1),
+    }
 
 
 def main() -> None:
@@ -129,12 +167,18 @@ def main() -> None:
             t0 = time.perf_counter()
             synthetic_cache(Path(tmp), n)
             build_s = time.perf_counter() - t0
-            out = subprocess.run([sys.executable, __file__, "--measure", tmp], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure", tmp], capture_output=True, text=True, check=True
+            )
             row = json.loads(out.stdout) | {"build_s": round(build_s, 1)}
             rows.append(row)
-            print(f"{n:>11,} samples: open {row['open_s'] * 1000:8.1f} ms   RSS after open {row['rss_after_open_mb']:7.1f} MB "
-                  f"(+{row['rss_growth_mb']:.1f})   lookup {row['lookup_us']:6.2f} us   "
-                  f"commit of 6000 new {row['commit_6000_new_s']:6.2f} s   index {row['index_mb']} MB", flush=True)
+            print(
+                f"{n:>11,} samples: open {row['open_s'] * 1000:8.1f} ms   "
+                f"RSS after open {row['rss_after_open_mb']:7.1f} MB "
+                f"(+{row['rss_growth_mb']:.1f})   lookup {row['lookup_us']:6.2f} us   "
+                f"commit of 6000 new {row['commit_6000_new_s']:6.2f} s   index {row['index_mb']} MB",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -35,8 +35,13 @@ def scene(width: int, height: int, seed: int) -> Image.Image:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {"square": (400, 400), "portrait": (420, 600), "landscape": (640, 448), "panorama": (800, 400),
-             "tall": (300, 640)}
+    sizes = {
+        "square": (400, 400),
+        "portrait": (420, 600),
+        "landscape": (640, 448),
+        "panorama": (800, 400),
+        "tall": (300, 640),
+    }
     for seed, (name, (w, h)) in enumerate(sizes.items()):
         scene(w, h, seed).save(out / f"{name}.jpg", quality=90)
     rgba = scene(480, 480, 10).convert("RGBA")

@@ -39,7 +39,9 @@ OPTIONS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", type=Path)
-    parser.add_argument("--buckets", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "example-small.yaml")
+    parser.add_argument(
+        "--buckets", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "example-small.yaml"
+    )
     parser.add_argument("--model", default="random:vitb16")
     args = parser.parse_args()
     loaded = load_model(args.model, device="cpu", dtype="float32")
@@ -48,12 +50,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in OPTIONS.items():
             out = Path(tmp) / str(len(caches))
-            extract(args.images, ExtractOptions(out=out, buckets=config, model=args.model, workers=0, progress=False,
-                                                dtype="float32", **extra), loaded=loaded)
+            extract(
+                args.images,
+                ExtractOptions(
+                    out=out, buckets=config, model=args.model, workers=0, progress=False, dtype="float32", **extra
+                ),
+                loaded=loaded,
+            )
             caches[name] = FeatureCache(out)
         ref_bytes = sum(s["bytes"] for s in caches["bfloat16 (default)"].manifest["shards"])
         print(f"{len(caches['float32'])} images, {args.model}, fp32 compute; per-token cosine of the stored tokens\n")
-        print("| option | shard bytes | vs bf16 | patch cosine vs bf16 (mean / min) | vs fp32 (mean / min) | CLS vs fp32 (min) |")
+        print(
+            "| option | shard bytes | vs bf16 | patch cosine vs bf16 (mean / min) | vs fp32 (mean / min) "
+            "| CLS vs fp32 (min) |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         for name, cache in caches.items():
             size = sum(s["bytes"] for s in cache.manifest["shards"])
@@ -74,9 +84,11 @@ def _cosines(cache, ref):
         pb = b["patches"].float()
         if a["patches"].shape != pb.shape:
             pb = F.avg_pool2d(pb.permute(2, 0, 1)[None], 2, ceil_mode=True, count_include_pad=False)[0].permute(1, 2, 0)
-        patch_cos.append(F.cosine_similarity(a["patches"].float().reshape(-1, pb.shape[-1]),
-                                             pb.reshape(-1, pb.shape[-1]), dim=-1))
+        patch_cos.append(
+            F.cosine_similarity(a["patches"].float().reshape(-1, pb.shape[-1]), pb.reshape(-1, pb.shape[-1]), dim=-1)
+        )
     return torch.cat(patch_cos), torch.stack(cls_cos)
+
 
 if __name__ == "__main__":
     main()

@@ -25,8 +25,15 @@ DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
 def tiny_config(**overrides):
     from transformers import DINOv3ViTConfig
 
-    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  num_register_tokens=NUM_REGISTERS, patch_size=16, layerscale_value=1.0)
+    kwargs = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_register_tokens=NUM_REGISTERS,
+        patch_size=16,
+        layerscale_value=1.0,
+    )
     kwargs.update(overrides)
     return DINOv3ViTConfig(**kwargs)
 

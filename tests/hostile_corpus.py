@@ -38,7 +38,7 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     rgb = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], -1)
     for _ in range(6):
         x0, y0 = rng.integers(0, max(1, width - 8)), rng.integers(0, max(1, height - 8))
-        rgb[y0:y0 + height // 4, x0:x0 + width // 4] = rng.integers(0, 256, 3)
+        rgb[y0 : y0 + height // 4, x0 : x0 + width // 4] = rng.integers(0, 256, 3)
     return Image.fromarray(rgb.astype(np.uint8))
 
 
@@ -50,17 +50,26 @@ def png_rgb16(path: Path, rgb16: np.ndarray) -> None:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(path: Path, width: int, height: int) -> None:
     """A PNG whose header declares width x height pixels, with (almost) no data behind it."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def ycck_jpeg(path: Path, cmyk: np.ndarray) -> None:

@@ -21,26 +21,29 @@ def test_generated_form(tmp_path):
     assert (512, 512) in cfg.sizes and all(w * h <= 512 * 512 for w, h in cfg.sizes)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("", ["empty"]),
-    ("- [1, 2]", ["mapping"]),
-    ("buckets: []", ["non-empty"]),
-    ("buckets: [[0, 512]]", ["buckets[0] width", "positive"]),
-    ("buckets: [[512, -8]]", ["buckets[0] height", "positive"]),
-    ("buckets: [[512, 512], [512, 512]]", ["buckets[1]", "duplicates buckets[0]"]),
-    ("buckets: [[512, 512]]\nbucket_size: 3", ["unknown key", "bucket_size"]),
-    ("buckets: [['512', 512]]", ["buckets[0] width", "whole number"]),
-    ("buckets: [[512.5, 512]]", ["whole number"]),
-    ("buckets: [[512, 512, 3]]", ["[width, height] pair"]),
-    ("buckets: 1024", ["non-empty list"]),
-    ("buckets: [[512, 512]]\nresize: zoom", ["resize", "stretch"]),
-    ("buckets: [[512, 512]]\nbatch_size: 0", ["batch_size", "positive"]),
-    ("generate: {step: 64}", ["generate.resolution is missing"]),
-    ("generate: {resolution: 1024, aspect: 2}", ["unknown key", "aspect"]),
-    ("generate: {resolution: 1024, max_aspect: 0.5}", ["max_aspect"]),
-    ("buckets: [[512, 512]]\ngenerate: {resolution: 512}", ["exactly one"]),
-    ("buckets: [[1, 2]", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", ["empty"]),
+        ("- [1, 2]", ["mapping"]),
+        ("buckets: []", ["non-empty"]),
+        ("buckets: [[0, 512]]", ["buckets[0] width", "positive"]),
+        ("buckets: [[512, -8]]", ["buckets[0] height", "positive"]),
+        ("buckets: [[512, 512], [512, 512]]", ["buckets[1]", "duplicates buckets[0]"]),
+        ("buckets: [[512, 512]]\nbucket_size: 3", ["unknown key", "bucket_size"]),
+        ("buckets: [['512', 512]]", ["buckets[0] width", "whole number"]),
+        ("buckets: [[512.5, 512]]", ["whole number"]),
+        ("buckets: [[512, 512, 3]]", ["[width, height] pair"]),
+        ("buckets: 1024", ["non-empty list"]),
+        ("buckets: [[512, 512]]\nresize: zoom", ["resize", "stretch"]),
+        ("buckets: [[512, 512]]\nbatch_size: 0", ["batch_size", "positive"]),
+        ("generate: {step: 64}", ["generate.resolution is missing"]),
+        ("generate: {resolution: 1024, aspect: 2}", ["unknown key", "aspect"]),
+        ("generate: {resolution: 1024, max_aspect: 0.5}", ["max_aspect"]),
+        ("buckets: [[512, 512]]\ngenerate: {resolution: 512}", ["exactly one"]),
+        ("buckets: [[1, 2]", ["not valid YAML"]),
+    ],
+)
 def test_bad_configs_name_the_field_and_the_fix(tmp_path, text, words):
     with pytest.raises(ConfigError) as info:
         load_bucket_config(write(tmp_path, text))

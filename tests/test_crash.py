@@ -39,9 +39,19 @@ def dataset(tmp_path_factory, tiny_model_dir):
 
 
 def options(out, model_dir, **kwargs):
-    return ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), workers=0,
-                          progress=False, dtype="float32", storage_dtype="float32", batch_size=1,
-                          shard_max_bytes=int(SHARD_MB * 1024**2), commit_every_s=0, **kwargs)
+    return ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config(BUCKETS),
+        model=str(model_dir),
+        workers=0,
+        progress=False,
+        dtype="float32",
+        storage_dtype="float32",
+        batch_size=1,
+        shard_max_bytes=int(SHARD_MB * 1024**2),
+        commit_every_s=0,
+        **kwargs,
+    )
 
 
 def run_library(images, out, model_dir):
@@ -59,9 +69,27 @@ def run_cli(root, images, out, model_dir, fault=None):
 
 def extract_args(root, images, out, model_dir) -> list[str]:
     """The CLI form of `options()`: the same run, as a command line."""
-    return ["extract", str(images), "--buckets", str(root / "buckets.yaml"), "--out", str(out), "--model", str(model_dir),
-            "--workers", "0", "--no-progress", "--dtype", "float32", "--storage-dtype", "float32", "--batch-size", "1",
-            "--shard-size-mb", str(SHARD_MB)]
+    return [
+        "extract",
+        str(images),
+        "--buckets",
+        str(root / "buckets.yaml"),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--dtype",
+        "float32",
+        "--storage-dtype",
+        "float32",
+        "--batch-size",
+        "1",
+        "--shard-size-mb",
+        str(SHARD_MB),
+    ]
 
 
 def durable_rows(out: Path) -> int:
@@ -85,12 +113,15 @@ def assert_same_as_reference(root, out):
         assert torch.equal(got[key]["cls"], ref[key]["cls"]), key
 
 
-@pytest.mark.parametrize("fault", [
-    "decode:7:kill",          # while decoding, with shards already written
-    "shard_write:3:kill",     # third shard in its temp file, not yet synced or renamed
-    "shard_renamed:3:kill",   # third shard durable and renamed, not yet in the manifest
-    "manifest_write:3:kill",  # new sample index written, manifest not yet replaced
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "decode:7:kill",  # while decoding, with shards already written
+        "shard_write:3:kill",  # third shard in its temp file, not yet synced or renamed
+        "shard_renamed:3:kill",  # third shard durable and renamed, not yet in the manifest
+        "manifest_write:3:kill",  # new sample index written, manifest not yet replaced
+    ],
+)
 def test_kill_then_rerun_completes_without_redoing_work(dataset, tmp_path, tiny_model_dir, fault):
     root, images = dataset
     out = tmp_path / "out"

@@ -26,9 +26,20 @@ def torchrun(root, images, out, model_dir, nproc, fault=None):
     env = {k: v for k, v in os.environ.items() if k not in ("DINOCACHE_FAULT", "RANK", "WORLD_SIZE")}
     if fault:
         env["DINOCACHE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "dinocache", *extract_args(root, images, out, model_dir),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "dinocache",
+        *extract_args(root, images, out, model_dir),
+        "--device",
+        "cpu",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

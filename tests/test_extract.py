@@ -33,8 +33,13 @@ def reference_pixels(path, box, size):
     img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     left, top, right, bottom = box
-    x = F.interpolate(x[None, :, top:bottom, left:right], size=(size[1], size[0]), mode="bilinear",
-                      antialias=True, align_corners=False)[0]
+    x = F.interpolate(
+        x[None, :, top:bottom, left:right],
+        size=(size[1], size[0]),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0]
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
@@ -50,8 +55,12 @@ def test_images_land_in_expected_buckets_with_recorded_transform(mixed_images, t
     assert result.processed == 4 and result.failed == 0
     cache = FeatureCache(tmp_path / "out")
     assert sorted(cache.keys()) == ["square.png", "sub/landscape.jpg", "sub/tall.PNG", "wide.png"]
-    expected = {"square.png": ("224x224", (14, 14)), "wide.png": ("384x192", (12, 24)),
-                "sub/tall.PNG": ("210x300", (19, 13)), "sub/landscape.jpg": ("320x224", (14, 20))}
+    expected = {
+        "square.png": ("224x224", (14, 14)),
+        "wide.png": ("384x192", (12, 24)),
+        "sub/tall.PNG": ("210x300", (19, 13)),
+        "sub/landscape.jpg": ("320x224", (14, 20)),
+    }
     for key, (bucket, grid) in expected.items():
         item = cache[key]
         assert item["bucket"] == bucket and item["grid"] == grid
@@ -72,7 +81,7 @@ def test_crop_mode_records_the_crop_box(mixed_images, tmp_path, tiny_model_dir):
     assert cache.record("sub/tall.PNG")["box"] == [0, 60, 280, 340]
     ref = reference_tokens(mixed_images, cache, tiny_model_dir, "wide.png")
     got = cache["wide.png"]["patches"].reshape(-1, 64)
-    assert token_cosine(got, ref[1 + NUM_REGISTERS:]).min() >= 0.999
+    assert token_cosine(got, ref[1 + NUM_REGISTERS :]).min() >= 0.999
 
 
 def test_features_match_plain_transformers_bf16_storage(mixed_images, tmp_path, tiny_model_dir):
@@ -84,21 +93,28 @@ def test_features_match_plain_transformers_bf16_storage(mixed_images, tmp_path, 
         item = cache[key]
         assert item["cls"].dtype == torch.bfloat16
         assert token_cosine(item["cls"], ref[0]) >= 0.999
-        cos = token_cosine(item["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS:])
+        cos = token_cosine(item["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS :])
         assert cos.min() >= 0.999, (key, cos.min())
 
 
 def test_features_are_exact_for_fp32_compute_and_storage(mixed_images, tmp_path, tiny_model_dir):
-    run(mixed_images, tmp_path / "out", tiny_model_dir, dtype="float32", storage_dtype="float32",
-        batch_size=1, keep_registers=True)
+    run(
+        mixed_images,
+        tmp_path / "out",
+        tiny_model_dir,
+        dtype="float32",
+        storage_dtype="float32",
+        batch_size=1,
+        keep_registers=True,
+    )
     cache = FeatureCache(tmp_path / "out")
     for key in cache.keys():
         ref = reference_tokens(mixed_images, cache, tiny_model_dir, key)
         item = cache[key]
         # Same pixels up to float rounding of two resize implementations: 1e-5 absolute.
         torch.testing.assert_close(item["cls"], ref[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(item["registers"], ref[1:1 + NUM_REGISTERS], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(item["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(item["registers"], ref[1 : 1 + NUM_REGISTERS], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(item["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS :], atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_compute_fidelity(mixed_images, tmp_path, tiny_model_dir):
@@ -108,7 +124,7 @@ def test_bf16_compute_fidelity(mixed_images, tmp_path, tiny_model_dir):
     assert cache.manifest["model"]["compute_dtype"] == "bfloat16"
     for key in cache.keys():
         ref = reference_tokens(mixed_images, cache, tiny_model_dir, key)
-        assert token_cosine(cache[key]["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS:]).min() >= 0.999
+        assert token_cosine(cache[key]["patches"].reshape(-1, 64), ref[1 + NUM_REGISTERS :]).min() >= 0.999
 
 
 def test_registers_never_appear_among_patches(mixed_images, tmp_path, tiny_model_dir):
@@ -121,9 +137,9 @@ def test_registers_never_appear_among_patches(mixed_images, tmp_path, tiny_model
     for register in item["registers"]:
         assert token_cosine(patches, register[None]).max() < 0.99
     # The integration guide's slice [1 : 1 + num_patches] would shift every patch by the 4 registers.
-    guide_slice = ref[1:1 + patches.shape[0]]
+    guide_slice = ref[1 : 1 + patches.shape[0]]
     assert not torch.allclose(patches, guide_slice, atol=1e-3)
-    torch.testing.assert_close(item["registers"], ref[1:1 + NUM_REGISTERS], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(item["registers"], ref[1 : 1 + NUM_REGISTERS], atol=1e-5, rtol=1e-5)
 
 
 def test_patch_order_is_spatial(tmp_path, tiny_model_dir):
@@ -131,12 +147,18 @@ def test_patch_order_is_spatial(tmp_path, tiny_model_dir):
     base = np.asarray(Image.open(save_scene(tmp_path / "a" / "img.png", 320, 224, 3)).convert("RGB")).copy()
     row, col = 9, 4  # bucket 320x224 -> grid 14 rows x 20 cols; 16 px per patch at this exact size
     changed = base.copy()
-    changed[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = [255, 0, 255]
+    changed[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = [255, 0, 255]
     (tmp_path / "b").mkdir()
     Image.fromarray(changed).save(tmp_path / "b" / "img.png")
     for name in ("a", "b"):
-        run(tmp_path / name, tmp_path / f"out-{name}", tiny_model_dir, buckets={"buckets": [[320, 224]]},
-            dtype="float32", storage_dtype="float32")
+        run(
+            tmp_path / name,
+            tmp_path / f"out-{name}",
+            tiny_model_dir,
+            buckets={"buckets": [[320, 224]]},
+            dtype="float32",
+            storage_dtype="float32",
+        )
     pa = FeatureCache(tmp_path / "out-a")["img.png"]["patches"]
     pb = FeatureCache(tmp_path / "out-b")["img.png"]["patches"]
     assert pa.shape == (14, 20, 64)

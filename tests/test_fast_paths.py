@@ -11,9 +11,16 @@ from dinocache.extract import extract
 
 
 def run(images, out, model_dir, **kwargs):
-    options = ExtractOptions(out=out, buckets=parse_bucket_config({"buckets": [[224, 224], [320, 224]]}),
-                             model=str(model_dir), workers=0, progress=False, dtype="float32",
-                             storage_dtype="float32", **kwargs)
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config({"buckets": [[224, 224], [320, 224]]}),
+        model=str(model_dir),
+        workers=0,
+        progress=False,
+        dtype="float32",
+        storage_dtype="float32",
+        **kwargs,
+    )
     return extract(images, options)
 
 

@@ -22,8 +22,17 @@ BUCKETS = {"buckets": [[128, 128], [160, 96], [96, 160], [64, 512], [512, 64]]}
 
 def run(images, out, model_dir, **kwargs):
     kwargs.setdefault("workers", 0)
-    options = ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), progress=False,
-                             dtype="float32", storage_dtype="float32", batch_size=1, max_pixels=50_000_000, **kwargs)
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config(BUCKETS),
+        model=str(model_dir),
+        progress=False,
+        dtype="float32",
+        storage_dtype="float32",
+        batch_size=1,
+        max_pixels=50_000_000,
+        **kwargs,
+    )
     return extract(images, options)
 
 

@@ -108,9 +108,11 @@ def test_crop_box_selects_the_region():
     torch.testing.assert_close(out, torch.ones_like(out))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                    reason="transformers' DINOv3ViTImageProcessor needs torchvision, which does not import beside "
-                           "the CPU torch used here; runs where torchvision is installed (e.g. the GPU image)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="transformers' DINOv3ViTImageProcessor needs torchvision, which does not import beside "
+    "the CPU torch used here; runs where torchvision is installed (e.g. the GPU image)",
+)
 @pytest.mark.parametrize("size", [(208, 304), (224, 224), (320, 192)])
 def test_matches_transformers_image_processor(tmp_path, size):
     from transformers import DINOv3ViTImageProcessor

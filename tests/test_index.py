@@ -10,9 +10,18 @@ from dinocache.index import SampleTable
 
 
 def record(key, value):
-    return {"key": key, "shard": value, "row": value + 1, "bucket": value % 3, "source_bytes": 10 * value,
-            "source_mtime_ns": 2**62 + value, "source_sha256": f"{value:02x}" * 32,
-            "source_size": [value, value + 1], "box": [0, 1, value, value + 2], "placement": value % 2}
+    return {
+        "key": key,
+        "shard": value,
+        "row": value + 1,
+        "bucket": value % 3,
+        "source_bytes": 10 * value,
+        "source_mtime_ns": 2**62 + value,
+        "source_sha256": f"{value:02x}" * 32,
+        "source_size": [value, value + 1],
+        "box": [0, 1, value, value + 2],
+        "placement": value % 2,
+    }
 
 
 def test_random_merges_match_a_dict_model(tmp_path):

@@ -32,16 +32,28 @@ def images(tmp_path_factory):
 
 
 def extract_with(images, out, model_dir, layout: Layout, shard_mb: float = 512):
-    options = ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), workers=0,
-                             progress=False, dtype="float32", storage_dtype=layout.dtype, keep_registers=layout.registers,
-                             pool=layout.pool, layers=layout.layers, flip=layout.flip,
-                             shard_max_bytes=int(shard_mb * 1024**2))
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config(BUCKETS),
+        model=str(model_dir),
+        workers=0,
+        progress=False,
+        dtype="float32",
+        storage_dtype=layout.dtype,
+        keep_registers=layout.registers,
+        pool=layout.pool,
+        layers=layout.layers,
+        flip=layout.flip,
+        shard_max_bytes=int(shard_mb * 1024**2),
+    )
     extract(images, options)
     return FeatureCache(out)
 
 
-GRID = [Layout(dtype=d, pool=p, registers=r, layers=k)
-        for d, p, r, k in itertools.product(STORAGE_DTYPES, (1, 2), (False, True), ((), (1,)))]
+GRID = [
+    Layout(dtype=d, pool=p, registers=r, layers=k)
+    for d, p, r, k in itertools.product(STORAGE_DTYPES, (1, 2), (False, True), ((), (1,)))
+]
 GRID += [Layout(flip=True), Layout(dtype="float8_e4m3fn", flip=True, registers=True, layers=(2,), pool=2)]
 
 
@@ -50,11 +62,20 @@ def test_plan_projects_exactly_what_extract_writes_for_every_option(images, tmp_
         for shard_mb in (512, 0.01):  # one shard per bucket, and shards cut every few rows
             cache = extract_with(images, tmp_path / f"c{n}-{shard_mb}", tiny_model_dir, layout, shard_mb)
             written = sum(s["bytes"] for s in cache.manifest["shards"])
-            projected = plan_extraction(images, parse_bucket_config(BUCKETS), str(tiny_model_dir), layout,
-                                        shard_max_bytes=int(shard_mb * 1024**2))
+            projected = plan_extraction(
+                images,
+                parse_bucket_config(BUCKETS),
+                str(tiny_model_dir),
+                layout,
+                shard_max_bytes=int(shard_mb * 1024**2),
+            )
             assert projected.shards == len(cache.manifest["shards"]), layout
-            assert abs(projected.projected_bytes - written) <= 0.01 * written, (layout, shard_mb, projected.projected_bytes,
-                                                                                written)
+            assert abs(projected.projected_bytes - written) <= 0.01 * written, (
+                layout,
+                shard_mb,
+                projected.projected_bytes,
+                written,
+            )
 
 
 @pytest.mark.parametrize("dtype", sorted(STORAGE_DTYPES))
@@ -79,9 +100,11 @@ def format_example() -> str:
     return example
 
 
-@pytest.mark.parametrize("layout", [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)),
-                                    Layout(flip=True, registers=True)], ids=["default", "pool2", "float8", "layers",
-                                                                             "flip"])
+@pytest.mark.parametrize(
+    "layout",
+    [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)), Layout(flip=True, registers=True)],
+    ids=["default", "pool2", "float8", "layers", "flip"],
+)
 def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, tiny_model_dir, layout):
     cache = extract_with(images, tmp_path / "cache", tiny_model_dir, layout)
     namespace: dict = {}
@@ -125,9 +148,16 @@ def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
 
     data = REPO / "tests" / "data" / "v1"
     shutil.copytree(data / "cache-v1", tmp_path / "cache")
-    options = ExtractOptions(out=tmp_path / "cache", buckets=parse_bucket_config(json.loads((data / "b.yaml").read_text())),
-                             model=str(data / "model"), workers=0, progress=False, dtype="float32",
-                             keep_registers=True, layers=(1,))
+    options = ExtractOptions(
+        out=tmp_path / "cache",
+        buckets=parse_bucket_config(json.loads((data / "b.yaml").read_text())),
+        model=str(data / "model"),
+        workers=0,
+        progress=False,
+        dtype="float32",
+        keep_registers=True,
+        layers=(1,),
+    )
     with pytest.raises(CacheError, match="older dinocache"):
         extract(data / "images", options)
     options.overwrite = True

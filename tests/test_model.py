@@ -48,7 +48,9 @@ def test_missing_model_says_how_to_fix(tmp_path):
 def test_non_dinov3_checkpoint_is_refused(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="not a DINOv3 ViT"):
         load_model(str(tmp_path), device="cpu")
 

@@ -13,12 +13,16 @@ def to_official(model) -> dict:
     sd = model.state_dict()
     prefix = "model.layer." if any(k.startswith("model.layer.") for k in sd) else "layer."
     depth = model.config.num_hidden_layers
-    out = {"cls_token": sd["embeddings.cls_token"].clone(), "storage_tokens": sd["embeddings.register_tokens"].clone(),
-           "mask_token": sd["embeddings.mask_token"].reshape(1, -1).clone(),
-           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"].clone(),
-           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"].clone(),
-           "norm.weight": sd["norm.weight"].clone(), "norm.bias": sd["norm.bias"].clone(),
-           "rope_embed.periods": torch.ones(model.config.hidden_size // model.config.num_attention_heads // 4)}
+    out = {
+        "cls_token": sd["embeddings.cls_token"].clone(),
+        "storage_tokens": sd["embeddings.register_tokens"].clone(),
+        "mask_token": sd["embeddings.mask_token"].reshape(1, -1).clone(),
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"].clone(),
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"].clone(),
+        "norm.weight": sd["norm.weight"].clone(),
+        "norm.bias": sd["norm.bias"].clone(),
+        "rope_embed.periods": torch.ones(model.config.hidden_size // model.config.num_attention_heads // 4),
+    }
     for i in range(depth):
         h, b = f"{prefix}{i}.", f"blocks.{i}."
         out[b + "attn.qkv.weight"] = torch.cat([sd[h + f"attention.{x}_proj.weight"] for x in "qkv"])
@@ -28,8 +32,11 @@ def to_official(model) -> dict:
         for dst, src in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.o_proj")):
             for suffix in ("weight", "bias"):
                 out[f"{b}{dst}.{suffix}"] = sd[f"{h}{src}.{suffix}"].clone()
-        mlp = ([("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
-               if model.config.use_gated_mlp else [("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")])
+        mlp = (
+            [("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
+            if model.config.use_gated_mlp
+            else [("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
+        )
         for dst, src in mlp:
             for suffix in ("weight", "bias"):
                 out[f"{b}{dst}.{suffix}"] = sd[f"{h}{src}.{suffix}"].clone()
@@ -43,8 +50,9 @@ def test_official_checkpoint_gives_identical_outputs(tmp_path, gated):
     from transformers import DINOv3ViTModel
 
     torch.manual_seed(3)
-    reference = DINOv3ViTModel(tiny_config(use_gated_mlp=gated, num_attention_heads=6, hidden_size=384,
-                                           intermediate_size=256)).eval()
+    reference = DINOv3ViTModel(
+        tiny_config(use_gated_mlp=gated, num_attention_heads=6, hidden_size=384, intermediate_size=256)
+    ).eval()
     path = tmp_path / "dinov3_vits16_pretrain_lvd1689m-00000000.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in to_official(reference).items()}}, path)
     loaded = load_model(str(path), device="cpu", dtype="float32")

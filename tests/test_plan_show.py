@@ -15,8 +15,20 @@ runner = CliRunner()
 
 def test_plan_counts_buckets_sizes_and_warns_about_disk(mixed_images, tmp_path, monkeypatch):
     (mixed_images / "broken.jpg").write_text("x")
-    result = runner.invoke(app, ["plan", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                                 "--model", "random:vitl16", "--json", "--out", str(tmp_path / "cache")])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(mixed_images),
+            "--buckets",
+            str(REPO / "configs" / "example-small.yaml"),
+            "--model",
+            "random:vitl16",
+            "--json",
+            "--out",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     by_name = {b["name"]: b for b in report["buckets"]}
@@ -34,15 +46,37 @@ def test_plan_counts_buckets_sizes_and_warns_about_disk(mixed_images, tmp_path, 
     import dinocache.plan as plan_module
 
     monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    full = runner.invoke(app, ["plan", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                               "--model", "random:vitl16", "--out", str(tmp_path / "cache")])
+    full = runner.invoke(
+        app,
+        [
+            "plan",
+            str(mixed_images),
+            "--buckets",
+            str(REPO / "configs" / "example-small.yaml"),
+            "--model",
+            "random:vitl16",
+            "--out",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert "WARNING: the cache would need" in full.output
 
 
 def test_plan_options_change_the_projection(mixed_images):
     def size(*extra):
-        result = runner.invoke(app, ["plan", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                                     "--model", "random:vits16", "--json", *extra])
+        result = runner.invoke(
+            app,
+            [
+                "plan",
+                str(mixed_images),
+                "--buckets",
+                str(REPO / "configs" / "example-small.yaml"),
+                "--model",
+                "random:vits16",
+                "--json",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         return json.loads(result.output)["projected_bytes"]
 
@@ -54,8 +88,17 @@ def test_plan_options_change_the_projection(mixed_images):
 
 
 def test_plan_needs_no_weights_but_a_shape(mixed_images):
-    result = runner.invoke(app, ["plan", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                                 "--model", "someone/some-model"])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(mixed_images),
+            "--buckets",
+            str(REPO / "configs" / "example-small.yaml"),
+            "--model",
+            "someone/some-model",
+        ],
+    )
     assert result.exit_code == 2 and "random:<arch>" in result.output
 
 
@@ -67,13 +110,15 @@ def test_show_writes_the_picture_beside_its_features(mixed_images, tmp_path, tin
     assert result.exit_code == 0, result.output
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
     assert img.shape == (512, 2 * 1024 + 8, 3)  # 384x192 bucket -> 1024 wide at 512 high, twice, plus the gap
-    features = img[:, 1024 + 8:]
+    features = img[:, 1024 + 8 :]
     assert features.std(axis=(0, 1)).max() > 20  # the PCA half is not flat
     picture = img[:, :1024]
     assert picture.std() > 20
     missing = runner.invoke(app, ["show", str(cache), "nope.png", "-o", str(out)])
     assert missing.exit_code == 2 and "not in the cache" in missing.output
-    moved = runner.invoke(app, ["show", str(cache), "wide.png", "-o", str(out), "--source", str(tmp_path / "elsewhere")])
+    moved = runner.invoke(
+        app, ["show", str(cache), "wide.png", "-o", str(out), "--source", str(tmp_path / "elsewhere")]
+    )
     assert moved.exit_code == 2 and "--source" in moved.output
 
 
@@ -88,6 +133,6 @@ def test_show_follows_the_feature_layout(tmp_path, tiny_model_dir):
     extract_cli(images, tmp_path / "cache", tiny_model_dir)
     out = tmp_path / "h.png"
     assert runner.invoke(app, ["show", str(tmp_path / "cache"), "halves.png", "-o", str(out)]).exit_code == 0
-    feat = np.asarray(Image.open(out).convert("RGB")).astype(float)[:, 512 + 8:]
+    feat = np.asarray(Image.open(out).convert("RGB")).astype(float)[:, 512 + 8 :]
     left, right = feat[:, 32:200].mean(axis=(0, 1)), feat[:, 312:480].mean(axis=(0, 1))
     assert np.abs(left - right).max() > 60

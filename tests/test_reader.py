@@ -17,8 +17,13 @@ def cache(tmp_path_factory, tiny_model_dir):
     sizes = [(300, 300)] * 7 + [(600, 300)] * 5 + [(280, 400)] * 4
     for i, (w, h) in enumerate(sizes):
         save_scene(images / f"{i:02d}.png", w, h, seed=i)
-    options = ExtractOptions(out=root / "out", buckets=parse_bucket_config({"buckets": [[224, 224], [384, 192], [210, 300]]}),
-                             model=str(tiny_model_dir), workers=0, progress=False)
+    options = ExtractOptions(
+        out=root / "out",
+        buckets=parse_bucket_config({"buckets": [[224, 224], [384, 192], [210, 300]]}),
+        model=str(tiny_model_dir),
+        workers=0,
+        progress=False,
+    )
     extract(images, options)
     return FeatureCache(root / "out")
 
@@ -60,8 +65,10 @@ def test_shuffle_depends_on_seed_and_epoch_only(cache):
 
 def test_ranks_get_disjoint_batches_and_equal_counts(cache):
     world = 3
-    per_rank = [list(BucketBatchSampler(cache, batch_size=2, seed=3, rank=r, world_size=world, drop_last=True))
-                for r in range(world)]
+    per_rank = [
+        list(BucketBatchSampler(cache, batch_size=2, seed=3, rank=r, world_size=world, drop_last=True))
+        for r in range(world)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1
     flat = [i for batches in per_rank for batch in batches for i in batch]
     assert len(flat) == len(set(flat))
@@ -82,13 +89,16 @@ def test_collate_pads_patches_and_masks_them(cache):
     attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
     q = torch.randn(2, 5, 64)
     out_full, _ = attn(q, batch["patches"].float(), batch["patches"].float(), key_padding_mask=~batch["mask"])
-    out_alone, _ = attn(q[:1], items[0]["patches"].reshape(1, -1, 64).float(), items[0]["patches"].reshape(1, -1, 64).float())
+    out_alone, _ = attn(
+        q[:1], items[0]["patches"].reshape(1, -1, 64).float(), items[0]["patches"].reshape(1, -1, 64).float()
+    )
     torch.testing.assert_close(out_full[:1], out_alone, atol=1e-5, rtol=1e-5)
 
 
 def test_dataloader_with_workers(cache):
-    loader = DataLoader(cache, batch_sampler=BucketBatchSampler(cache, batch_size=4, seed=0),
-                        collate_fn=collate_features, num_workers=2)
+    loader = DataLoader(
+        cache, batch_sampler=BucketBatchSampler(cache, batch_size=4, seed=0), collate_fn=collate_features, num_workers=2
+    )
     total = 0
     for batch in loader:
         assert batch["mask"].all()  # one bucket per batch: nothing to pad

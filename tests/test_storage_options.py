@@ -15,8 +15,15 @@ BUCKETS = {"buckets": [[224, 224], [210, 300]]}  # 14x14 and an odd 19x13 grid
 
 
 def run(images, out, model_dir, **kwargs):
-    options = ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), workers=0,
-                             progress=False, dtype="float32", **kwargs)
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config(BUCKETS),
+        model=str(model_dir),
+        workers=0,
+        progress=False,
+        dtype="float32",
+        **kwargs,
+    )
     extract(images, options)
     assert verify_cache(out).ok
     return FeatureCache(out)
@@ -29,9 +36,13 @@ def test_pool_2_averages_each_2x2_window(mixed_images, tmp_path, tiny_model_dir)
     for key in full.keys():
         grid = full[key]["grid"]
         item = pooled[key]
-        assert item["grid"] == ((grid[0] + 1) // 2, (grid[1] + 1) // 2)  # 19x13 -> 10x7: edges averaged over what exists
-        expected = F.avg_pool2d(full[key]["patches"].permute(2, 0, 1)[None], 2, ceil_mode=True,
-                                count_include_pad=False)[0].permute(1, 2, 0)
+        assert item["grid"] == (
+            (grid[0] + 1) // 2,
+            (grid[1] + 1) // 2,
+        )  # 19x13 -> 10x7: edges averaged over what exists
+        expected = F.avg_pool2d(
+            full[key]["patches"].permute(2, 0, 1)[None], 2, ceil_mode=True, count_include_pad=False
+        )[0].permute(1, 2, 0)
         torch.testing.assert_close(item["patches"], expected, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(item["cls"], full[key]["cls"])
 
@@ -52,8 +63,9 @@ def test_float8_storage_with_per_row_scales(mixed_images, tmp_path, tiny_model_d
 def test_intermediate_layers_match_transformers_hidden_states(mixed_images, tmp_path, tiny_model_dir):
     from transformers import DINOv3ViTModel
 
-    cache = run(mixed_images, tmp_path / "layers", tiny_model_dir, storage_dtype="float32", layers=(1,),
-                keep_registers=True)
+    cache = run(
+        mixed_images, tmp_path / "layers", tiny_model_dir, storage_dtype="float32", layers=(1,), keep_registers=True
+    )
     assert cache.manifest["storage"]["layers"] == [1] and cache.manifest["storage"]["layers_normed"] is False
     model = DINOv3ViTModel.from_pretrained(tiny_model_dir).eval()
     for key in cache.keys():
@@ -64,7 +76,9 @@ def test_intermediate_layers_match_transformers_hidden_states(mixed_images, tmp_
             out = model(pixel_values=pixels[None], output_hidden_states=True)
         block1 = out.hidden_states[1][0]
         torch.testing.assert_close(item["layer1_cls"], block1[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(item["layer1_patches"].reshape(-1, 64), block1[1 + NUM_REGISTERS:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            item["layer1_patches"].reshape(-1, 64), block1[1 + NUM_REGISTERS :], atol=1e-5, rtol=1e-5
+        )
         assert item["registers"].shape == (NUM_REGISTERS, 64)
         # not normed: the final LayerNorm output differs from the last block's raw output
         assert not torch.allclose(out.last_hidden_state[0], out.hidden_states[-1][0], atol=1e-3)

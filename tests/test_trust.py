@@ -31,8 +31,9 @@ runner = CliRunner()
 
 def run(images, out, model_dir, **kwargs):
     kwargs.setdefault("workers", 0)
-    options = ExtractOptions(out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), progress=False,
-                             dtype="float32", **kwargs)
+    options = ExtractOptions(
+        out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), progress=False, dtype="float32", **kwargs
+    )
     return extract(images, options)
 
 
@@ -70,6 +71,7 @@ def assert_untouched(target):
 
 # ---- 1. deletion through a link --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_linked_index_folder_is_refused_and_nothing_outside_is_deleted(images, tmp_path, tiny_model_dir, overwrite):
     target = precious_folder(tmp_path)
@@ -86,6 +88,7 @@ def test_a_linked_index_folder_is_refused_and_nothing_outside_is_deleted(images,
 
 
 # ---- 2. --overwrite with a linked shards/ and adoption of foreign shards ------------------------
+
 
 def test_overwrite_with_a_linked_shards_folder_never_keeps_old_features(images, tmp_path, tiny_model_dir):
     out = tmp_path / "cache"
@@ -139,8 +142,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
 def peak_mb(path, width, height):
-    proc = subprocess.run([sys.executable, "-c", PEAK, str(path), str(width), str(height)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK, str(path), str(width), str(height)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -157,6 +161,7 @@ def test_a_thin_strip_takes_no_more_memory_than_a_square_of_as_many_pixels(tmp_p
 
 
 # ---- 4. tampered manifests and tables: our own errors, never a traceback ------------------------
+
 
 def tamper_manifest(cache, text):
     (cache / "manifest.json").write_text(text)
@@ -185,10 +190,10 @@ def st_bytes(arrays, header_hook=None):
     if header_hook is None:
         return data
     n = int.from_bytes(data[:8], "little")
-    header = header_hook(json.loads(data[8:8 + n]))
+    header = header_hook(json.loads(data[8 : 8 + n]))
     raw = header.encode() if isinstance(header, str) else json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
 
 
 def manifest_with(cache, **changes):
@@ -208,19 +213,31 @@ def manifest_with(cache, **changes):
 
 TAMPERINGS = {
     "json nested 100k deep": lambda c: tamper_manifest(c, "[" * 100_000 + "]" * 100_000),
-    "a 5000-digit integer": lambda c: tamper_manifest(c, manifest_with(c).replace('"count": 3', '"count": ' + "9" * 5000)),
+    "a 5000-digit integer": lambda c: tamper_manifest(
+        c, manifest_with(c).replace('"count": 3', '"count": ' + "9" * 5000)
+    ),
     "storage.layers = 5": lambda c: tamper_manifest(c, manifest_with(c, storage__layers=5)),
     "storage.layers = null": lambda c: tamper_manifest(c, manifest_with(c, storage__layers=None)),
     "runs = 5": lambda c: tamper_manifest(c, manifest_with(c, runs=5)),
     "a run with seconds 'x'": lambda c: tamper_manifest(c, manifest_with(c, runs__0__seconds="x")),
     "table header is a list": lambda c: rewrite_table(c, lambda: st_bytes(table_arrays(c), lambda h: [1, 2])),
-    "table header nested deep": lambda c: rewrite_table(c, lambda: st_bytes(table_arrays(c),
-                                                                             lambda h: "[" * 50_000 + "]" * 50_000)),
-    "key bytes not UTF-8": lambda c: rewrite_table(c, lambda: st_bytes(
-        {**table_arrays(c), "key_bytes": np.frombuffer(table_arrays(c)["key_bytes"].tobytes().replace(b"0", b"\xff"),
-                                                       np.uint8).copy()})),
-    "2-D key_offsets": lambda c: rewrite_table(c, lambda: st_bytes(
-        {**table_arrays(c), "key_offsets": np.stack([table_arrays(c)["key_offsets"]] * 2)})),
+    "table header nested deep": lambda c: rewrite_table(
+        c, lambda: st_bytes(table_arrays(c), lambda h: "[" * 50_000 + "]" * 50_000)
+    ),
+    "key bytes not UTF-8": lambda c: rewrite_table(
+        c,
+        lambda: st_bytes(
+            {
+                **table_arrays(c),
+                "key_bytes": np.frombuffer(
+                    table_arrays(c)["key_bytes"].tobytes().replace(b"0", b"\xff"), np.uint8
+                ).copy(),
+            }
+        ),
+    ),
+    "2-D key_offsets": lambda c: rewrite_table(
+        c, lambda: st_bytes({**table_arrays(c), "key_offsets": np.stack([table_arrays(c)["key_offsets"]] * 2)})
+    ),
     "a shard listed twice": lambda c: tamper_manifest(c, _shard_twice(c)),
 }
 
@@ -262,6 +279,7 @@ def test_tampering_gives_our_error_and_a_verify_finding(cache, name):
 
 # ---- 5. keys must stay inside the source folder ------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", ["../outside/private.png", "/etc/passwd", "a/./b.png", "a//b.png", "back\\slash.png"])
 def test_keys_outside_the_source_folder_are_refused(cache, images, tmp_path, bad):
     outside = tmp_path / "outside"
@@ -293,6 +311,7 @@ def test_source_links_out_of_the_folder_are_not_followed_by_default(images, tmp_
 
 # ---- 6. a linked shard pointing outside the cache -----------------------------------------------
 
+
 def test_a_linked_shard_is_neither_adopted_nor_read(images, tmp_path, tiny_model_dir, cache):
     other = tmp_path / "other"
     run(images, other, tiny_model_dir, image_mean=(0.4, 0.4, 0.4))
@@ -315,6 +334,7 @@ def test_a_linked_shard_is_neither_adopted_nor_read(images, tmp_path, tiny_model
 
 
 # ---- 7. smaller integrity gaps ------------------------------------------------------------------
+
 
 def test_a_grid_that_disagrees_with_the_tensor_is_an_error_not_a_wrong_shape(cache):
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -364,6 +384,7 @@ def test_a_linked_manifest_is_refused(cache, tmp_path):
 
 
 # ---- 8. --out inside the input folder ---------------------------------------------------------------
+
 
 def test_an_out_folder_inside_the_input_is_not_scanned(images, tiny_model_dir):
     out = images / "features"

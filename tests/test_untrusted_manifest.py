@@ -26,9 +26,32 @@ def nested(depth):
 
 
 DEEP = 400  # deep enough to matter, shallow enough for json.dumps to write it
-JUNK = [None, -1, 0, 2**70, 1e308, "x", "", "../../etc/passwd", "/etc/passwd", "shards/../../x", [], {}, [1, 2],
-        {"a": 1}, True, "shards/\x00", float("nan"), 5, [[1, 2], [3, 4]], {"seconds": "x"},
-        [[[[[]]]]], nested(DEEP), "\udcff", "%s"]
+JUNK = [
+    None,
+    -1,
+    0,
+    2**70,
+    1e308,
+    "x",
+    "",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "shards/../../x",
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    True,
+    "shards/\x00",
+    float("nan"),
+    5,
+    [[1, 2], [3, 4]],
+    {"seconds": "x"},
+    [[[[[]]]]],
+    nested(DEEP),
+    "\udcff",
+    "%s",
+]
 HUGE_INT = "9" * 5000  # beyond Python's int parsing limit: spliced into the text
 
 
@@ -89,7 +112,7 @@ def test_fuzzed_manifests_never_crash(good_cache, tmp_path):
     work = tmp_path / "cache"
     import shutil
 
-    for trial in range(120):
+    for _trial in range(120):
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(good_cache, work)
@@ -120,11 +143,11 @@ def test_fuzzed_sample_tables_never_crash(good_cache, tmp_path):
     manifest = json.loads((good_cache / "manifest.json").read_text())
     table_bytes = (good_cache / manifest["samples"]["file"]).read_bytes()
     n = int.from_bytes(table_bytes[:8], "little")
-    header, data = json.loads(table_bytes[8:8 + n]), table_bytes[8 + n:]
+    header, data = json.loads(table_bytes[8 : 8 + n]), table_bytes[8 + n :]
     tensor_paths = [p for p in paths(header) if p and p[0] != "__metadata__"]
     rng = random.Random(2)
     work = tmp_path / "cache"
-    for trial in range(60):
+    for _trial in range(60):
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(good_cache, work)
@@ -146,8 +169,9 @@ def test_fuzzed_sample_tables_never_crash(good_cache, tmp_path):
         exercise(work)
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"[]", b"null", b'{"format": "dinocache", "format_version": 99}',
-                                     b"\xff\xfe garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"{", b"[]", b"null", b'{"format": "dinocache", "format_version": 99}', b"\xff\xfe garbage"]
+)
 def test_unreadable_manifests_give_a_clear_error(good_cache, tmp_path, content):
     import shutil
 

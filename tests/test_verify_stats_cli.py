@@ -13,8 +13,23 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def extract_cli(images, out, model_dir, *extra):
-    result = runner.invoke(app, ["extract", str(images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                                 "--out", str(out), "--model", str(model_dir), "--workers", "0", "--no-progress", *extra])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(images),
+            "--buckets",
+            str(REPO / "configs" / "example-small.yaml"),
+            "--out",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return result
 
@@ -43,15 +58,18 @@ def test_verify_fails_naming_the_shard_after_one_flipped_byte(cache_dir):
     assert shard in result.output and "sha256" in result.output
 
 
-@pytest.mark.parametrize("fault, words", [
-    ("truncate", ["bytes", "truncated"]),
-    ("delete", ["missing"]),
-    ("extra", ["not in the manifest"]),
-    ("escape", ["escapes", "not inside"]),
-    ("duplicate", ["more than once"]),
-    ("rows", ["points at row 999"]),
-    ("row_count", ["has shape", "expected [5"]),
-])
+@pytest.mark.parametrize(
+    "fault, words",
+    [
+        ("truncate", ["bytes", "truncated"]),
+        ("delete", ["missing"]),
+        ("extra", ["not in the manifest"]),
+        ("escape", ["escapes", "not inside"]),
+        ("duplicate", ["more than once"]),
+        ("rows", ["points at row 999"]),
+        ("row_count", ["has shape", "expected [5"]),
+    ],
+)
 def test_verify_names_other_faults(cache_dir, fault, words):
     manifest = read_manifest(cache_dir)
     first = cache_dir / manifest["shards"][0]["file"]
@@ -130,8 +148,20 @@ def test_stats_reports_buckets_failures_model_and_bytes(mixed_images, tmp_path, 
 
 def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["extract", str(mixed_images), "--buckets", str(REPO / "configs" / "example-small.yaml"),
-                                 "--model", str(tiny_model_dir), "--workers", "0", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(mixed_images),
+            "--buckets",
+            str(REPO / "configs" / "example-small.yaml"),
+            "--model",
+            str(tiny_model_dir),
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / DEFAULT_OUT / "manifest.json").is_file()
     assert runner.invoke(app, ["verify"]).exit_code == 0
@@ -139,19 +169,27 @@ def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_pat
     assert stats.exit_code == 0 and json.loads(stats.output)["images"] == 4
 
 
-@pytest.mark.parametrize("args, words", [
-    (["extract", "{images}", "--buckets", "{tmp}/missing.yaml"], ["does not exist", "--buckets"]),
-    (["extract", "{tmp}/no-such-dir", "--buckets", "{cfg}"], ["input folder", "does not exist"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--model", "{tmp}/no-model"], ["could not load model"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--model", "random:vitz99"], ["unknown architecture", "random:vits16"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--storage-dtype", "int8"], ["storage-dtype"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--image-mean", "0.5,0.5"], ["--image-mean"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--out", "{tmp}/a-file", "--model", "random:vits16"],
-     ["cannot create the output folder", "--out"]),
-    (["extract", "{images}", "--buckets", "{cfg}", "--layers", "x"], ["--layers"]),
-    (["verify", "{tmp}/nothing-here"], ["does not exist"]),
-    (["stats", "{tmp}"], ["no manifest.json"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["extract", "{images}", "--buckets", "{tmp}/missing.yaml"], ["does not exist", "--buckets"]),
+        (["extract", "{tmp}/no-such-dir", "--buckets", "{cfg}"], ["input folder", "does not exist"]),
+        (["extract", "{images}", "--buckets", "{cfg}", "--model", "{tmp}/no-model"], ["could not load model"]),
+        (
+            ["extract", "{images}", "--buckets", "{cfg}", "--model", "random:vitz99"],
+            ["unknown architecture", "random:vits16"],
+        ),
+        (["extract", "{images}", "--buckets", "{cfg}", "--storage-dtype", "int8"], ["storage-dtype"]),
+        (["extract", "{images}", "--buckets", "{cfg}", "--image-mean", "0.5,0.5"], ["--image-mean"]),
+        (
+            ["extract", "{images}", "--buckets", "{cfg}", "--out", "{tmp}/a-file", "--model", "random:vits16"],
+            ["cannot create the output folder", "--out"],
+        ),
+        (["extract", "{images}", "--buckets", "{cfg}", "--layers", "x"], ["--layers"]),
+        (["verify", "{tmp}/nothing-here"], ["does not exist"]),
+        (["stats", "{tmp}"], ["no manifest.json"]),
+    ],
+)
 def test_user_errors_have_a_message_and_no_traceback(mixed_images, tmp_path, args, words):
     (tmp_path / "a-file").write_text("I am a file, not a folder")
     args = [a.format(images=mixed_images, tmp=tmp_path, cfg=REPO / "configs" / "example-small.yaml") for a in args]
