@@ -31,6 +31,25 @@ app = typer.Typer(
 )
 
 
+def _plain_usage_names() -> None:
+    """Typer writes a required argument as {NAME} in the usage line; the convention is NAME."""
+    from typer.core import TyperArgument
+
+    original = getattr(TyperArgument, "_usage_display_name", None)
+    if original is None or getattr(original, "_dinocache", False):
+        return
+
+    def plain(self) -> str:
+        name = original(self)
+        return name[1:].replace("}", "", 1) if name.startswith("{") else name
+
+    plain._dinocache = True
+    TyperArgument._usage_display_name = plain
+
+
+_plain_usage_names()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dinocache {__version__}")
@@ -85,7 +104,7 @@ OUT_ARG = typer.Argument(
     Path(DEFAULT_OUT), metavar="OUT", show_default=False, help=f"Cache folder (default: ./{DEFAULT_OUT})."
 )
 STORAGE_HELP = "Stored dtype: bfloat16 (default), float8_e4m3fn, ... (docs/FORMAT.md)."
-POOL_HELP = "Average-pool the patch grid POOL x POOL (2: 4x smaller)."
+POOL_HELP = "Average-pool the patch grid N x N (2: 4x smaller)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
 REGISTERS_HELP = "Also store the register tokens."
 FLIP_HELP = "Also store the features of the mirrored image."
@@ -408,7 +427,7 @@ def merge(out: Path = OUT_ARG):
 def verify(
     paths: Optional[List[Path]] = typer.Argument(
         None,
-        metavar="[PATH]...",
+        metavar="PATH",
         show_default=False,
         help=f"Cache folders, shards/ folders or shard files (default: ./{DEFAULT_OUT}).",
     ),
@@ -504,16 +523,20 @@ def _quiet_hub() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _interrupted(signum, _frame) -> None:
+    """Ctrl-C outside extraction's own handler (e.g. while torch loads): a quiet exit 130."""
+    print("\ninterrupted", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     import logging
+    import signal
 
-    try:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        _quiet_hub()
-        app()
-    except KeyboardInterrupt:  # Ctrl-C before extraction's own handler is in place (e.g. importing torch)
-        typer.echo("\ninterrupted", err=True)
-        sys.exit(130)
+    signal.signal(signal.SIGINT, _interrupted)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _quiet_hub()
+    app()
 
 
 if __name__ == "__main__":

@@ -466,17 +466,80 @@ def _patch_size(config) -> int:
 
 
 def _weights_hint(spec: str) -> str:
+    import huggingface_hub.constants as hub_constants
+
     if Path(spec).exists():
         return f"{spec} must be a folder saved by save_pretrained (config.json + model.safetensors)"
+    if "/" not in spec.strip("/") or spec.startswith((".", "/")):
+        return (
+            f"{spec!r} is neither a local folder nor a Hub id (owner/name); pass a folder, a Hub id, "
+            "an official .pth file, or random:vits16 for a smoke test"
+        )
+    if hub_constants.HF_HUB_OFFLINE:
+        return (
+            f"working offline (no connection to the Hub, or HF_HUB_OFFLINE=1) and {spec} is not in the local "
+            f"Hub cache: where there is network, accept its licence on the Hub page, run `hf auth login` and "
+            f"`hf download {spec}`, or pass a local folder; for a smoke test use --model random:vits16"
+        )
     return (
         f"if {spec} is a gated Hub repo, accept its license on the Hub page and run `hf auth login`; "
         "offline, download it once and pass the local folder to --model; for a smoke test use --model random:vits16"
     )
 
 
+def quiet_libraries() -> None:
+    """transformers' and huggingface_hub's own progress bars and retry chatter say nothing our
+    errors do not; they reset their loggers when imported, so this runs after importing them."""
+    import huggingface_hub.utils.logging as hub_logging
+    import transformers.utils.logging as tf_logging
+
+    hub_logging.set_verbosity_error()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # older huggingface_hub
+        pass
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the Hub, so that offline the user learns it in seconds rather
+    than after huggingface_hub's retries (about 30 s, for every file)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _use_hub_offline_if_unreachable(spec: str) -> None:
+    import os
+
+    import huggingface_hub.constants as hub_constants
+
+    if Path(spec).exists() or hub_constants.HF_HUB_OFFLINE:
+        return
+    if not hub_reachable():
+        log.warning(
+            "no connection to the Hugging Face Hub: using the local Hub cache only "
+            "(set HF_HUB_OFFLINE=1 to skip this check)"
+        )
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_constants.HF_HUB_OFFLINE = True
+
+
 def _load_config(spec: str, revision: str | None):
     from transformers import AutoConfig
 
+    quiet_libraries()
+    _use_hub_offline_if_unreachable(spec)
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)  # never trust_remote_code
     except (OSError, ValueError) as exc:
