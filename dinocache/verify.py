@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,59 +85,82 @@ class VerifyReport:
 # ---- one shard, one pass ------------------------------------------------------------------------
 
 
-def scan_shard(path: Path, check_values: bool, chunk: int = CHUNK) -> tuple[str, SafetensorsFile, list[str], int]:
+def scan_shard(path: Path, check_values: bool, window: int = CHUNK) -> tuple[str, SafetensorsFile, list[str], int]:
     """Read a shard once: (sha256 of the whole file, its parsed header, value problems, bytes).
-    Memory stays at one chunk whatever the shard's size."""
+
+    The file is memory-mapped and walked in windows: each window is hashed, and the values of
+    every tensor inside it are checked, while its pages are hot; then the window is released
+    (MADV_DONTNEED), so resident memory stays at one window whatever the shard's size."""
+    import mmap
+
     header = SafetensorsFile(path)
-    regions = sorted(header.entries.values(), key=lambda e: e.start)
     digest = hashlib.sha256()
-    problems: list[str] = []
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    read = 0
-    with open(path, "rb", buffering=0) as fh:
-        prefix = fh.read(header.data_start)
-        digest.update(prefix)
-        read += len(prefix)
-        at = 0  # offset inside the data section
-        for entry in regions:
-            if entry.start > at:  # a gap (not written by safetensors, but hash it all the same)
-                gap = fh.read(entry.start - at)
-                digest.update(gap)
-                read += len(gap)
-                at = entry.start
-            itemsize = DTYPES[entry.dtype][0].itemsize
-            step = max(itemsize, chunk - chunk % itemsize)
-            bad = False
-            while at < entry.stop:
-                n = fh.readinto(view[: min(step, entry.stop - at)])
-                if not n:
-                    raise SafetensorsError("the file ended early")
-                digest.update(view[:n])
-                read += n
-                at += n
-                if check_values and not bad and n % itemsize == 0:
-                    bad = not _finite(view[:n], entry.dtype)
-            if bad:
-                problems.append(f"{entry.name} contains NaN or Inf")
-        while True:  # anything after the last tensor
-            n = fh.readinto(view)
-            if not n:
-                break
-            digest.update(view[:n])
-            read += n
-    return digest.hexdigest(), header, problems, read
+    bad: set[str] = set()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise SafetensorsError("the file is empty")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)
+            try:
+                for start in range(0, size, window):
+                    stop = min(size, start + window)
+                    digest.update(view[start:stop])
+                    if check_values:
+                        _check_window(mm, header, start, stop, bad)
+                    if hasattr(mm, "madvise") and stop - start == window and window % mmap.PAGESIZE == 0:
+                        mm.madvise(mmap.MADV_DONTNEED, start, window)
+            finally:
+                view.release()
+    problems = [f"{name} contains NaN or Inf" for name in sorted(bad)]
+    return digest.hexdigest(), header, problems, size
+
+
+def _check_window(mm, header: SafetensorsFile, start: int, stop: int, bad: set[str]) -> None:
+    """Finite-check the elements of every tensor that begin inside [start, stop) of the file
+    (an element straddling `stop` belongs to the next window)."""
+    for entry in header.entries.values():
+        if entry.name in bad or entry.dtype not in _EXPONENT and entry.dtype != "F8_E4M3":
+            continue
+        itemsize = DTYPES[entry.dtype][0].itemsize
+        base = header.data_start + entry.start
+        count = (entry.stop - entry.start) // itemsize
+        first = max(0, -(-(start - base) // itemsize)) if start > base else 0
+        last = min(count, -(-(stop - base) // itemsize))
+        if last <= first:
+            continue
+        first_byte = base + first * itemsize
+        if first_byte + (last - first) * itemsize > len(mm):
+            continue
+        data = memoryview(mm)[first_byte : first_byte + (last - first) * itemsize]
+        try:
+            if not _finite(data, entry.dtype):
+                bad.add(entry.name)
+        finally:
+            data.release()
+
+
+# Exponent bits of each float code: a value is NaN or Inf exactly when they are all ones. Checked
+# on the integer view (one AND and one max, ~9 GB/s) instead of a float conversion (~0.6 GB/s).
+_EXPONENT = {
+    "BF16": (np.uint16, 0x7F80),
+    "F16": (np.uint16, 0x7C00),
+    "F32": (np.uint32, 0x7F800000),
+    "F64": (np.uint64, 0x7FF0000000000000),
+}
 
 
 def _finite(data: memoryview, code: str) -> bool:
-    if code in ("U8", "I16", "I32", "I64"):
-        return True
     if code == "F8_E4M3":  # e4m3fn has no infinity; NaN is S.1111.111
         raw = np.frombuffer(data, dtype=np.uint8)
-        return not bool(((raw & 0x7F) == 0x7F).any())
-    if code == "BF16":
-        return bool(torch.isfinite(torch.frombuffer(data, dtype=torch.bfloat16)).all())
-    return bool(np.isfinite(np.frombuffer(data, dtype=DTYPES[code][0])).all())
+        return not bool((np.bitwise_and(raw, 0x7F) == 0x7F).any())
+    if code not in _EXPONENT:
+        return True  # integer tensors
+    dtype, mask = _EXPONENT[code]
+    bits = np.bitwise_and(np.frombuffer(data, dtype=dtype), dtype(mask))
+    return bool(bits.max(initial=0) != mask)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -243,8 +267,18 @@ def _verify_cache(
     shards = manifest["shards"]
     layout = Layout.from_record(manifest["storage"])
     report.shards += len(shards)
-    for index, shard in enumerate(shards):
-        _check_listed_shard(root, index, shard, manifest, layout, check_values, report)
+    # Shards are checked concurrently: hashing (~1.5 GB/s a core) would otherwise be slower than
+    # the disk; hashlib and numpy release the GIL. Findings keep the manifest's order.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        findings = list(
+            pool.map(
+                lambda item: _listed_shard_findings(root, item[0], item[1], manifest, layout, check_values),
+                enumerate(shards),
+            )
+        )
+    for problems, read in findings:
+        report.problems += problems
+        report.bytes_read += read
     report.samples += manifest["samples"]["count"]
     table_ok = _check_samples(root, manifest, report)
     _check_extra_files(root, manifest, report)
@@ -264,6 +298,15 @@ def _verify_cache(
                     "run? rerun extract to adopt it, or delete it)",
                     f"{SHARD_DIR}/{name}",
                 )
+
+
+def _listed_shard_findings(
+    root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool
+) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for one shard the manifest lists; runs in a worker thread."""
+    local = VerifyReport()
+    _check_listed_shard(root, index, shard, manifest, layout, check_values, local)
+    return local.problems, local.bytes_read
 
 
 def _check_listed_shard(

@@ -1,0 +1,182 @@
+"""`dinocache verify PATH...`: a cache, its shards/ folder, a bare folder of shards, single
+files, a mix, and a path that is nothing; damaged bare shards; --json; exit codes (issue 15)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import save_scene
+from typer.testing import CliRunner
+
+from dinocache.cli import app
+from dinocache.config import ExtractOptions, parse_bucket_config
+from dinocache.extract import extract
+from dinocache.manifest import read_manifest
+from dinocache.verify import scan_shard
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def cache(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (70, 64), (100, 50)]):
+        save_scene(images / f"{i}.png", w, h, seed=i)
+    out = tmp_path / "cache"
+    extract(
+        images,
+        ExtractOptions(
+            out=out,
+            buckets=parse_bucket_config({"buckets": [[64, 64], [96, 48]]}),
+            model=str(tiny_model_dir),
+            workers=0,
+            progress=False,
+        ),
+    )
+    return out
+
+
+def verify(*args):
+    result = runner.invoke(app, ["verify", *map(str, args)])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+
+
+def bare_copy(cache, tmp_path):
+    """Shards copied to another machine without their manifest."""
+    folder = tmp_path / "copied"
+    shutil.copytree(cache / "shards", folder)
+    return folder
+
+
+def test_a_cache_and_its_shards_folder(cache):
+    code, out = verify(cache)
+    assert code == 0 and "OK: 4 samples in 2 shard(s) verified" in out
+    code, out = verify(cache / "shards")
+    assert code == 0 and "verifying that whole cache" in out and "OK: 4 samples" in out
+
+
+def test_a_bare_folder_and_single_files_are_checked_on_their_own(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    code, out = verify(folder)
+    assert code == 0 and "checked on their own" in out and "OK: 4 samples in 2" in out
+    assert "skipped: checksums (needs the manifest)" in out
+    one = sorted(folder.iterdir())[0]
+    code, out = verify(one)
+    assert code == 0 and "in 1 shard(s)" in out
+    code, out = verify(cache, one)  # a mix: the cache, plus a copy of one of its shards
+    assert code == 0 and "OK: 6 samples" in out
+
+
+def test_nothing_there_is_a_usage_error(tmp_path):
+    code, out = verify(tmp_path / "nothing")
+    assert code == 2 and "does not exist" in out
+    (tmp_path / "empty").mkdir()
+    code, out = verify(tmp_path / "empty")
+    assert code == 2 and "not a dinocache cache" in out
+    (tmp_path / "notes.txt").write_text("x")
+    code, out = verify(tmp_path / "notes.txt")
+    assert code == 2 and "not a cache folder" in out
+    result = runner.invoke(app, ["stats", str(tmp_path)])
+    assert result.exit_code == 2
+
+
+def nan_into(path):
+    """Make the first bf16 value of `patches` a NaN: a flipped tensor byte, checksum or not."""
+    from dinocache.stfile import SafetensorsFile
+
+    header = SafetensorsFile(path)
+    entry = header.entries["patches"]
+    data = bytearray(path.read_bytes())
+    at = header.data_start + entry.start
+    data[at : at + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_bare_shards_are_caught(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    first, second = sorted(folder.iterdir())
+    nan_into(first)
+    code, out = verify(folder)
+    assert code == 1 and "patches contains NaN or Inf" in out and first.name in out
+    second.write_bytes(second.read_bytes()[:-300])  # truncated
+    code, out = verify(second)
+    assert code == 1 and "not a readable safetensors file" in out
+
+
+def rewrite_metadata(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    change(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_bare_metadata_and_record_problems(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    first, second = sorted(folder.iterdir())
+
+    def bad_record(meta, tensors):
+        samples = json.loads(meta["samples"])
+        samples[0]["box"] = [0, 0, 99999, 5]  # outside its source
+        samples[-1]["key"] = "../escape.png"
+        meta["samples"] = json.dumps(samples)
+
+    rewrite_metadata(first, bad_record)
+
+    def wrong_shape(meta, tensors):
+        tensors["patches"] = tensors["patches"][:, :-1].contiguous()
+
+    rewrite_metadata(second, wrong_shape)
+    code, out = verify(folder)
+    assert code == 1
+    assert "box [0, 0, 99999, 5] is not inside" in out and "'../escape.png'" in out
+    assert "patches has shape" in out and second.name in out
+
+
+def test_keys_must_be_unique_across_the_given_shards(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    first = sorted(folder.iterdir())[0]
+    shutil.copy(first, folder / ("b000-64x64-00000000-99999" + ".safetensors"))
+    code, out = verify(folder)
+    assert code == 1 and "is in both" in out
+
+
+def test_json_report_for_scripts(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    nan_into(sorted(folder.iterdir())[0])
+    result = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["ok"] is False and report["mode"] == "shards"
+    (problem,) = report["problems"]
+    assert problem["kind"] == "values" and problem["path"].endswith(".safetensors") and "NaN" in problem["message"]
+    assert any("checksums" in s for s in report["skipped"])
+    clean = runner.invoke(app, ["verify", str(cache), "--json"])
+    assert clean.exit_code == 0 and json.loads(clean.output)["ok"] is True
+
+
+def test_bare_shards_against_their_sources(cache, tmp_path):
+    folder = bare_copy(cache, tmp_path)
+    images = tmp_path / "images"
+    code, out = verify(folder, "--source", images)
+    assert code == 0, out
+    save_scene(images / "0.png", 64, 64, seed=42)  # rewritten
+    code, out = verify(folder, "--source", images)
+    assert code == 1 and "0.png changed" in out
+
+
+def test_streamed_scan_matches_sha256_and_a_full_load(cache):
+    """One pass: the same digest as hashlib over the file, the same NaN verdict as loading it,
+    whatever the window size (tensors straddle windows)."""
+    import hashlib
+
+    shard = cache / read_manifest(cache)["shards"][0]["file"]
+    nan_into(shard)
+    for window in (64, 1000, 4096, 1 << 20):
+        digest, _, problems, read = scan_shard(shard, True, window=window)
+        assert digest == hashlib.sha256(shard.read_bytes()).hexdigest() and read == shard.stat().st_size
+        assert problems == ["patches contains NaN or Inf"], window
