@@ -400,6 +400,78 @@ def keys(
         _fail(exc)
 
 
+@app.command("norm-stats")
+def norm_stats(
+    out: Path = OUT_ARG,
+    flavour: str = typer.Option("normed", metavar="NAME", help="normed, ln_noaffine (RAE) or prenorm."),
+    views: str = typer.Option("both", metavar="WHICH", help="plain, flip or both (a --flip cache)."),
+    per_position: bool = typer.Option(False, "--per-position", help="Per position too (one grid only)."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute even if fresh ones are stored."),
+    export: Optional[Path] = typer.Option(None, "--export", metavar="FILE", help="Also write them for a trainer."),
+    style: str = typer.Option("rae", metavar="STYLE", help="--export shape: rae, svg or json."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Dataset mean and variance of the cached tokens, stored in the cache.
+
+    One streaming pass (float64, Chan's merge) over every live sample: per channel of the
+    patch tokens and of CLS, for a flavour and the views chosen. FeatureCache(root,
+    flavour=..., normalize=True) then applies (x - mean) / sqrt(var + 1e-6).
+
+    \b
+    Examples:
+      dinocache norm-stats cache/ --flavour ln_noaffine --export stat.pt --style rae
+      dinocache norm-stats cache/ --export svg-stats.safetensors --style svg
+    """
+    from .manifest import read_manifest
+    from .normstats import compute_statistics, export_statistics
+
+    try:
+        manifest = read_manifest(out)
+        fresh = [
+            e
+            for e in manifest.get("statistics", [])
+            if e.get("flavour") == flavour
+            and e.get("views") == views
+            and bool(e.get("per_position")) == per_position
+            and e.get("samples_sha256") == manifest["samples"]["sha256"]
+        ]
+        if fresh and not recompute:
+            typer.echo(f"statistics for {flavour} ({views} views) are up to date: {fresh[0]['file']}")
+        else:
+            result = compute_statistics(out, flavour, views, per_position, progress)
+            typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens -> {out}/{result.file}")
+        if export is not None:
+            export_statistics(out, export, style, flavour, per_position)
+            typer.echo(f"wrote {export} ({style})")
+    except DinocacheError as exc:
+        _fail(exc)
+
+
+@app.command()
+def crops(
+    out: Path = OUT_ARG,
+    output: Path = typer.Option(..., "--output", "-o", metavar="JSONL", help="File to write."),
+):
+    """Write every cached sample's bucket size and crop box, one JSON line each.
+
+    The schema `extract --crops` reads: {"key", "size": [W, H], "box": [l, t, r, b]}, boxes
+    in pixels of the upright source. A trainer can crop its latents the same way.
+
+    \b
+    Example:
+      dinocache crops cache/ -o crops.jsonl
+    """
+    from .crops import export_crops
+
+    try:
+        count = export_crops(out, output)
+    except DinocacheError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(DinocacheError(f"cannot write {output}: {exc.strerror or exc}", "pass a writable --output"))
+    typer.echo(f"wrote {count} crop(s) to {output}")
+
+
 @app.command()
 def merge(out: Path = OUT_ARG):
     """Fold the shards and reports of a multi-process run into the manifest.

@@ -45,7 +45,7 @@ def read_crops_file(path: str | Path) -> list[CropLine]:
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{path} line {number}"
         try:
             obj = json.loads(raw)
         except ValueError as exc:
@@ -102,7 +102,7 @@ def buckets_for_crops(path: str | Path, config: BucketConfig | None) -> BucketCo
     for line in lines:
         if line.size not in known:
             raise ConfigError(
-                f"{path}:{line.line}: size {list(line.size)} is not a bucket of {config.source}",
+                f"{path} line {line.line}: size {list(line.size)} is not a bucket of {config.source}",
                 "add it to the bucket config, or drop --buckets to use the crops file's sizes",
             )
     return config
@@ -121,7 +121,7 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
         src = by_key.get(line.key)
         if src is None:
             raise ConfigError(
-                f"{path}:{line.line}: no image {line.key!r} in the input folder",
+                f"{path} line {line.line}: no image {line.key!r} in the input folder",
                 "check the key (a path relative to the folder given to extract) or drop the line",
             )
         try:
@@ -131,7 +131,7 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
             del exc
         if width is not None and (line.box[2] > width or line.box[3] > height):
             raise ConfigError(
-                f"{path}:{line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
+                f"{path} line {line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
                 f"{width}x{height} upright",
                 "boxes are in pixels of the upright image (EXIF applied)",
             )

@@ -49,8 +49,9 @@ class FeatureCache(Dataset):
     what `BucketBatchSampler(..., flip=True)` asks for.
 
     `flavour`: "normed" (stored: last_hidden_state), "ln_noaffine" (RAE) or "prenorm"
-    (hidden_states[-1]); see flavours.py. `normalize=True` applies the cache's dataset
-    statistics (`dinocache norm-stats`) for that flavour. float8 caches are dequantized on read.
+    (hidden_states[-1]); see flavours.py. `normalize=True` (or "channel", or "position")
+    applies the cache's dataset statistics for that flavour (`dinocache norm-stats`):
+    (x - mean) / sqrt(var + 1e-6) on cls and patches. float8 caches are dequantized on read.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class FeatureCache(Dataset):
         dtype: torch.dtype | None = None,
         max_open_shards: int = 64,
         flavour: str = "normed",
-        normalize: bool = False,
+        normalize: bool | str = False,
     ):
         self.root = Path(root)
         self.dtype = dtype
@@ -90,7 +91,9 @@ class FeatureCache(Dataset):
         if normalize:
             from .normstats import load_statistics
 
-            self.statistics = load_statistics(self.root, self.manifest, flavour)
+            if normalize not in (True, "channel", "position"):
+                raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
+            self.statistics = load_statistics(self.root, self.manifest, flavour, per_position=normalize == "position")
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
 
@@ -192,9 +195,11 @@ class FeatureCache(Dataset):
     def _view_of(name: str) -> str:
         return "_flip" if name.endswith("_flip") else ""
 
-    def _read(self, shard: _Shard, shard_index: int, rows: np.ndarray, views: set[str]) -> dict[str, torch.Tensor]:
-        """Gather `rows` of every feature tensor of the wanted views: dequantized, flavoured,
-        normalized, shaped per row, cast to `dtype`."""
+    def _read(
+        self, shard: _Shard, shard_index: int, rows: np.ndarray, views: set[str], only: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Gather `rows` of every feature tensor of the wanted views (of the features in `only`):
+        dequantized, flavoured, normalized, shaped per row, cast to `dtype`."""
         if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
             order = np.argsort(rows, kind="stable")
             sorted_rows, inverse = rows[order], torch.from_numpy(np.argsort(order, kind="stable"))
@@ -209,6 +214,8 @@ class FeatureCache(Dataset):
         try:
             for name, spec in shard.specs.items():
                 if spec.role != "value" or self._view_of(name) not in views:
+                    continue
+                if only is not None and spec.feature.name not in only:
                     continue
                 value = gather(name)
                 scale_name = name + "_scale"

@@ -60,6 +60,7 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
         and isinstance(new, list)
         and len(old) == len(new)
         and any(isinstance(v, (dict, list)) for v in old + new)
+        and _names(old) == _names(new)  # the same buckets in the same order: say which field changed
     ):
         diffs = []
         for i, (a, b) in enumerate(zip(old, new)):
@@ -68,6 +69,10 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
     if old != new:
         return [f"{prefix}: cache has {_brief(old)}, this run has {_brief(new)}"]
     return []
+
+
+def _names(items: list) -> list | None:
+    return [v.get("name") if isinstance(v, dict) else None for v in items]
 
 
 def _brief(value) -> str:

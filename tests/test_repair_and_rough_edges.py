@@ -439,5 +439,23 @@ def test_a_settings_refusal_names_only_the_differing_fields(mixed_images, tmp_pa
             ),
         )
     message = str(info.value)
-    assert "buckets[2].width: cache has 210, this run has 208" in message
+    assert (
+        "buckets: cache has 4 buckets (224x224, 384x192, 210x300, 320x224), this run has 4 buckets "
+        "(224x224, 384x192, 208x300, 320x224)" in message
+    )
     assert len(message) < 600, message
+    config["buckets"][2] = [210, 300]  # the same table, one other option: just that field
+    with pytest.raises(DinocacheError) as info:
+        extract(
+            mixed_images,
+            ExtractOptions(
+                out=tmp_path / "out",
+                buckets=parse_bucket_config(config),
+                model=str(tiny_model_dir),
+                workers=0,
+                progress=False,
+                pool=2,
+            ),
+        )
+    assert "storage.pool: cache has 1, this run has 2" in str(info.value)
+    assert "stored_grid" in str(info.value) and len(str(info.value)) < 900

@@ -1,0 +1,303 @@
+"""`dinocache norm-stats`: per-channel (or per-position) dataset statistics of the cached
+tokens, in one streaming pass, stored in the cache, and exported in the shapes RAE and SVG load.
+
+    mean, var   over every patch token of every live sample (and, separately, over CLS), for a
+                flavour (normed / ln_noaffine / prenorm) and the views chosen (plain, flip, both)
+
+Accumulated in float64 with Chan's parallel merge of per-chunk (count, mean, M2), so shards,
+chunks and ranks combine exactly like one pass; variance is the population variance (numpy's
+default, ddof=0). Only live rows count (a superseded row is skipped). The file records the
+sample table it was computed from; when the cache changes it is stale, and verify, stats and
+FeatureCache(normalize=True) say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CacheError, ConfigError
+from .fileio import atomic_write_bytes, is_link
+from .flavours import FLAVOURS
+from .layout import Layout
+from .lock import CacheLock
+from .manifest import STATS_DIR, cache_path, read_manifest, write_manifest
+from .stfile import SafetensorsFile
+
+VIEWS = ("plain", "flip", "both")
+STYLES = ("rae", "svg", "json")
+NORMALIZE_EPS = 1e-6  # (x - mean) / sqrt(var + eps) on read
+CHUNK_BYTES = 64 * 1024 * 1024  # float64 working set per chunk
+
+
+class Moments:
+    """Running count, mean and M2 (sum of squared deviations) over a leading axis, float64.
+    `add` takes a batch [n, *shape]; `merge` combines two (Chan et al.), so any split of the
+    data gives the same result as one pass, up to rounding."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.count = 0
+        self.mean = torch.zeros(shape, dtype=torch.float64)
+        self.m2 = torch.zeros(shape, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.double()
+        mean = x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        self._combine(n, mean, m2)
+
+    def merge(self, other: "Moments") -> None:
+        if other.count:
+            self._combine(other.count, other.mean, other.m2)
+
+    def _combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(1, self.count)
+
+
+@dataclass
+class StatsResult:
+    file: str
+    flavour: str
+    views: str
+    per_position: bool
+    samples: int
+    patch_tokens: int
+    tensors: dict[str, torch.Tensor]
+
+
+def _views_of(layout: Layout, views: str) -> tuple[str, ...]:
+    if views not in VIEWS:
+        raise ConfigError(f"unknown --views {views!r}", f"use one of {', '.join(VIEWS)}")
+    if views != "plain" and not layout.flip:
+        if views == "flip":
+            raise ConfigError("this cache holds no flipped view", "extract with --flip, or use --views plain")
+        return ("",)
+    return {"plain": ("",), "flip": ("_flip",), "both": ("", "_flip")}[views]
+
+
+def compute_statistics(
+    root: str | Path, flavour: str = "normed", views: str = "both", per_position: bool = False, progress: bool = False
+) -> StatsResult:
+    """One streaming pass over the live rows of every shard; writes the statistics into the
+    cache (stats/, named by the manifest) and returns them."""
+    from .reader import FeatureCache
+
+    root = Path(root)
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"unknown flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
+    cache = FeatureCache(root, flavour=flavour)
+    layout = cache.layout
+    wanted = _views_of(layout, views)
+    grids = {tuple(cache.buckets[b]["stored_grid"]) for b in np.unique(cache.bucket_indices()).tolist()}
+    if per_position and len(grids) > 1:
+        raise ConfigError(
+            f"--per-position needs one grid, and this cache has {len(grids)} "
+            f"({', '.join(f'{r}x{c}' for r, c in sorted(grids))})",
+            "drop --per-position (per-channel statistics), or extract into one bucket",
+        )
+    dim = cache.hidden_size
+    grid = next(iter(grids)) if grids else (1, 1)
+    patch_shape = (grid[0] * grid[1], dim) if per_position else (dim,)
+    patches, cls = Moments(patch_shape), Moments((dim,))
+    shard_col, row_col = np.asarray(cache.shard_indices()), np.asarray(cache.table.columns["row"])
+    order = np.argsort(shard_col, kind="stable")
+    bounds = np.flatnonzero(np.diff(shard_col[order])) + 1
+    from tqdm import tqdm
+
+    groups = np.split(order, bounds) if len(order) else []
+    for members in tqdm(groups, desc="norm-stats", unit="shard", disable=not progress):
+        shard_index = int(shard_col[members[0]])
+        rows = np.sort(row_col[members].astype(np.int64))
+        shard = cache._handle(shard_index)
+        tokens = shard.grid[0] * shard.grid[1]
+        per_chunk = max(1, CHUNK_BYTES // (8 * (tokens + 1) * dim))
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start : start + per_chunk]
+            batch = cache._read(shard, shard_index, chunk, set(wanted), only={"cls", "patches"})
+            for view in wanted:
+                p = batch["patches" + view].reshape(len(chunk), tokens, dim)
+                patches.add(p if per_position else p.reshape(-1, dim))
+                cls.add(batch["cls" + view])
+    tensors = {"patches_mean": patches.mean, "patches_var": patches.var, "cls_mean": cls.mean, "cls_var": cls.var}
+    if per_position:
+        tensors = {k: v.reshape(grid[0], grid[1], dim) if k.startswith("patches") else v for k, v in tensors.items()}
+    samples = len(cache)
+    kind = "position" if per_position else "channel"
+    name = f"{flavour}-{kind}-{uuid.uuid4().hex[:12]}"
+    patch_tokens = patches.count * (grid[0] * grid[1] if per_position else 1)
+    result = StatsResult(
+        f"{STATS_DIR}/{name}.safetensors", flavour, views, per_position, samples, patch_tokens, tensors
+    )
+    _store(root, result, cache.manifest["samples"]["sha256"])
+    return result
+
+
+def _store(root: Path, result: StatsResult, table_sha: str) -> None:
+    """Write the statistics file, then record it in the manifest, under the cache's lock; an
+    older entry for the same flavour, views and kind is replaced (and its file deleted)."""
+    from safetensors.torch import save
+
+    metadata = {
+        "format": "dinocache-statistics",
+        "flavour": result.flavour,
+        "views": result.views,
+        "per_position": str(result.per_position).lower(),
+        "samples": str(result.samples),
+        "patch_tokens": str(result.patch_tokens),
+        "samples_sha256": table_sha,
+        "variance": "population (ddof=0)",
+        "dtype": "float64",
+    }
+    data = save({k: v.contiguous() for k, v in result.tensors.items()}, metadata=metadata)
+    with CacheLock(root):
+        manifest = read_manifest(root)
+        if manifest["samples"]["sha256"] != table_sha:
+            raise CacheError("the cache changed while its statistics were computed", "run norm-stats again")
+        folder = root / STATS_DIR
+        if is_link(folder):
+            raise CacheError(f"{folder} is a symbolic link", "replace it with a real folder")
+        folder.mkdir(exist_ok=True)
+        atomic_write_bytes(root / result.file, data)
+        kept, replaced = [], []
+        for entry in manifest.get("statistics", []):
+            same = (entry.get("flavour"), entry.get("views"), entry.get("per_position")) == (
+                result.flavour,
+                result.views,
+                result.per_position,
+            )
+            (replaced if same else kept).append(entry)
+        kept.append(
+            {
+                "file": result.file,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "flavour": result.flavour,
+                "views": result.views,
+                "per_position": result.per_position,
+                "samples": result.samples,
+                "samples_sha256": table_sha,
+            }
+        )
+        manifest["statistics"] = kept
+        write_manifest(root, manifest)
+        for entry in replaced:
+            try:
+                path = cache_path(root, entry["file"], STATS_DIR)
+                if path.is_file() and not is_link(path):
+                    path.unlink()
+            except CacheError:
+                pass
+
+
+@dataclass
+class Statistics:
+    """Loaded statistics, applied on read: (x - mean) / sqrt(var + eps)."""
+
+    entry: dict
+    tensors: dict[str, torch.Tensor]
+    eps: float = NORMALIZE_EPS
+
+    def apply(self, feature, value: torch.Tensor) -> torch.Tensor:
+        base = "cls" if feature.name == "cls" else "patches" if feature.name == "patches" else None
+        if base is None:
+            return value  # registers and layer outputs have no statistics
+        mean, var = self.tensors[f"{base}_mean"], self.tensors[f"{base}_var"]
+        if base == "patches" and self.entry.get("per_position"):
+            mean, var = mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1])
+        return ((value.double() - mean) / torch.sqrt(var + self.eps)).float()
+
+
+def load_statistics(root: Path, manifest: dict, flavour: str, per_position: bool = False) -> Statistics:
+    entries = [
+        e
+        for e in manifest.get("statistics", [])
+        if e.get("flavour") == flavour and bool(e.get("per_position")) == per_position
+    ]
+    kind = "per-position" if per_position else "per-channel"
+    if not entries:
+        raise CacheError(
+            f"{root} has no {kind} statistics for the {flavour} flavour",
+            f"run `dinocache norm-stats {root} --flavour {flavour}{' --per-position' if per_position else ''}`",
+        )
+    entry = next((e for e in entries if e.get("views") == "both"), entries[0])
+    if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
+        raise CacheError(
+            f"the {flavour} statistics of {root} are stale: the cache changed since they were computed",
+            f"rerun `dinocache norm-stats {root} --flavour {flavour}`",
+        )
+    path = cache_path(root, entry["file"], STATS_DIR)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CacheError(f"{entry['file']} fails its sha256 checksum", "rerun `dinocache norm-stats`")
+    file = SafetensorsFile(path)
+    tensors = {name: file.tensor(name) for name in ("patches_mean", "patches_var", "cls_mean", "cls_var")}
+    return Statistics(entry, tensors)
+
+
+def export_statistics(
+    root: str | Path, output: str | Path, style: str, flavour: str = "normed", per_position: bool = False
+) -> Path:
+    """Write the cache's statistics in a trainer's shape:
+    rae   {"mean", "var"} [C, H, W] (per position) or [C, 1, 1], float32 (safetensors; a .pt
+          file name writes a torch.save of plain tensors, for code that torch.loads stat.pt)
+    svg   {"mean", "std"} [1, 1, C], float32
+    json  the lists, the counts and what they cover
+    """
+    root, output = Path(root), Path(output)
+    if style not in STYLES:
+        raise ConfigError(f"unknown --style {style!r}", f"use one of {', '.join(STYLES)}")
+    manifest = read_manifest(root)
+    stats = load_statistics(root, manifest, flavour, per_position)
+    t = stats.tensors
+    mean, var = t["patches_mean"].float(), t["patches_var"].float()
+    if style == "rae":
+        if per_position:
+            out = {"mean": mean.permute(2, 0, 1).contiguous(), "var": var.permute(2, 0, 1).contiguous()}
+        else:
+            out = {"mean": mean.view(-1, 1, 1).contiguous(), "var": var.view(-1, 1, 1).contiguous()}
+        _save_tensors(out, output)
+    elif style == "svg":
+        if per_position:
+            raise ConfigError("SVG's statistics are per channel", "export without --per-position")
+        _save_tensors({"mean": mean.view(1, 1, -1).contiguous(), "std": var.sqrt().view(1, 1, -1).contiguous()}, output)
+    else:
+        doc = {
+            "flavour": flavour,
+            "views": stats.entry.get("views"),
+            "per_position": per_position,
+            "samples": stats.entry.get("samples"),
+            "variance": "population (ddof=0)",
+            "patches": {"mean": t["patches_mean"].tolist(), "var": t["patches_var"].tolist()},
+            "cls": {"mean": t["cls_mean"].tolist(), "var": t["cls_var"].tolist()},
+        }
+        output.write_text(json.dumps(doc))
+    return output
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
+    if output.suffix in (".pt", ".pth"):
+        torch.save(tensors, output)  # plain tensors only: loads with torch.load(weights_only=True)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(output))
+
+
+__all__ = ["Moments", "compute_statistics", "export_statistics", "load_statistics"]
