@@ -57,7 +57,14 @@ class BucketBatchSampler(Sampler[list]):
         self.epoch = 0
         self.start_step = 0
         self._buckets = np.asarray(cache.bucket_indices())
-        self._shards = np.asarray(cache.shard_indices()) if shard_window else None
+        shard_col = np.asarray(cache.shard_indices())
+        self._shards = shard_col if shard_window else None
+        # Each batch is yielded in file order (shard, then row): the reader gathers a shard's rows
+        # straight into the batch, and storage sees forward reads. Which samples form a batch is
+        # still the shuffle's choice.
+        order = np.lexsort((np.asarray(cache.table.columns["row"]), shard_col))
+        self._file_rank = np.empty(len(order), dtype=np.int64)
+        self._file_rank[order] = np.arange(len(order))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's shuffle; `start_step` skips that many of this rank's batches (resume)."""
@@ -83,7 +90,7 @@ class BucketBatchSampler(Sampler[list]):
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
+                    batches.append(sorted(batch, key=self._file_rank.__getitem__))
         if self.shuffle:
             rng.shuffle(batches)
         return batches
@@ -129,6 +136,19 @@ class BucketBatchSampler(Sampler[list]):
         return len(self._global_batches()[self.rank :: self.world_size][self.start_step :])
 
 
+def _shared_batch(items: list[dict]) -> dict | None:
+    """The batch tensors `items` are consecutive views of (read by one __getitems__ call)."""
+    batch = getattr(items[0], "_batch", None)
+    if batch is None:
+        return None
+    for j, item in enumerate(items):
+        if getattr(item, "_batch", None) is not batch or item._slot != j:
+            return None
+    if any(len(value) != len(items) for value in batch.values()):
+        return None
+    return batch
+
+
 def collate_features(items: list[dict]) -> dict:
     """Stack samples: one bucket's samples stack as they are; samples of several buckets are
     padded to the longest patch sequence, with a mask.
@@ -148,6 +168,12 @@ def collate_features(items: list[dict]) -> dict:
     if "flipped" in first:
         out["flipped"] = [it["flipped"] for it in items]
     same_grid = all(it["grid"] == first["grid"] for it in items)
+    shared = _shared_batch(items) if same_grid else None
+    if shared is not None:  # one bucket, read in one call: the batch tensors are the answer
+        out.update(shared)
+        lengths = torch.full((len(items),), first["grid"][0] * first["grid"][1])
+        out["mask"] = torch.ones(len(items), int(lengths[0]), dtype=torch.bool)
+        return out
     for name, value in first.items():
         if not isinstance(value, torch.Tensor):
             continue

@@ -117,3 +117,92 @@ def test_resume_from_a_step_after_a_restart(cache):
     other = BucketBatchSampler(cache, batch_size=2, seed=6)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict({"epoch": 0, "start_step": 1, "seed": 5})
+
+
+def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, tiny_model_dir):
+    """The batch path (one gather per shard into shared batch tensors) against item-by-item reads,
+    across shards, in and out of file order, for every read mode."""
+    images = tmp_path / "images"
+    for i in range(12):
+        save_scene(images / f"{i:02d}.png", 300 if i % 3 else 600, 300, seed=i)
+    out = tmp_path / "out"
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config({"buckets": [[224, 224], [384, 192]]}),
+        model=str(tiny_model_dir),
+        workers=0,
+        progress=False,
+        flip=True,
+        shard_max_bytes=60_000,
+        storage_dtype="float8_e4m3fn",
+    )
+    extract(images, options)
+    for kwargs in ({}, {"flavour": "prenorm"}, {"dtype": torch.float16}):
+        cache = FeatureCache(out, **kwargs)
+        alone = {i: cache.__getitems__([i])[0] for i in range(len(cache))}
+        for order in ([3, 1, 7, 0, 11], [0, 1, 2], list(range(12))[::-1]):
+            together = cache.__getitems__(order)
+            for i, item in zip(order, together):
+                assert item["key"] == alone[i]["key"]
+                for name in ("cls", "patches", "cls_flip", "patches_flip"):
+                    assert torch.equal(item[name], alone[i][name]), (kwargs, order, name)
+        picked = cache.__getitems__([(2, True), (5, False), (4, True)])
+        for (i, flipped), item in zip([(2, True), (5, False), (4, True)], picked):
+            assert torch.equal(item["patches"], alone[i]["patches_flip" if flipped else "patches"])
+            assert "patches_flip" not in item and item["flipped"] is flipped
+    # one bucket in one call: collate hands over the batch tensors themselves
+    cache = FeatureCache(out)
+    same_bucket = [i for i in range(len(cache)) if cache.bucket_of(i) == 0][:4]
+    items = cache.__getitems__(same_bucket)
+    batch = collate_features(items)
+    assert batch["patches"].data_ptr() == items[0]["patches"].data_ptr()
+    assert batch["mask"].all() and batch["patches"].shape[0] == 4
+
+
+def test_recycled_batch_buffers_are_reused_only_once_released():
+    from dinocache.reader import batch_buffer
+
+    first = batch_buffer((40, 1024, 256), torch.bfloat16)  # 20 MB: from the recycled pool
+    address = first.data_ptr()
+    first.fill_(1)
+    view = first[7]  # a sample's view keeps the whole buffer in use
+    del first
+    second = batch_buffer((40, 1024, 256), torch.bfloat16)
+    assert second.data_ptr() != address and torch.all(view == 1)
+    del view
+    third = batch_buffer((40, 1024, 256), torch.bfloat16)
+    assert third.data_ptr() == address  # released: reused, no new page faults
+
+
+def test_shard_windows_keep_the_shuffle_deterministic_complete_and_local(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    for i in range(24):
+        save_scene(images / f"{i:02d}.png", 300, 300, seed=i)
+    out = tmp_path / "out"
+    extract(
+        images,
+        ExtractOptions(
+            out=out,
+            buckets=parse_bucket_config({"buckets": [[224, 224]]}),
+            model=str(tiny_model_dir),
+            workers=0,
+            progress=False,
+            shard_max_bytes=40_000,
+        ),
+    )
+    cache = FeatureCache(out)
+    shards = cache.shard_indices()
+    assert len(set(shards.tolist())) >= 6
+    windowed = BucketBatchSampler(cache, batch_size=2, seed=1, shard_window=2)
+    batches = list(windowed)
+    assert sorted(i for b in batches for i in b) == list(range(24))
+    assert batches == list(BucketBatchSampler(cache, batch_size=2, seed=1, shard_window=2))
+    # Walking the epoch, each shard is entered once: its samples come in one stretch of batches.
+    stretch = [int(shards[i]) for b in batches for i in b]
+    entered = [s for k, s in enumerate(stretch) if k == 0 or stretch[k - 1] != s]
+    assert len(entered) <= 2 * len(set(stretch))  # a window of 2 interleaves at most two shards
+    windowed.set_epoch(1)
+    assert list(windowed) != batches
+    resumed = BucketBatchSampler(cache, batch_size=2, seed=1, shard_window=2)
+    resumed.set_epoch(1, start_step=4)
+    assert list(resumed) == list(windowed)[4:]
