@@ -190,9 +190,9 @@ def plan_extraction(
             }
         )
     if out is not None:
-        target = Path(out).absolute()
+        target = Path(out)
         while not target.exists() and target != target.parent:
-            target = target.parent
+            target = target.parent  # the folder the cache would be created in (as the user wrote it)
         report.disk_free_bytes = shutil.disk_usage(target).free
         report.disk_checked_at = str(target)
         if report.projected_bytes > report.disk_free_bytes:
