@@ -80,18 +80,54 @@ def resize_on(device: torch.device, regions: list[torch.Tensor], size: tuple[int
     )
 
 
+class BatchSizes:
+    """Images per forward, per bucket. Fixed when --batch-size or the config says so; otherwise a
+    first guess from the bucket's token count, then, on a GPU, sized from the memory the first
+    batch of each bucket really used and the memory free; halved for the rest of a bucket when a
+    forward runs out of memory. The batch sampler asks it for every batch it forms."""
+
+    HEADROOM = 0.8  # of the memory free for activations
+    MAX = 512
+
+    def __init__(self, fixed: int | None, device_type: str):
+        self.fixed, self.device_type = fixed, device_type
+        self.sized: dict[int, int] = {}  # bucket -> from measured memory
+        self.halved: dict[int, int] = {}  # bucket -> after out-of-memory
+
+    def for_bucket(self, bucket: Bucket) -> int:
+        i = bucket.index
+        return self.halved.get(i) or self.fixed or self.sized.get(i) or default_batch_size(bucket, self.device_type)
+
+    def needs_measuring(self, bucket: Bucket) -> bool:
+        return (
+            self.device_type == "cuda"
+            and not self.fixed
+            and bucket.index not in self.sized
+            and bucket.index not in self.halved
+        )
+
+    def learn(self, bucket: Bucket, images: int, activation_bytes: int, budget_bytes: int) -> int | None:
+        """Size this bucket's batches from one measured forward of `images` images."""
+        if not self.needs_measuring(bucket) or images <= 0 or activation_bytes <= 0:
+            return None
+        per_image = activation_bytes / images
+        self.sized[bucket.index] = max(1, min(self.MAX, int(budget_bytes * self.HEADROOM // per_image)))
+        return self.sized[bucket.index]
+
+
 class BucketBatches:
     """Consecutive index chunks of the work list, never crossing a bucket (one exact shape per
-    batch). Generated lazily: a list of lists would cost ~100 bytes per image."""
+    batch), as large as BatchSizes says when each batch is formed. Generated lazily: a list of
+    lists would cost ~100 bytes per image."""
 
-    def __init__(self, work: list, buckets: list[Bucket], batch_size: int | None, device_type: str):
-        self.work, self.buckets, self.batch_size, self.device_type = work, buckets, batch_size, device_type
+    def __init__(self, work: list, buckets: list[Bucket], sizes: BatchSizes):
+        self.work, self.buckets, self.sizes = work, buckets, sizes
 
     def __iter__(self):
         work, start = self.work, 0
         while start < len(work):
             bucket = self.buckets[work[start].bucket]
-            size = self.batch_size or default_batch_size(bucket, self.device_type)
+            size = self.sizes.for_bucket(bucket)
             end = start
             while end < len(work) and end - start < size and work[end].bucket == bucket.index:
                 end += 1

@@ -30,11 +30,11 @@ from . import __version__
 from .buckets import Bucket, make_buckets
 from .config import ExtractOptions
 from .decoding import (
+    BatchSizes,
     BucketBatches,
     DecodeDataset,
     collate_decoded,
     cpu_worker_init,
-    default_batch_size,
     gpu_worker_init,
     resize_on,
 )
@@ -321,19 +321,25 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-class BatchSizes:
-    """Images per forward, per bucket: the option or config's, else a default; halved for the
-    rest of a bucket when a forward runs out of memory."""
+class GpuMemory:
+    """Measures what one forward needs: its peak over the memory in use before it (weights and
+    batches in flight), and the budget there is: free device memory plus torch's cached blocks."""
 
-    def __init__(self, fixed: int | None, device_type: str):
-        self.fixed, self.device_type = fixed, device_type
-        self.halved: dict[int, int] = {}
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
 
-    def loader_size(self) -> int | None:
-        return self.fixed
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
 
-    def for_bucket(self, bucket: Bucket) -> int:
-        return self.halved.get(bucket.index) or self.fixed or default_batch_size(bucket, self.device_type)
+    def stop(self) -> tuple[int, int]:
+        torch.cuda.synchronize(self.device)
+        activation = torch.cuda.max_memory_allocated(self.device) - self.base
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return activation, budget
 
 
 def _forward_in_chunks(
@@ -347,21 +353,29 @@ def _forward_in_chunks(
     while start < count:
         n = min(sizes.for_bucket(bucket), count - start)
         chunk = pixels[start : start + n]
+        measure = GpuMemory(loaded.device) if sizes.needs_measuring(bucket) else None
         try:
             began = time.perf_counter()
             if isinstance(chunk, list):
                 chunk = resize_on(loaded.device, chunk, size, loaded.image_mean, loaded.image_std)
                 timer.add("upload", time.perf_counter() - began)
                 began = time.perf_counter()
+            if measure:
+                measure.start()
             fault_point("forward")
             outputs.append(stored_features(loaded, chunk, bucket.grid, layout))
+            if measure:
+                chosen = sizes.learn(bucket, n, *measure.stop())
+                if chosen:
+                    run.batch_sizes[bucket.name] = chosen
+                    log.info("batches of %d images for %s (measured on the first batch)", chosen, bucket.name)
             timer.add("forward", time.perf_counter() - began)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
             if n == 1:
                 raise DinocacheError(
                     f"{loaded.model_id} runs out of memory on a single "
-                    f"{bucket.input_width}x{bucket.input_height} image "
-                    f"(bucket {bucket.name}) on {loaded.device}",
+                    f"{bucket.input_width}x{bucket.input_height} image (bucket {bucket.name}) on {loaded.device}: "
+                    f"{str(exc).splitlines()[0]}",
                     "use a GPU with more memory, a smaller bucket, or --dtype bfloat16",
                 ) from None
             sizes.halved[bucket.index] = max(1, n // 2)
@@ -418,7 +432,7 @@ def _extract_work(
     workers = ctx.default_workers() if options.workers is None else options.workers
     loader = DataLoader(
         dataset,
-        batch_sampler=BucketBatches(work, buckets, sizes.loader_size(), device.type),
+        batch_sampler=BucketBatches(work, buckets, sizes),
         num_workers=workers,
         collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",

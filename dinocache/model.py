@@ -283,10 +283,12 @@ class ModelSpec:
         )
 
     def record(self) -> dict:
-        """The manifest's `model` section."""
+        """The manifest's `model` section. Random weights depend on the seed and on the device
+        that drew them (CPU and CUDA generators differ), so both are recorded."""
         import hashlib
 
-        return {
+        extra = {"random_init": {"seed": self.seed, "device": self.device.type}} if self.kind == "random" else {}
+        return extra | {
             "id": self.id,
             "revision": self.revision,
             "patch_size": self.patch_size,
@@ -323,7 +325,7 @@ def resolve_model(
     elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
         from .official import load_official_model
 
-        preloaded, config = load_official_model(spec)
+        preloaded, config = load_official_model(spec, torch_dtype)
         kind, processor_cfg = "official", {}
         weight, bias = preloaded.norm.weight.detach(), preloaded.norm.bias.detach()
     else:
@@ -366,10 +368,12 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
         log.warning(
             "%s has RANDOM weights: use it for smoke tests and benchmarks only, never for training data", mspec.id
         )
+        # Built where it runs, in its compute dtype: no float32 copy on the host (a 7B would be 28 GB).
         torch.manual_seed(mspec.seed)
-        model = DINOv3ViTModel(mspec.config)
+        with torch.device(mspec.device):
+            model = DINOv3ViTModel._from_config(mspec.config, dtype=mspec.dtype)
     else:
-        model = _from_pretrained(mspec.id, mspec.revision, mspec.config)
+        model = _from_pretrained(mspec.id, mspec.revision, mspec.config, mspec.dtype, mspec.device)
     model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
     final_norm, model.norm = model.norm, torch.nn.Identity()
     loaded = LoadedModel(
@@ -412,11 +416,29 @@ def load_model(
     )
 
 
-def _from_pretrained(spec: str, revision: str | None, config):
+def _from_pretrained(
+    spec: str, revision: str | None, config, dtype: torch.dtype | None = None, device: torch.device | None = None
+):
+    """Weights loaded in the compute dtype (never a float32 copy first), memory-mapped from the
+    safetensors files; with `accelerate` installed, straight to the GPU shard by shard."""
     from transformers import DINOv3ViTModel
 
+    kwargs: dict = {"revision": revision, "config": config}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device is not None and device.type == "cuda":
+        try:
+            import accelerate  # noqa: F401 - transformers needs it for device_map
+
+            kwargs["device_map"] = str(device)
+        except ImportError:
+            pass
     try:
-        return DINOv3ViTModel.from_pretrained(spec, revision=revision, config=config)
+        try:
+            return DINOv3ViTModel.from_pretrained(spec, **kwargs)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            kwargs["torch_dtype"] = kwargs.pop("dtype", None)
+            return DINOv3ViTModel.from_pretrained(spec, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)

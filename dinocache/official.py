@@ -33,7 +33,10 @@ IGNORED = ("rope_embed.periods",)
 
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: tensors are read as the model copies them, not all at once
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(
             f"cannot read {path} as an official DINOv3 checkpoint: {str(exc).splitlines()[0]}",
@@ -114,13 +117,14 @@ def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> 
     return out
 
 
-def load_official_model(path: str | Path):
-    """(DINOv3ViTModel with the official weights, its config)."""
+def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(DINOv3ViTModel with the official weights, its config), built in `dtype`: the file is
+    memory-mapped, so the host never holds a float32 copy of a bf16 model."""
     from transformers import DINOv3ViTModel
 
     sd = load_official_state_dict(path)
     config = official_config(sd)
-    model = DINOv3ViTModel(config)
+    model = DINOv3ViTModel._from_config(config, dtype=dtype)
     prefix = "model.layer." if any(k.startswith("model.layer.") for k in model.state_dict()) else "layer."
     converted = official_to_transformers(sd, prefix)
     expected = set(model.state_dict())

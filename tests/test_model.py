@@ -73,3 +73,27 @@ def test_cuda_requested_without_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         load_model("random:vits16", device="cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_loading_gives_the_ordinary_path_features(tiny_model_dir, dtype):
+    """Weights are loaded straight in the compute dtype (no float32 copy first): the features
+    equal the ordinary path's (load in float32, then cast) bit for bit."""
+    from transformers import DINOv3ViTModel
+
+    lean = load_model(str(tiny_model_dir), device="cpu", dtype=dtype)
+    assert all(p.dtype == getattr(torch, dtype) for p in lean.model.parameters())
+    ordinary = DINOv3ViTModel.from_pretrained(tiny_model_dir).to(getattr(torch, dtype)).eval()
+    pixels = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        expected = ordinary(pixel_values=pixels.to(getattr(torch, dtype))).last_hidden_state
+    assert torch.equal(lean.forward(pixels), expected)
+
+
+def test_random_models_are_built_in_their_compute_dtype_and_recorded_as_such():
+    loaded = load_model("random:vits16", device="cpu", dtype="bfloat16", seed=3)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+    assert loaded.spec.record()["random_init"] == {"seed": 3, "device": "cpu"}
+    again = load_model("random:vits16", device="cpu", dtype="bfloat16", seed=3)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(loaded.forward(x), again.forward(x))  # the seed decides
