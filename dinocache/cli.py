@@ -112,8 +112,8 @@ FLIP_HELP = "Also store the features of the mirrored image."
 
 @app.command(no_args_is_help=True)
 def extract(
-    input_dir: Path = typer.Argument(
-        ..., metavar="INPUT_DIR", show_default=False, help="Folder of images (searched recursively)."
+    input_dir: str = typer.Argument(
+        ..., metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar) or a list file."
     ),
     buckets: Optional[Path] = typer.Option(
         None, "--buckets", "-b", metavar="YAML", help="Bucket config, e.g. configs/dit-1024.yaml."
@@ -148,7 +148,7 @@ def extract(
     rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash."),
     repair: bool = typer.Option(False, "--repair", help="Hash every shard; recompute damaged ones."),
     prune: bool = typer.Option(False, "--prune", help="Drop cached images whose file is gone."),
-    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read links that lead outside INPUT_DIR."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read links that lead outside SOURCE."),
     max_failures: Optional[str] = typer.Option(None, metavar="N|F", help="Stop past N failures, or a fraction (5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPUs)."),
@@ -163,11 +163,15 @@ def extract(
     rank: Optional[int] = typer.Option(None, min=0, metavar="I", help="This share, without torchrun."),
     world_size: Optional[int] = typer.Option(None, min=1, metavar="N", help="Number of shares, with --rank."),
 ):
-    """Extract features for every image in INPUT_DIR into OUT.
+    """Extract features for every image of SOURCE into OUT.
+
+    SOURCE is a folder (searched recursively), webdataset tar shards (a path, URL, glob or
+    brace pattern) or a list file (.parquet, .jsonl, .csv) of paths or URLs.
 
     \b
     Examples:
       dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
+      dinocache extract 'tars/{00000..00099}.tar' -b configs/dit-512.yaml -o out/
       dinocache extract data/images --crops crops.jsonl -o cache/
       torchrun --nproc_per_node=8 -m dinocache extract data/images \\
           --buckets configs/dit-1024.yaml -o cache/
@@ -232,7 +236,7 @@ def extract(
     _print_extract_summary(result, input_dir, world_size, rank, out)
 
 
-def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path) -> None:
+def _print_extract_summary(result, input_dir: str, world_size, rank, out: Path) -> None:
     from .distributed import LauncherEnv
 
     if LauncherEnv.read().rank > 0:
@@ -277,8 +281,8 @@ def _print_extract_summary(result, input_dir: Path, world_size, rank, out: Path)
 
 @app.command(no_args_is_help=True)
 def plan(
-    input_dir: Path = typer.Argument(
-        ..., metavar="INPUT_DIR", show_default=False, help="Folder of images (searched recursively)."
+    input_dir: str = typer.Argument(
+        ..., metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar) or a list file."
     ),
     buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML", help="Bucket config."),
     crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL", help="The trainer's own crops."),
@@ -316,10 +320,10 @@ def plan(
         crop_table = None
         if crops is not None:
             from .crops import buckets_for_crops, load_crops
-            from .scan import scan_folder
+            from .sources import open_source
 
             config = buckets_for_crops(crops, config)
-            crop_table = load_crops(crops, config, scan_folder(input_dir, exclude=[out]))
+            crop_table = load_crops(crops, config, open_source(input_dir, exclude=[out]).scan())
         check_dtype(storage_dtype)
         layout = Layout(dtype=storage_dtype, registers=keep_registers, pool=pool, layers=_layer_list(layers), flip=flip)
         report = plan_extraction(
@@ -341,7 +345,7 @@ def show(
         ..., metavar="KEY", show_default=False, help="The image's path relative to the input folder."
     ),
     output: Path = typer.Option(Path("dinocache_show.png"), "--output", "-o", metavar="PNG", help="Picture to write."),
-    source: Optional[Path] = typer.Option(
+    source: Optional[str] = typer.Option(
         None, "--source", metavar="DIR", help="Image folder (default: the recorded one)."
     ),
 ):
@@ -503,7 +507,7 @@ def verify(
         show_default=False,
         help=f"Cache folders, shards/ folders or shard files (default: ./{DEFAULT_OUT}).",
     ),
-    source: Optional[Path] = typer.Option(
+    source: Optional[str] = typer.Option(
         None, "--source", metavar="DIR", help="Image folder: find missing and changed images."
     ),
     recompute: int = typer.Option(0, min=0, metavar="N", help="Re-extract N random samples and compare."),

@@ -111,7 +111,7 @@ def buckets_for_crops(path: str | Path, config: BucketConfig | None) -> BucketCo
 def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[str, Crop]:
     """key -> Crop for the scanned images. A key with no file, or a box outside its image, is an
     error naming the line (image sizes are read from headers, no decoding)."""
-    from .scan import probe
+    from .placement import probe_source
 
     lines = read_crops_file(path)
     by_key = {s.key: s for s in sources}
@@ -124,11 +124,9 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
                 f"{path} line {line.line}: no image {line.key!r} in the input folder",
                 "check the key (a path relative to the folder given to extract) or drop the line",
             )
-        try:
-            width, height = probe(src.path)
-        except Exception as exc:  # DecodeError: the image itself is unusable; extract records it as failed
+        status, width, height = probe_source(src, 1 << 62)
+        if status != "ok":  # the image itself is unusable: extract records it as failed
             width = height = None
-            del exc
         if width is not None and (line.box[2] > width or line.box[3] > height):
             raise ConfigError(
                 f"{path} line {line.line}: box {list(line.box)} lies outside {line.key!r}, which is "

@@ -48,7 +48,8 @@ from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR
 from .model import LoadedModel, ModelSpec, load_weights, resolve_model
 from .runlog import CommitPacer, RunRecord, StageTimer
-from .scan import SourceFile, require_images, scan_folder
+from .scan import SourceFile
+from .sources import open_source
 from .state import CacheState, merge_cache, now
 from .worklist import Selection, WorkItem, select_work
 from .writer import ShardWriter
@@ -133,27 +134,28 @@ def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, 
 
 
 def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractResult:
-    """Extract features for every image under `input_dir` into `options.out`.
+    """Extract features for every image of `input_dir` into `options.out`: a folder, webdataset
+    tar shards (a path, URL, glob or brace pattern) or a list file (sources.py).
 
     Under torchrun every rank calls this; each takes a cost-balanced share of the remaining work
     and writes its own shards, and rank 0 merges the manifest once all have finished.
     """
     ctx = RankContext.create(options.rank, options.world_size, options.device)
     try:
-        return _extract(Path(input_dir), options, loaded, ctx)
+        return _extract(str(input_dir), options, loaded, ctx)
     finally:
         ctx.close()
 
 
-def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
+def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
     root = Path(options.out)
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
             "run `dinocache merge OUT` after the ranks, then a single extract with the option",
         )
-    sources = scan_folder(input_dir, exclude=[root], follow_symlinks=options.follow_symlinks)
-    require_images(sources, input_dir)
+    source = open_source(input_dir, exclude=[root], follow_symlinks=options.follow_symlinks)
+    sources = source.scan()
     crops = None
     if options.crops is not None:
         from .crops import load_crops
@@ -226,7 +228,7 @@ def _extract(input_dir: Path, options: ExtractOptions, loaded: LoadedModel | Non
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
         try:
-            _extract_work(input_dir, work, buckets, loaded, state, options, result, ctx)
+            _extract_work(source.describe(), work, buckets, loaded, state, options, result, ctx)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise CacheError(
@@ -397,7 +399,7 @@ def _forward_in_chunks(
 
 
 def _extract_work(
-    input_dir: Path,
+    input_dir: str,
     work: list[WorkItem],
     buckets: list[Bucket],
     loaded: LoadedModel | None,
@@ -410,7 +412,7 @@ def _extract_work(
     device = loaded.device if loaded is not None else torch.device("cpu")
     run = RunRecord(
         started=now(),
-        input_dir=str(input_dir.resolve()),
+        input_dir=input_dir,
         planned=len(work),
         device=str(device),
         tool_version=__version__,

@@ -53,7 +53,14 @@ def probe_source(src: SourceFile, max_pixels: int) -> tuple:
             raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
         if src.size == 0:
             raise DecodeError("empty", "zero-byte file")
-        width, height = probe(src.path, max_pixels)
+        if src.hint:
+            return ("ok", *src.hint)
+        from .sources import is_url, probe_bytes, read_bytes
+
+        if src.offset >= 0 or is_url(src.path):  # a tar member or a URL: its bytes, then the header
+            width, height = probe_bytes(read_bytes(src.path, src.offset, src.size), max_pixels)
+        else:
+            width, height = probe(src.path, max_pixels)
         return ("ok", width, height)
     except DecodeError as exc:
         return ("failed", exc.reason, exc.detail)

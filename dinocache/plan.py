@@ -18,7 +18,7 @@ from .imaging import Preprocessing
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
 from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, resolve_model
 from .placement import place, probe_source
-from .scan import require_images, scan_folder
+from .sources import open_source
 from .stats import human_bytes
 
 ASSUMED_GPU_FLOPS = 0.5 * 989e12  # 50% MFU on one H100/H200, dense bf16 (what `extract --compile` targets)
@@ -118,8 +118,7 @@ def plan_extraction(
     report = PlanReport()
     per_bucket: list[list[dict]] = [[] for _ in buckets]
     distortions = []
-    sources = scan_folder(input_dir, exclude=[out] if out else [], follow_symlinks=follow_symlinks)
-    require_images(sources, input_dir)
+    sources = open_source(str(input_dir), exclude=[out] if out else [], follow_symlinks=follow_symlinks).scan()
     for src in sources:
         status, a, b = probe_source(src, max_pixels)
         try:

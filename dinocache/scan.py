@@ -26,6 +26,8 @@ class SourceFile:
     size: int  # bytes (-1: could not stat)
     mtime_ns: int
     problem: tuple[str, str] | None = None  # (reason, detail) known before decoding: a failure to record
+    offset: int = -1  # a tar member: where its bytes start in the tar at `path` (sources.py)
+    hint: tuple[int, int] | None = None  # (width, height) a list file gave: no header read needed
 
 
 def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlinks: bool = False) -> list[SourceFile]:
@@ -80,10 +82,11 @@ def require_images(sources: list[SourceFile], root: str | Path) -> None:
         )
 
 
-def probe(path: str, max_pixels: int | None = None) -> tuple[int, int]:
+def probe(path, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) of the upright image, from the header alone (never decodes pixels).
 
-    Images with more than `max_pixels` pixels are refused here, before anything else is read.
+    `path` is a file name or an open binary file. Images with more than `max_pixels` pixels
+    are refused here, before anything else is read.
     """
     from PIL import Image, UnidentifiedImageError
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from .errors import CacheError, DecodeError
-from .imaging import Preprocessing, model_input, read_source
-from .keys import source_path
+from .imaging import Preprocessing, model_input
 from .reader import FeatureCache
+from .sources import SourceReader
 
 DISPLAY_HEIGHT = 512
 GAP = 8
@@ -48,16 +48,16 @@ def render(
     if key not in cache:
         raise CacheError(_not_cached(cache, key), f"list the keys with `dinocache keys {cache_dir}`")
     record, item = cache.record(key), cache[key]
-    source_dir = Path(source_dir) if source_dir else _recorded_source(cache)
+    source_dir = str(source_dir) if source_dir else _recorded_source(cache)
     prep = Preprocessing.from_record(cache.manifest["preprocessing"])
     bucket = cache.manifest["buckets"][record["bucket"]]
     size = (bucket["input_width"], bucket["input_height"])
     try:
-        data = read_source(str(source_path(source_dir, key, follow_symlinks)))
+        data = SourceReader(source_dir, follow_symlinks).read(key)
         pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]), size, prep, 1 << 62)
     except DecodeError as exc:
         raise CacheError(
-            f"cannot read the source image {source_dir / key}: {exc.detail}",
+            f"cannot read the source image {key} of {source_dir}: {exc.detail}",
             "pass --source with the folder the cache was extracted from",
         ) from None
     mean = torch.tensor(prep.image_mean).view(3, 1, 1)
@@ -86,8 +86,8 @@ def _not_cached(cache: FeatureCache, key: str) -> str:
     return message
 
 
-def _recorded_source(cache: FeatureCache) -> Path:
+def _recorded_source(cache: FeatureCache) -> str:
     for run in reversed(cache.manifest.get("runs", [])):
         if isinstance(run, dict) and isinstance(run.get("input_dir"), str):
-            return Path(run["input_dir"])
+            return run["input_dir"]
     raise CacheError("this cache does not record where its images came from", "pass --source DIR")

@@ -23,7 +23,6 @@ import torch
 from .errors import CacheError, DecodeError, DinocacheError
 from .fileio import is_link
 from .index import record_from_json
-from .keys import source_path
 from .layout import Layout, parse_shard_metadata, shard_identity_problems, shard_tensor_problems, stored_grid
 from .manifest import (
     INDEX_DIR,
@@ -284,9 +283,9 @@ def _verify_cache(
     _check_extra_files(root, manifest, report)
     if source is not None and table_ok and report.ok:
         table = load_samples(root, manifest)
-        _check_source(Path(source), table, manifest, report, follow_symlinks)
+        _check_source(str(source), table, manifest, report, follow_symlinks)
         if recompute:
-            _recompute(root, Path(source), table, manifest, recompute, seed, device, report, follow_symlinks)
+            _recompute(root, str(source), table, manifest, recompute, seed, device, report, follow_symlinks)
     listed = {s.get("file") for s in shards}
     folder = root / SHARD_DIR
     if folder.is_dir() and not is_link(folder):
@@ -479,11 +478,11 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
 
 
 def _check_source(source: Path, table, manifest: dict, report: VerifyReport, follow_symlinks: bool) -> None:
-    from .scan import scan_folder
+    from .sources import open_source
 
     failed = {f["key"] for f in manifest["failures"]}
     present = set()
-    for src in scan_folder(source, exclude=[], follow_symlinks=follow_symlinks):
+    for src in open_source(str(source), follow_symlinks=follow_symlinks).scan():
         present.add(src.key)
         i = table.find(src.key) if not src.problem else -1
         if i < 0:
@@ -514,9 +513,10 @@ def _recompute(
     (JPEG draft, flip, layers, pool included) and compare every stored feature, token by token."""
     from .buckets import Bucket
     from .features import stored_features
-    from .imaging import Preprocessing, model_input, read_source
+    from .imaging import Preprocessing, model_input
     from .model import load_model
     from .reader import FeatureCache
+    from .sources import SourceReader
 
     model, prep_record = manifest["model"], manifest["preprocessing"]
     prep = Preprocessing.from_record(prep_record)
@@ -530,12 +530,13 @@ def _recompute(
         prep.image_std,
     )
     cache = FeatureCache(root)
+    reader = SourceReader(source, follow_symlinks)
     picks = sorted(random.Random(seed).sample(range(len(table)), min(count, len(table))))
     for i in picks:
         record = table.record(i)
         key = record["key"]
         try:
-            data = read_source(str(source_path(source, key, follow_symlinks)))
+            data = reader.read(key)
         except DecodeError as exc:
             report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
             continue
@@ -630,7 +631,7 @@ def _verify_loose(paths: list[Path], report: VerifyReport, check_values: bool, s
             seen[key] = name
         report.samples += len(records)
         if source is not None:
-            _check_records_against_source(Path(source), records, name, report, follow_symlinks)
+            _check_records_against_source(str(source), records, name, report, follow_symlinks)
 
 
 def _check_v1_tensors(name: str, header: SafetensorsFile, meta, report: VerifyReport) -> None:
@@ -654,22 +655,28 @@ def _check_v1_tensors(name: str, header: SafetensorsFile, meta, report: VerifyRe
 def _check_records_against_source(
     source: Path, records: list[dict], name: str, report: VerifyReport, follow_symlinks: bool
 ) -> None:
-    from .fileio import sha256_file
+    import hashlib
 
+    from .sources import SourceReader, read_bytes
+
+    reader = SourceReader(source, follow_symlinks)
     for record in records:
         key = record["key"]
         try:
-            path = source_path(source, key, follow_symlinks)
-            st = path.stat()
+            src = reader.find(key)
         except DecodeError as exc:
-            report.add("source_missing", f"{key}: {exc.detail}", name, key)
+            report.add("source_missing", f"{key} (in {name}): {exc.detail}", name, key)
             continue
-        except OSError:
-            report.add("source_missing", f"{key} (in {name}) is not in {source}", name, key)
+        if src.size == record["source_bytes"] and src.mtime_ns == record["source_mtime_ns"]:
             continue
-        if st.st_size == record["source_bytes"] and st.st_mtime_ns == record["source_mtime_ns"]:
-            continue
-        if record["source_sha256"] and sha256_file(path) == record["source_sha256"]:
+        try:
+            same = (
+                bool(record["source_sha256"])
+                and hashlib.sha256(read_bytes(src.path, src.offset, src.size)).hexdigest() == record["source_sha256"]
+            )
+        except DecodeError:
+            same = False
+        if same:
             report.notes.append(f"{key}: touched or copied since it was extracted, same content")
         else:
             report.add("source_changed", f"{key} changed in {source} since it was extracted (in {name})", name, key)

@@ -22,6 +22,7 @@ class WorkItem:  # one per image to extract: kept small, a run may have millions
     source_mtime_ns: int
     source_size: tuple[int, int]
     placement: int
+    offset: int = -1  # a tar member's data offset (sources.read_bytes)
 
     def record(self, sha256: str) -> dict:
         return {
@@ -87,7 +88,7 @@ def select_work(
                 out.cached += 1
             else:
                 out.failed_before += 1
-        elif rehash and cached and _sha256_or_none(src.path) == cached["source_sha256"]:
+        elif rehash and cached and _sha256_or_none(src) == cached["source_sha256"]:
             # Same content, new size/mtime stamp (copied, touched): keep the row, refresh the stamp.
             out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
             out.cached += 1
@@ -111,7 +112,9 @@ def select_work(
             out.failures.append((src, getattr(exc, "reason", "crop_outside"), getattr(exc, "detail", str(exc))))
             continue
         out.work.append(
-            WorkItem(src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b), where.placement)
+            WorkItem(
+                src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b), where.placement, src.offset
+            )
         )
     out.work.sort(key=lambda w: (w.bucket, w.key))
     return out
@@ -126,8 +129,15 @@ def _as_int(value) -> int | None:
     return value
 
 
-def _sha256_or_none(path: str) -> str | None:
+def _sha256_or_none(src: SourceFile) -> str | None:
+    from .errors import DecodeError
+    from .sources import is_url, read_bytes
+
     try:
-        return sha256_file(path)
-    except OSError:
+        if src.offset >= 0 or is_url(src.path):
+            import hashlib
+
+            return hashlib.sha256(read_bytes(src.path, src.offset, src.size)).hexdigest()
+        return sha256_file(src.path)
+    except (OSError, DecodeError):
         return None
