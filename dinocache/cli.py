@@ -100,8 +100,8 @@ def _floats3(text: Optional[str], name: str):
     return values
 
 
-OUT_ARG = typer.Argument(
-    Path(DEFAULT_OUT), metavar="OUT", show_default=False, help=f"Cache folder (default: ./{DEFAULT_OUT})."
+OUT_ARG = typer.Argument(  # a str: a cache may be a URL (s3://...), which Path would mangle
+    DEFAULT_OUT, metavar="OUT", show_default=False, help=f"Cache folder (default: ./{DEFAULT_OUT})."
 )
 STORAGE_HELP = "Stored dtype: bfloat16 (default), float8_e4m3fn, ... (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid N x N (2: 4x smaller)."
@@ -121,7 +121,9 @@ def extract(
     crops: Optional[Path] = typer.Option(
         None, "--crops", metavar="JSONL", help="The trainer's own crops: key, size, box per line."
     ),
-    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Cache folder."),
+    out: str = typer.Option(
+        DEFAULT_OUT, "--out", "-o", metavar="OUT", help="Cache folder, or s3://... (any fsspec URL)."
+    ),
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Hub id, local folder, official .pth, or random:<arch>."
     ),
@@ -236,7 +238,7 @@ def extract(
     _print_extract_summary(result, input_dir, world_size, rank, out)
 
 
-def _print_extract_summary(result, input_dir: str, world_size, rank, out: Path) -> None:
+def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:
     from .distributed import LauncherEnv
 
     if LauncherEnv.read().rank > 0:
@@ -340,7 +342,7 @@ def plan(
 
 @app.command(no_args_is_help=True)
 def show(
-    out: Path = typer.Argument(..., metavar="OUT", show_default=False, help="Cache folder."),
+    out: str = typer.Argument(..., metavar="OUT", show_default=False, help="Cache folder (or URL)."),
     key: str = typer.Argument(
         ..., metavar="KEY", show_default=False, help="The image's path relative to the input folder."
     ),
@@ -374,7 +376,7 @@ def show(
 
 @app.command()
 def keys(
-    out: Path = OUT_ARG,
+    out: str = OUT_ARG,
     match: Optional[str] = typer.Option(None, "--match", metavar="GLOB", help="Only keys matching, e.g. 'cats/*'."),
     failed: bool = typer.Option(False, "--failed", help="List failed images with their reason instead."),
 ):
@@ -387,8 +389,10 @@ def keys(
     import fnmatch
 
     from .manifest import read_manifest
+    from .remote import local_view
 
     try:
+        out = local_view(out)
         if failed:
             for f in read_manifest(out)["failures"]:
                 if match is None or fnmatch.fnmatchcase(f["key"], match):
@@ -406,7 +410,7 @@ def keys(
 
 @app.command("norm-stats")
 def norm_stats(
-    out: Path = OUT_ARG,
+    out: str = OUT_ARG,
     flavour: str = typer.Option("normed", metavar="NAME", help="normed, ln_noaffine (RAE) or prenorm."),
     views: str = typer.Option("both", metavar="WHICH", help="plain, flip or both (a --flip cache)."),
     per_position: bool = typer.Option(False, "--per-position", help="Per position too (one grid only)."),
@@ -453,7 +457,7 @@ def norm_stats(
 
 @app.command()
 def crops(
-    out: Path = OUT_ARG,
+    out: str = OUT_ARG,
     output: Path = typer.Option(..., "--output", "-o", metavar="JSONL", help="File to write."),
 ):
     """Write every cached sample's bucket size and crop box, one JSON line each.
@@ -477,7 +481,7 @@ def crops(
 
 
 @app.command()
-def merge(out: Path = OUT_ARG):
+def merge(out: str = OUT_ARG):
     """Fold the shards and reports of a multi-process run into the manifest.
 
     torchrun runs do this by themselves; use it after ranks that ran separately
@@ -501,7 +505,7 @@ def merge(out: Path = OUT_ARG):
 
 @app.command()
 def verify(
-    paths: Optional[List[Path]] = typer.Argument(
+    paths: Optional[List[str]] = typer.Argument(
         None,
         metavar="PATH",
         show_default=False,
@@ -532,7 +536,7 @@ def verify(
 
     try:
         report = verify_paths(
-            paths or [Path(DEFAULT_OUT)],
+            paths or [DEFAULT_OUT],
             check_values=not skip_values,
             source=source,
             recompute=recompute,
@@ -568,7 +572,7 @@ def verify(
 
 
 @app.command()
-def stats(out: Path = OUT_ARG, as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every failure).")):
+def stats(out: str = OUT_ARG, as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every failure).")):
     """Report what a cache holds: images per bucket, failures, bytes, model, runs.
 
     \b

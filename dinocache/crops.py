@@ -140,7 +140,9 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
 def export_crops(cache_dir: str | Path, output: str | Path) -> int:
     """Write every cached sample's size and box in the import schema; returns the line count."""
     from .manifest import load_samples, read_manifest
+    from .remote import local_view
 
+    cache_dir = local_view(cache_dir)
     manifest = read_manifest(cache_dir)
     table = load_samples(Path(cache_dir), manifest)
     buckets = manifest["buckets"]

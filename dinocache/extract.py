@@ -148,7 +148,15 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
 
 
 def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
-    root = Path(options.out)
+    from .remote import Remote, RemoteSession, RemoteShards, is_remote
+
+    remote = Remote(str(options.out)) if is_remote(options.out) else None
+    if remote is not None and ctx.multi:
+        raise ConfigError(
+            "a cache in object storage is written by one process",
+            "write to a shared filesystem with several ranks (then copy it up), or use one process",
+        )
+    root = remote.mirror() if remote is not None else Path(options.out)
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
@@ -183,14 +191,20 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         )
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size)
     settings = cache_settings(mspec, preprocessing(mspec, options), options.layout(), buckets)
-    result = ExtractResult(out=root, scanned=len(sources))
+    result = ExtractResult(out=options.out, scanned=len(sources))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
-    with CacheLock(root) if ctx.leader else contextlib.nullcontext():
+    session = RemoteSession(remote) if remote is not None else contextlib.nullcontext()
+    with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
-            state = CacheState.open(root, settings, options.overwrite, extras={NORM_FILE: mspec.norm_file()})
+            store = RemoteShards(remote, root) if remote is not None else None
+            state = CacheState.open(
+                root, settings, options.overwrite, extras={NORM_FILE: mspec.norm_file()}, store=store
+            )
+            if remote is not None:
+                state.after_commit, state.upload = session.after_commit, session.upload_shard
             damage = state.find_damage(deep=options.repair)
             if damage.shards:
                 result.repaired_shards = {state.shards[i]["file"]: why for i, why in damage.shards.items()}
@@ -443,7 +457,13 @@ def _extract_work(
     )
     model = state.settings["model"]
     writer = ShardWriter(
-        state.root, layout, state.settings, model["hidden_size"], model["num_registers"], options.shard_max_bytes
+        state.root,
+        layout,
+        state.settings,
+        model["hidden_size"],
+        model["num_registers"],
+        options.shard_max_bytes,
+        upload=state.upload,
     )
     written: list[dict] = []  # this run's shard records, for the rank report
 

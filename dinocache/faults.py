@@ -14,7 +14,7 @@ import errno
 import os
 import signal
 
-POINTS = ("decode", "forward", "batch_done", "shard_write", "shard_renamed", "manifest_write")
+POINTS = ("decode", "forward", "batch_done", "shard_write", "shard_renamed", "shard_uploaded", "manifest_write")
 _hits: dict[str, int] = {}
 
 

@@ -26,6 +26,7 @@ from .errors import CacheError
 from .flavours import FLAVOURS, apply_flavour, flavour_problem
 from .layout import Layout, TensorSpec, dequantize, shard_identity_problems, shard_tensor_problems
 from .manifest import DEFAULT_OUT, NORM_FILE, load_samples, read_manifest, shard_path
+from .sources import is_url as is_remote
 from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 _SHAPES = {"one": lambda grid, r: (), "registers": lambda grid, r: (r,), "grid": lambda grid, r: tuple(grid)}
@@ -72,6 +73,14 @@ class FeatureCache(Dataset):
         flavour: str = "normed",
         normalize: bool | str = False,
     ):
+        self.url = str(root)
+        self._shard_cache = None
+        if is_remote(root):  # object storage: a local mirror, shards fetched (and checked) when first read
+            from .remote import Remote, ShardCache
+
+            remote = Remote(str(root))
+            self._shard_cache = ShardCache(remote, remote.pull_metadata())
+            root = self._shard_cache.mirror
         self.root = Path(root)
         self.dtype = dtype
         self.manifest, self.table = _open_generation(self.root)  # the table is memory-mapped, sorted by key
@@ -329,6 +338,8 @@ class FeatureCache(Dataset):
                 "run `dinocache verify` for details",
             )
         record = self.shards[shard_index]
+        if self._shard_cache is not None:
+            self._shard_cache.fetch(record)
         path = shard_path(self.root, record["file"])
         try:
             file = SafetensorsFile(path)

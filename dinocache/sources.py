@@ -34,7 +34,8 @@ SPOOL_BYTES = 16 * 1024**3  # remote tars kept locally, least recently used drop
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
 
-def is_url(text: str) -> bool:
+def is_url(text) -> bool:
+    text = str(text)
     return "://" in text and not text.startswith("file://")
 
 

@@ -107,12 +107,55 @@ class Damage:
     hashed: bool = False
 
 
+class LocalShards:
+    """The shard files of a cache in its own shards/ folder (remote.RemoteShards: in object
+    storage): what repair, adoption and --overwrite look at and delete."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def size(self, file: str) -> int | None:
+        try:
+            path = cache_path(self.root, file)
+            return path.stat().st_size if path.is_file() else None
+        except (CacheError, OSError):
+            return None
+
+    def sha256(self, file: str) -> str:
+        return sha256_file(cache_path(self.root, file))
+
+    def orphans(self, known: set[str]) -> list[str]:
+        folder = self.root / SHARD_DIR
+        if not folder.is_dir() or is_link(folder):
+            return []
+        return [
+            f"{SHARD_DIR}/{name}"
+            for name in sorted(os.listdir(folder))
+            if OWNED[SHARD_DIR].fullmatch(name) and f"{SHARD_DIR}/{name}" not in known
+        ]
+
+    @contextlib.contextmanager
+    def local_copy(self, file: str):
+        yield self.root / file
+
+    def delete(self, file: str) -> None:
+        try:
+            path = cache_path(self.root, file)
+            if path.is_file() and not is_link(path):
+                path.unlink()
+        except (CacheError, OSError):
+            pass
+
+
 class CacheState:
     """The cache while it is being written: the committed sample table plus what this run added.
     `commit` writes a new sample table, then the manifest that names it (both atomically)."""
 
-    def __init__(self, root: Path, settings: dict, extras: dict | None = None):
+    def __init__(self, root: Path, settings: dict, extras: dict | None = None, store: LocalShards | None = None):
         self.root = root
+        self.store = store or LocalShards(root)
+        self.after_commit = None  # called with (files written, previous table) once a commit is durable
+        self.upload = None  # remote caches: called with (local shard path, name) once a shard is durable
         self.settings = settings
         self.layout = Layout.from_record(settings["storage"])
         self.extras = extras or {}  # files the manifest names besides shards: {name: bytes} (final_norm)
@@ -129,14 +172,22 @@ class CacheState:
 
     @classmethod
     def open(
-        cls, root: Path, settings: dict, overwrite: bool, cleanup: bool = True, extras: dict | None = None
+        cls,
+        root: Path,
+        settings: dict,
+        overwrite: bool,
+        cleanup: bool = True,
+        extras: dict | None = None,
+        store: LocalShards | None = None,
     ) -> "CacheState":
         """Load the cache's committed state. `cleanup` removes temp files and unnamed sample
         tables: only for the lock holder while no other rank writes."""
         check_cache_folders(root)
-        state = cls(root, settings, extras)
+        state = cls(root, settings, extras, store)
         if overwrite:
             clear_cache(root)
+            if store is not None and hasattr(store, "clear"):
+                store.clear()
         if (root / MANIFEST_NAME).exists():
             manifest = read_manifest(root)
             if manifest["format_version"] != FORMAT_VERSION:
@@ -197,16 +248,12 @@ class CacheState:
                 continue  # verify reports it; nothing to recompute from
             shard = self.shards[index]
             damage.checked += 1
-            try:
-                path = cache_path(self.root, shard["file"])
-                size = path.stat().st_size if path.is_file() else None
-            except (CacheError, OSError):
-                size = None
+            size = self.store.size(shard["file"])
             if size is None:
                 damage.shards[index] = "missing"
             elif size != shard["bytes"]:
                 damage.shards[index] = f"{size} bytes, the manifest says {shard['bytes']}"
-            elif deep and sha256_file(path) != shard["sha256"]:
+            elif deep and self.store.sha256(shard["file"]) != shard["sha256"]:
                 damage.shards[index] = "fails its sha256 checksum"
         if damage.shards:
             shard_col = np.asarray(self.table.columns["shard"])
@@ -225,12 +272,7 @@ class CacheState:
         remap = np.full(len(self.shards), -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         for index in damage.shards:
-            try:
-                path = cache_path(self.root, self.shards[index]["file"])
-                if path.is_file() and not is_link(path):
-                    path.unlink()
-            except (CacheError, OSError):
-                pass
+            self.store.delete(self.shards[index]["file"])
         self.table = self.table.merged([], set(damage.lost_keys)).with_shards_remapped(remap)
         self.shards = [self.shards[i] for i in keep]
 
@@ -242,24 +284,17 @@ class CacheState:
         left alone for verify to report. `known_records` (from rank reports) spares re-hashing
         shards whose size still matches."""
         known_records = known_records or {}
-        known = {s["file"] for s in self.shards}
-        folder = self.root / SHARD_DIR
-        if not folder.is_dir() or is_link(folder):
-            return 0
         adopted = 0
-        for name in sorted(os.listdir(folder)):
-            file = f"{SHARD_DIR}/{name}"
-            if file in known or not OWNED[SHARD_DIR].fullmatch(name):
-                continue
-            path = folder / name
+        for file in self.store.orphans({s["file"] for s in self.shards}):
             try:
-                bucket, samples = self._check_orphan(path)
-            except (ValueError, SafetensorsError, OSError) as exc:  # not ours, or damaged
+                with self.store.local_copy(file) as path:
+                    bucket, samples = self._check_orphan(path)
+                    size = path.stat().st_size
+                    reported = known_records.get(file)
+                    digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
+            except (ValueError, SafetensorsError, OSError, CacheError) as exc:  # not ours, or damaged
                 log.warning("not adopting %s: %s", file, exc)
                 continue
-            size = path.stat().st_size
-            reported = known_records.get(file)
-            digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
             self.add_shard(
                 {"file": file, "bucket": bucket, "rows": len(samples), "bytes": size, "sha256": digest}, samples
             )
@@ -363,6 +398,8 @@ class CacheState:
         }
         fault_point("manifest_write")
         write_manifest(self.root, manifest)
+        if self.after_commit is not None:  # a remote cache: upload the table, then the manifest
+            self.after_commit(list(self.extras) + ([self.index_file] if old != self.index_file else []), old)
         if old and old != self.index_file:
             with contextlib.suppress(CacheError, OSError):
                 cache_path(self.root, old, INDEX_DIR).unlink(missing_ok=True)

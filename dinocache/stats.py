@@ -12,7 +12,10 @@ from .manifest import MANIFEST_NAME, load_samples, read_manifest
 
 
 def cache_stats(root: str | Path) -> dict:
-    root = Path(root)
+    from .remote import local_view
+
+    shown = str(root)
+    root = local_view(root)
     manifest = read_manifest(root)
     table = load_samples(root, manifest)
     table.check_keys()  # a report about a cache must not vouch for one with hostile keys
@@ -46,7 +49,7 @@ def cache_stats(root: str | Path) -> dict:
         + [f">= {ASPECT_EDGES[-1]:.2f}"]
     )
     return {
-        "cache": str(root),
+        "cache": shown,
         "images": total,
         "failed": len(failures),
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),

@@ -36,6 +36,7 @@ from .manifest import (
     settings_of,
     shard_path,
 )
+from .sources import is_url
 from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 RECOMPUTE_MIN_COSINE = 0.995  # per token, stored vs recomputed (bf16 round trips give > 0.999)
@@ -178,9 +179,13 @@ def verify_paths(
     verified), a folder of shards without a manifest, or single shard files. A path that is
     none of these is a usage error (DinocacheError)."""
     caches: list[Path] = []
+    remotes: list[str] = []
     loose: list[Path] = []
     notes: list[str] = []
     for raw in paths or [Path("dinocache_out")]:
+        if is_url(str(raw)):  # a cache in object storage
+            remotes.append(str(raw))
+            continue
         path = Path(raw)
         if path.is_dir() and (path / MANIFEST_NAME).exists():
             caches.append(path)
@@ -216,12 +221,14 @@ def verify_paths(
             "--recompute needs the images: pass --source DIR",
             "e.g. dinocache verify OUT --source data/images --recompute 20",
         )
-    if recompute and (loose or len(caches) != 1):
+    if recompute and (loose or len(caches) + len(remotes) != 1):
         raise DinocacheError("--recompute works on one cache folder", "pass a single cache folder with --recompute")
     report = VerifyReport(paths=[str(p) for p in paths])
     report.notes += notes
     for root in dict.fromkeys(caches):
         _verify_cache(root, report, check_values, source, recompute, seed, device, follow_symlinks)
+    for url in dict.fromkeys(remotes):
+        _verify_remote(url, report, check_values, source, recompute, seed, device, follow_symlinks)
     if loose:
         report.mode = "shards" if not caches else "mixed"
         _verify_loose(loose, report, check_values, source, follow_symlinks)
@@ -248,6 +255,39 @@ def verify_cache(
     return report
 
 
+def _verify_remote(
+    url: str,
+    report: VerifyReport,
+    check_values: bool,
+    source,
+    recompute: int,
+    seed: int,
+    device: str,
+    follow_symlinks: bool,
+) -> None:
+    """A cache in object storage: its metadata pulled (and checked) into the local mirror, each
+    shard streamed through a temporary local copy, unlisted objects found by listing."""
+    from .remote import Remote, RemoteShards
+
+    try:
+        remote = Remote(url)
+        mirror = remote.pull_metadata()
+    except CacheError as exc:
+        report.add("manifest", exc.message, url)
+        return
+    _verify_cache(
+        mirror,
+        report,
+        check_values,
+        source,
+        recompute,
+        seed,
+        device,
+        follow_symlinks,
+        store=RemoteShards(remote, mirror),
+    )
+
+
 def _verify_cache(
     root: Path,
     report: VerifyReport,
@@ -257,6 +297,7 @@ def _verify_cache(
     seed: int,
     device: str,
     follow_symlinks: bool,
+    store=None,
 ) -> None:
     try:
         manifest = read_manifest(root)
@@ -271,7 +312,7 @@ def _verify_cache(
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         findings = list(
             pool.map(
-                lambda item: _listed_shard_findings(root, item[0], item[1], manifest, layout, check_values),
+                lambda item: _listed_shard_findings(root, item[0], item[1], manifest, layout, check_values, store),
                 enumerate(shards),
             )
         )
@@ -288,8 +329,13 @@ def _verify_cache(
             _recompute(root, str(source), table, manifest, recompute, seed, device, report, follow_symlinks)
     listed = {s.get("file") for s in shards}
     folder = root / SHARD_DIR
-    if folder.is_dir() and not is_link(folder):
-        for name in sorted(os.listdir(folder)):
+    names = (
+        [f.removeprefix(SHARD_DIR + "/") for f in store.orphans(set())]
+        if store is not None
+        else (sorted(os.listdir(folder)) if folder.is_dir() and not is_link(folder) else [])
+    )
+    if names:
+        for name in names:
             if name.endswith(SHARD_SUFFIX) and not name.startswith(".") and f"{SHARD_DIR}/{name}" not in listed:
                 report.add(
                     "unlisted_shard",
@@ -300,20 +346,45 @@ def _verify_cache(
 
 
 def _listed_shard_findings(
-    root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool
+    root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool, store=None
 ) -> tuple[list[Problem], int]:
-    """(problems, bytes read) for one shard the manifest lists; runs in a worker thread."""
+    """(problems, bytes read) for one shard the manifest lists; runs in a worker thread. A
+    remote shard is checked through a temporary local copy."""
     local = VerifyReport()
-    _check_listed_shard(root, index, shard, manifest, layout, check_values, local)
+    if store is None:
+        _check_listed_shard(root, index, shard, manifest, layout, check_values, local)
+        return local.problems, local.bytes_read
+    name = shard["file"]
+    size = store.size(name)
+    if size is None or size != shard["bytes"]:
+        what = "is missing" if size is None else f"has {size} bytes, the manifest says {shard['bytes']}"
+        local.add(
+            "missing_shard" if size is None else "size",
+            f"shard {name} {what} (rerun the extract command: it recomputes its rows)",
+            name,
+        )
+        return local.problems, 0
+    try:
+        with store.local_copy(name) as path:
+            _check_listed_shard(root, index, shard, manifest, layout, check_values, local, path=path)
+    except (CacheError, OSError) as exc:
+        local.add("unreadable", f"shard {name} cannot be downloaded: {exc}", name)
     return local.problems, local.bytes_read
 
 
 def _check_listed_shard(
-    root: Path, index: int, shard: dict, manifest: dict, layout: Layout, check_values: bool, report: VerifyReport
+    root: Path,
+    index: int,
+    shard: dict,
+    manifest: dict,
+    layout: Layout,
+    check_values: bool,
+    report: VerifyReport,
+    path: Path | None = None,
 ) -> None:
     name = shard["file"]
     try:
-        path = shard_path(root, name)
+        path = path or shard_path(root, name)
     except CacheError as exc:
         report.add("path", f"shard #{index}: {exc.message}", name)
         return

@@ -64,8 +64,10 @@ class ShardWriter:
         num_registers: int,
         max_bytes: int = 512 * 1024**2,
         max_pending: int = 2,
+        upload=None,
     ):
         self.root = Path(root)
+        self.upload = upload  # remote caches: (local path, name) -> uploaded, local copy dropped
         self.layout = layout
         self.settings = settings  # model, preprocessing, storage, buckets: every shard records its part
         self.hidden_size, self.num_registers = hidden_size, num_registers
@@ -185,11 +187,15 @@ class ShardWriter:
             raise
         fsync_dir(path.parent)
         fault_point("shard_renamed")
+        size = path.stat().st_size
+        if self.upload is not None:  # durable in storage before anything names it
+            self.upload(path, name)
+            fault_point("shard_uploaded")
         record = {
             "file": name,
             "bucket": buf.bucket.index,
             "rows": len(buf.samples),
-            "bytes": path.stat().st_size,
+            "bytes": size,
             "sha256": digest,
         }
         return record, buf.samples

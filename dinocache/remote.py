@@ -1,0 +1,333 @@
+"""Caches on object storage: s3://, gs://, or any fsspec URL.
+
+A remote cache has exactly the local layout (docs/FORMAT.md). dinocache works on a local
+*mirror* of it (`~/.cache/dinocache/remote/<hash of the URL>`, or $DINOCACHE_REMOTE_CACHE):
+
+- reading: the manifest, the sample table, the final norm and the statistics are downloaded
+  into the mirror (each checked against its sha256); shards are downloaded when first read,
+  checked against their sha256, and kept in a bounded least-recently-used shard cache
+  ($DINOCACHE_SHARD_CACHE_GB, default 50). Rows are always read from local copies.
+- writing: shards are written in the mirror, uploaded, and only then named by the manifest;
+  after upload the local copy is dropped. A commit uploads the sample table, then the manifest,
+  last. One writer per cache: the lock is an object created with a conditional PUT (S3's
+  If-None-Match), so a second writer is refused; a lock left by a process that died must be
+  deleted by hand (its host and pid are in it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CacheError
+from .fileio import atomic_write_bytes, is_link
+from .names import INDEX_DIR, LOCK_NAME, MANIFEST_NAME, NORM_FILE, RANK_DIR, SHARD_DIR, STATS_DIR
+from .sources import _fsspec, is_url
+from .state import LocalShards
+
+log = logging.getLogger("dinocache")
+
+DEFAULT_SHARD_CACHE_GB = 50.0
+
+
+def is_remote(path) -> bool:
+    return is_url(str(path))
+
+
+def _mirror_base() -> Path:
+    return Path(os.environ.get("DINOCACHE_REMOTE_CACHE", Path.home() / ".cache" / "dinocache" / "remote"))
+
+
+class Remote:
+    """One remote cache folder, through fsspec."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        try:
+            self.fs, self.root = _fsspec().core.url_to_fs(self.url)
+        except (ImportError, ValueError) as exc:
+            raise CacheError(
+                f"cannot reach {self.url}: {exc}",
+                "pip install 'dinocache[s3]' for s3:// (gcsfs for gs://), and check the URL",
+            ) from None
+
+    def __getstate__(self):
+        return {"url": self.url}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"])
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def mirror(self) -> Path:
+        folder = _mirror_base() / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "SOURCE").write_text(self.url + "\n")
+        return folder
+
+    # ---- objects --------------------------------------------------------------------------
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            return None
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.fs.info(self.path(rel))["size"])
+        except FileNotFoundError:
+            return None
+
+    def put_bytes(self, data: bytes, rel: str) -> None:
+        self.fs.pipe_file(self.path(rel), data)
+
+    def put_file(self, local: Path, rel: str) -> None:
+        self.fs.put_file(str(local), self.path(rel))
+
+    def rm(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def listing(self, folder: str) -> dict[str, int]:
+        """name -> size of the objects directly in `folder`."""
+        try:
+            entries = self.fs.ls(self.path(folder), detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(rel), "rb", block_size=16 * 1024 * 1024) as fh:
+            while block := fh.read(16 * 1024 * 1024):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def download(self, rel: str, local: Path, sha256: str | None = None) -> Path:
+        """`rel` into `local` (via a temp name), checked against `sha256` when given."""
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
+        digest = hashlib.sha256()
+        try:
+            with self.fs.open(self.path(rel), "rb", block_size=16 * 1024 * 1024) as src, open(tmp, "wb") as dst:
+                while block := src.read(16 * 1024 * 1024):
+                    digest.update(block)
+                    dst.write(block)
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            raise CacheError(f"{self.url}/{rel} is missing", "rerun the extract command that wrote the cache") from None
+        if sha256 is not None and digest.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise CacheError(
+                f"{self.url}/{rel} fails its sha256 checksum (corrupted in storage or in transit)",
+                "run `dinocache verify`; rerun extract with --repair to recompute it",
+            )
+        os.replace(tmp, local)
+        return local
+
+    # ---- one writer -----------------------------------------------------------------------
+    def lock(self) -> None:
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        try:
+            self.fs.pipe_file(self.path(LOCK_NAME), json.dumps(owner).encode(), mode="create")
+        except FileExistsError:
+            holder = self.read(LOCK_NAME) or b"?"
+            raise CacheError(
+                f"{self.url} is being written by another dinocache process ({holder.decode(errors='replace')})",
+                f"wait for it to finish; if no such process runs any more, delete {self.url}/{LOCK_NAME}",
+            ) from None
+        self._lock_token = owner["token"]
+
+    def unlock(self) -> None:
+        self.rm(LOCK_NAME)
+
+    # ---- the mirror -------------------------------------------------------------------------
+    def pull_metadata(self) -> Path:
+        """The manifest and the files it names (but shards) into the mirror, checked; returns it."""
+        from .manifest import read_manifest, schema_problems
+        from .stfile import parse_json_bounded
+
+        mirror = self.mirror()
+        for folder in (INDEX_DIR, STATS_DIR, SHARD_DIR):
+            path = mirror / folder
+            if is_link(path):
+                raise CacheError(f"{path} is a symbolic link", "delete the local mirror folder")
+            path.mkdir(exist_ok=True)
+        data = self.read(MANIFEST_NAME)
+        if data is None:
+            raise CacheError(
+                f"{self.url} has no {MANIFEST_NAME}: it is not a dinocache cache", "pass the URL given to extract --out"
+            )
+        try:
+            manifest = parse_json_bounded(data, MANIFEST_NAME)
+        except ValueError as exc:
+            raise CacheError(f"{self.url}/{MANIFEST_NAME} is not readable: {exc}", "rebuild the cache") from None
+        problems = schema_problems(manifest)
+        if problems:
+            raise CacheError(
+                f"{self.url}/{MANIFEST_NAME} is not a valid manifest: " + "; ".join(problems[:5]),
+                "rebuild the cache with extract --overwrite",
+            )
+        wanted = [(manifest["samples"]["file"], manifest["samples"]["sha256"])]
+        norm = manifest["model"].get("final_norm")
+        if norm:
+            wanted.append((norm["file"], norm["sha256"]))
+        wanted += [(e["file"], e["sha256"]) for e in manifest.get("statistics", [])]
+        for rel, sha in wanted:
+            local = mirror / rel
+            if not (local.is_file() and hashlib.sha256(local.read_bytes()).hexdigest() == sha):
+                self.download(rel, local, sha)
+        atomic_write_bytes(mirror / MANIFEST_NAME, data)
+        read_manifest(mirror)
+        return mirror
+
+
+@dataclass
+class ShardCache:
+    """Shards of a remote cache, downloaded on first read into the mirror and checked; the
+    least recently used go once the folder is over its size."""
+
+    remote: Remote
+    mirror: Path
+    limit_bytes: int = int(float(os.environ.get("DINOCACHE_SHARD_CACHE_GB", DEFAULT_SHARD_CACHE_GB)) * 1e9)
+
+    def fetch(self, record: dict) -> Path:
+        local = self.mirror / record["file"]
+        if local.is_file() and local.stat().st_size == record["bytes"]:
+            os.utime(local)
+            return local
+        self.remote.download(record["file"], local, record["sha256"])
+        self._trim(keep=local)
+        return local
+
+    def _trim(self, keep: Path) -> None:
+        folder = self.mirror / SHARD_DIR
+        files = sorted(
+            (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime
+        )
+        total = sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.limit_bytes:
+                return
+            if path != keep:
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+
+
+def local_view(root: str | Path) -> Path:
+    """A cache folder to read: `root` itself, or the mirror of a remote cache (metadata pulled)."""
+    return Remote(str(root)).pull_metadata() if is_remote(root) else Path(root)
+
+
+class RemoteShards(LocalShards):
+    """The shards of a remote cache, for repair, adoption and --overwrite: sizes from one
+    listing, checksums streamed, orphans checked on a downloaded copy, deletes remote."""
+
+    def __init__(self, remote: Remote, mirror: Path):
+        super().__init__(mirror)
+        self.remote = remote
+        self._sizes = remote.listing(SHARD_DIR)
+
+    def size(self, file: str) -> int | None:
+        return self._sizes.get(file.removeprefix(SHARD_DIR + "/"))
+
+    def sha256(self, file: str) -> str:
+        return self.remote.sha256(file)
+
+    def orphans(self, known: set[str]) -> list[str]:
+        from .manifest import OWNED
+
+        return [
+            f"{SHARD_DIR}/{name}"
+            for name in sorted(self._sizes)
+            if OWNED[SHARD_DIR].fullmatch(name) and f"{SHARD_DIR}/{name}" not in known
+        ]
+
+    @contextlib.contextmanager
+    def local_copy(self, file: str):
+        name = file.removeprefix(SHARD_DIR + "/")
+        local = self.root / SHARD_DIR / f".check-{name}"
+        try:
+            yield self.remote.download(file, local)
+        finally:
+            local.unlink(missing_ok=True)
+
+    def delete(self, file: str) -> None:
+        self.remote.rm(file)
+        self._sizes.pop(file.removeprefix(SHARD_DIR + "/"), None)
+
+    def clear(self) -> None:
+        """--overwrite on a remote cache: its manifest and every object with dinocache's names."""
+        from .manifest import OWNED
+
+        self.remote.rm(MANIFEST_NAME)
+        self.remote.rm(NORM_FILE)
+        for folder in (SHARD_DIR, INDEX_DIR, RANK_DIR, STATS_DIR):
+            for name in self.remote.listing(folder):
+                if OWNED[folder].fullmatch(name):
+                    self.remote.rm(f"{folder}/{name}")
+        self._sizes = {}
+
+
+class RemoteSession:
+    """extract writing to object storage: the remote lock, the mirror brought up to date (the
+    remote is the truth), shards left in the mirror by an interrupted run uploaded (they are
+    then adopted like any orphan), and the uploads: each shard once it is durable locally (then
+    the local copy goes), and at each commit the new files, the manifest last."""
+
+    def __init__(self, remote: Remote):
+        self.remote = remote
+        self.mirror = remote.mirror()
+        self._uploaded_extras: dict[str, str] = {}
+
+    def __enter__(self) -> "RemoteSession":
+        self.remote.lock()
+        try:
+            self._prepare()
+        except BaseException:
+            self.remote.unlock()
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        from .manifest import OWNED
+
+        if self.remote.read(MANIFEST_NAME) is not None:
+            self.remote.pull_metadata()
+        else:  # a new remote cache: nothing local may claim otherwise
+            (self.mirror / MANIFEST_NAME).unlink(missing_ok=True)
+        folder = self.mirror / SHARD_DIR
+        remote_shards = self.remote.listing(SHARD_DIR)
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if OWNED[SHARD_DIR].fullmatch(path.name) and path.is_file() and not is_link(path):
+                if path.name not in remote_shards:
+                    log.info("uploading %s, left by an interrupted run", path.name)
+                    self.remote.put_file(path, f"{SHARD_DIR}/{path.name}")
+                path.unlink()
+
+    def upload_shard(self, path: Path, name: str) -> None:
+        self.remote.put_file(path, name)
+        path.unlink()
+
+    def after_commit(self, files: list[str], old_table: str | None) -> None:
+        for rel in files:
+            local = self.mirror / rel
+            digest = hashlib.sha256(local.read_bytes()).hexdigest()
+            if self._uploaded_extras.get(rel) != digest:
+                self.remote.put_file(local, rel)
+                self._uploaded_extras[rel] = digest
+        self.remote.put_file(self.mirror / MANIFEST_NAME, MANIFEST_NAME)
+        if old_table:
+            self.remote.rm(old_table)
+
+    def __exit__(self, *exc) -> None:
+        self.remote.unlock()
