@@ -150,6 +150,8 @@ def extract(
     rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash."),
     repair: bool = typer.Option(False, "--repair", help="Hash every shard; recompute damaged ones."),
     prune: bool = typer.Option(False, "--prune", help="Drop cached images whose file is gone."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try failed images again, changed or not."),
+    new_source: bool = typer.Option(False, "--new-source", help="Accept a source other than the cache's."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read links that lead outside SOURCE."),
     max_failures: Optional[str] = typer.Option(None, metavar="N|F", help="Stop past N failures, or a fraction (5%)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -216,6 +218,8 @@ def extract(
             rehash=rehash,
             prune=prune,
             repair=repair,
+            retry_failed=retry_failed,
+            new_source=new_source,
             follow_symlinks=follow_symlinks,
             max_failures=parse_max_failures(max_failures),
             progress=progress,
@@ -450,7 +454,13 @@ def norm_stats(
             typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens -> {out}/{result.file}")
         if export is not None:
             export_statistics(out, export, style, flavour, per_position)
-            typer.echo(f"wrote {export} ({style})")
+            if style == "json":
+                container = "JSON"
+            elif export.suffix in (".pt", ".pth"):
+                container = "torch.save"
+            else:
+                container = "safetensors"
+            typer.echo(f"wrote {export} ({style}, {container})")
     except DinocacheError as exc:
         _fail(exc)
 
@@ -604,9 +614,12 @@ def _quiet_hub() -> None:
 
 
 def _interrupted(signum, _frame) -> None:
-    """Ctrl-C outside extraction's own handler (e.g. while torch loads): a quiet exit 130."""
-    print("\ninterrupted", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    """Ctrl-C outside extraction's own handler (e.g. while torch loads): a quiet exit 130, at
+    once. Raising SystemExit here is not enough: a signal landing inside torch's C-level import
+    gets the exception swallowed or turned into an abort. Nothing is lost: every write of a
+    cache is atomic, and a lock left behind by a dead process is taken over."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(128 + signum)
 
 
 def main() -> None:

@@ -66,6 +66,8 @@ class ExtractOptions:
     ln_stats: bool = True  # per-token final-norm statistics (the ln_noaffine / prenorm flavours)
     follow_symlinks: bool = False  # read links that lead outside the input folder
     crops: Path | None = None  # a JSONL file of the trainer's own crops (key, size, box)
+    retry_failed: bool = False  # try every recorded failure again, changed or not
+    new_source: bool = False  # accept a source other than the one the cache was built from
 
     def layout(self):
         from .layout import Layout, storage_dtype

@@ -117,7 +117,7 @@ def preprocessing(mspec: ModelSpec, options: ExtractOptions) -> Preprocessing:
     return Preprocessing(mspec.image_mean, mspec.image_std, options.buckets.resize, options.jpeg_draft)
 
 
-def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, total: int) -> None:
+def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, total: int, out=None) -> None:
     limit = options.max_failures
     if limit is None:
         return
@@ -129,7 +129,8 @@ def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, 
         raise DinocacheError(
             f"stopped: {failed} of {attempted} images failed, over --max-failures {limit} "
             "(everything extracted so far is kept)",
-            "see `dinocache stats` for the reasons; fix the data or raise --max-failures",
+            f"`dinocache keys {out or options.out} --failed` lists them with their reasons; fix the data or raise "
+            "--max-failures",
         )
 
 
@@ -210,6 +211,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
                 result.repaired_shards = {state.shards[i]["file"]: why for i, why in damage.shards.items()}
                 state.drop_damaged(damage)
             result.shards_adopted = state.adopt_orphans()
+            _check_same_source(state, source.describe(), options)
             _note_missing_sources(state, sources, options, result)
             if damage.lost_keys:
                 present = {s.key for s in sources}
@@ -231,13 +233,25 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
                 else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
             )
         selection = select_work(
-            sources, buckets, state, options.buckets.resize, options.max_pixels, options.rehash, crops, ctx
+            sources,
+            buckets,
+            state,
+            options.buckets.resize,
+            options.max_pixels,
+            options.rehash,
+            crops,
+            ctx,
+            retry_failed=options.retry_failed,
         )
         del sources  # the work list holds what is needed; a run may scan millions of files
         work = _apply_selection(selection, state, result, ctx)
         if ctx.multi:
             share = split_by_cost([w.bucket for w in work], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
             work = [work[i] for i in share]
+        # The failures found in headers count before any weights load.
+        _check_failure_budget(
+            options, result.failed_this_run, result.failed_this_run, len(work) + result.failed_this_run, root
+        )
         if work:
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
@@ -272,6 +286,26 @@ def _apply_selection(
             result.failed_this_run += 1
             result.failures_this_run[reason] = result.failures_this_run.get(reason, 0) + 1
     return selection.work
+
+
+def _check_same_source(state: CacheState, source: str, options: ExtractOptions) -> None:
+    """Keys are paths relative to the source: images of two folders with the same relative paths
+    would silently replace each other. A cache stays with the source it was built from."""
+    recorded = next(
+        (
+            r.get("input_dir")
+            for r in reversed(state.runs)
+            if isinstance(r, dict) and isinstance(r.get("input_dir"), str)
+        ),
+        None,
+    )
+    if recorded is None or recorded == source or options.new_source or not (len(state.table) or state.failures):
+        return
+    raise CacheError(
+        f"{state.root} was built from {recorded}, and this run reads {source}: keys are paths relative "
+        "to the source, so images of the two would replace each other",
+        "use another --out for another dataset; if the same images moved, pass --new-source",
+    )
 
 
 def _note_missing_sources(
@@ -505,9 +539,12 @@ def _extract_work(
                     if current_bucket is not None and batch_bucket != current_bucket:
                         writer.flush(current_bucket)  # a bucket is done: its last shard need not wait
                     current_bucket = batch_bucket
+                    attempted = len(indices) + len(failed)
                     if pixels is not None:
                         bucket = buckets[batch_bucket]
                         tensors = _forward_in_chunks(loaded, pixels, bucket, layout, sizes, run, timer)
+                        tensors, indices, hashes = _drop_nonfinite(tensors, indices, hashes, work, state, result)
+                    if pixels is not None and indices:
                         began = time.perf_counter()
                         writer.add(bucket, tensors, [work[i].record(h) for i, h in zip(indices, hashes)])
                         waited = writer.take_wait_seconds()
@@ -516,7 +553,7 @@ def _extract_work(
                     landed(writer.completed())
                     result.processed += len(indices)
                     run.processed, run.failed = result.processed, result.failed_this_run
-                    bar.update(len(indices) + len(failed))
+                    bar.update(attempted)
                     fault_point("batch_done")
                     if commits and pacer.due():
                         began = time.monotonic()
@@ -541,6 +578,36 @@ def _extract_work(
         _finish(state, run, timer, result, commits, ctx, written, writer.run_id)
     if run.interrupted:
         raise Interrupted(stop.signum, result.processed, result)
+
+
+def _drop_nonfinite(tensors: dict, indices: list, hashes: list, work: list, state: CacheState, result: ExtractResult):
+    """Rows whose features hold NaN or Inf (float16 overflow, a broken checkpoint) become
+    recorded failures instead of poisoning the cache."""
+    bad = None
+    for value in tensors.values():
+        row_bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
+        bad = row_bad if bad is None else bad | row_bad
+    if bad is None or not bool(bad.any()):
+        return tensors, indices, hashes
+    bad_rows = bad.nonzero().flatten().tolist()
+    for row in bad_rows:
+        w = work[indices[row]]
+        state.add_failure(
+            w.key,
+            w.source_bytes,
+            w.source_mtime_ns,
+            "nonfinite",
+            "the model produced NaN or Inf for this image (float16 overflow? try --dtype bfloat16)",
+        )
+        result.failures_this_run["nonfinite"] = result.failures_this_run.get("nonfinite", 0) + 1
+    result.failed_this_run += len(bad_rows)
+    keep = (~bad).nonzero().flatten()
+    kept = keep.tolist()
+    return (
+        {k: v[keep.to(v.device)] for k, v in tensors.items()},
+        [indices[r] for r in kept],
+        [hashes[r] for r in kept],
+    )
 
 
 def _finish(

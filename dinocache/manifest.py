@@ -70,12 +70,12 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             "replace the link with the file it points to",
         )
     if not path.is_file():
-        shards = root / SHARD_DIR
-        hint = (
-            "this looks like a cache whose first run never committed; rerun the same extract to finish it"
-            if shards.is_dir()
-            else "pass the folder given to extract --out"
-        )
+        if (root / RANK_DIR).is_dir():
+            hint = f"its ranks ran without a process group (--rank/--world-size): run `dinocache merge {root}`"
+        elif (root / SHARD_DIR).is_dir():
+            hint = "this looks like a cache whose first run never committed; rerun the same extract to finish it"
+        else:
+            hint = "pass the folder given to extract --out"
         raise CacheError(f"{root} has no {MANIFEST_NAME}: it is not a dinocache cache", hint)
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:

@@ -339,6 +339,7 @@ def resolve_model(
         weight, bias = found
     mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
     std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
+    _check_normalization(mean, std)
     return ModelSpec(
         spec,
         revision,
@@ -476,6 +477,23 @@ def _read_final_norm(spec: str, revision: str | None):
         raise ModelLoadError(
             f"could not read the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
         ) from None
+
+
+def _check_normalization(mean, std) -> None:
+    import math
+
+    ok = (
+        len(mean) == 3
+        and len(std) == 3
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*mean, *std))
+        and all(v > 0 for v in std)
+    )
+    if not ok or any(abs(v) > 1e3 for v in (*mean, *std)):
+        raise ModelLoadError(
+            f"image mean {list(mean)} / std {list(std)} cannot normalize pixels in [0, 1]: each must "
+            "be a finite number (std above 0)",
+            "use e.g. --image-mean 0.485,0.456,0.406 --image-std 0.229,0.224,0.225 (ImageNet's)",
+        )
 
 
 def _patch_size(config) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,11 @@ def compute_statistics(
     if flavour not in FLAVOURS:
         raise ConfigError(f"unknown flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
     cache = FeatureCache(root, flavour=flavour)
+    if len(cache) == 0:
+        raise CacheError(
+            f"{root} holds no samples: there is nothing to compute statistics over",
+            "extract some images first (`dinocache stats` says what the cache holds)",
+        )
     layout = cache.layout
     wanted = _views_of(layout, views)
     grids = {tuple(cache.buckets[b]["stored_grid"]) for b in np.unique(cache.bucket_indices()).tolist()}
@@ -263,6 +269,12 @@ def export_statistics(
     root, output = Path(root), Path(output)
     if style not in STYLES:
         raise ConfigError(f"unknown --style {style!r}", f"use one of {', '.join(STYLES)}")
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConfigError(
+            f"cannot write {output}: "
+            + ("it is a folder" if output.is_dir() else f"the folder {output.parent} does not exist"),
+            "pass --export with a file path in an existing folder, e.g. stat.pt",
+        )
     manifest = read_manifest(root)
     stats = load_statistics(root, manifest, flavour, per_position)
     t = stats.tensors
@@ -287,17 +299,28 @@ def export_statistics(
             "patches": {"mean": t["patches_mean"].tolist(), "var": t["patches_var"].tolist()},
             "cls": {"mean": t["cls_mean"].tolist(), "var": t["cls_var"].tolist()},
         }
-        output.write_text(json.dumps(doc))
+        try:
+            output.write_text(json.dumps(doc))
+        except OSError as exc:
+            raise ConfigError(f"cannot write {output}: {exc.strerror}", "pass a writable --export path") from None
     return output
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
-    if output.suffix in (".pt", ".pth"):
-        torch.save(tensors, output)  # plain tensors only: loads with torch.load(weights_only=True)
-    else:
-        from safetensors.torch import save_file
+    from .fileio import file_mode
 
-        save_file(tensors, str(output))
+    try:
+        if output.suffix in (".pt", ".pth"):
+            torch.save(tensors, output)  # plain tensors only: loads with torch.load(weights_only=True)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(output))
+            os.chmod(output, file_mode())  # safetensors creates 0600 files
+    except Exception as exc:  # safetensors and torch wrap OSError in their own exception types
+        raise ConfigError(
+            f"cannot write {output}: {str(exc).splitlines()[0]}", "pass --export with a writable file path"
+        ) from None
 
 
 __all__ = ["Moments", "compute_statistics", "export_statistics", "load_statistics"]

@@ -27,6 +27,8 @@ from .layout import Layout, parse_shard_metadata, shard_identity_problems, shard
 from .manifest import (
     INDEX_DIR,
     MANIFEST_NAME,
+    NORM_FILE,
+    RANK_DIR,
     SHARD_DIR,
     SHARD_SUFFIX,
     STATS_DIR,
@@ -192,8 +194,18 @@ def verify_paths(
         elif path.is_dir() and path.name == SHARD_DIR and (path.parent / MANIFEST_NAME).exists():
             caches.append(path.parent)
             notes.append(f"{path} is the shards/ folder of the cache {path.parent}: verifying that whole cache")
+        elif path.is_dir() and (path / RANK_DIR).is_dir() and not (path / MANIFEST_NAME).exists():
+            raise DinocacheError(
+                f"{path} has no {MANIFEST_NAME} yet: its ranks ran without a process group",
+                f"run `dinocache merge {path}` first, then verify it",
+            )
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."))
+            found = [p for p in found if _not_a_shard(p) is None] or found
+            if found and _not_a_shard(found[0]) is not None:
+                raise DinocacheError(
+                    f"{path} holds no shards: {_not_a_shard(found[0])}", "verify the cache folder itself"
+                )
             if not found:
                 hint = (
                     "run `dinocache extract DIR --out " + str(path) + "` first"
@@ -205,6 +217,9 @@ def verify_paths(
                 )
             loose += found
         elif path.is_file() and path.name.endswith(SHARD_SUFFIX):
+            why = _not_a_shard(path)
+            if why is not None:
+                raise DinocacheError(f"{path} is not a shard: {why}", "verify the cache folder, or pass shard files")
             loose.append(path)
         elif path.exists():
             raise DinocacheError(
@@ -233,6 +248,25 @@ def verify_paths(
         report.mode = "shards" if not caches else "mixed"
         _verify_loose(loose, report, check_values, source, follow_symlinks)
     return report
+
+
+def _not_a_shard(path: Path) -> str | None:
+    """Why a .safetensors file is not a dinocache shard (None when it is one, or unreadable: a
+    damaged shard is verify's to report)."""
+    try:
+        meta = SafetensorsFile(path).metadata
+    except SafetensorsError:
+        return None
+    kind = meta.get("format")
+    if kind == "dinocache":
+        return None
+    if kind == "dinocache-samples":
+        return "it is a cache's sample table"
+    if kind == "dinocache-statistics":
+        return "it is a cache's dataset statistics"
+    if path.name == NORM_FILE or set(meta) == {"eps"}:
+        return "it is a cache's final-norm file"
+    return "it is a safetensors file that dinocache did not write"
 
 
 def verify_cache(

@@ -55,6 +55,12 @@ def _placement_changed(cached: dict, crop: Crop | None) -> bool:
     return cached.get("placement") == BY_CROPS  # was placed by a crops file that no longer lists it
 
 
+# Failures whose cause may have gone without the file changing: a raised --max-pixels, a new
+# --follow-symlinks, a permission fixed, a crops file edited. They are tried again every run
+# (a header read at most); the others only once their file changes, or with --retry-failed.
+RETRIED_EVERY_RUN = frozenset({"too_large", "outside_source", "unreadable", "missing", "crop_outside", "lost"})
+
+
 def select_work(
     sources: list[SourceFile],
     buckets: list[Bucket],
@@ -64,6 +70,7 @@ def select_work(
     rehash: bool = False,
     crops: dict[str, Crop] | None = None,
     ctx: RankContext | None = None,
+    retry_failed: bool = False,
 ) -> Selection:
     """Skip what is cached and unchanged (key + size + mtime, or content hash with `rehash`),
     recompute what changed, retry failures only when their file changed, and place the rest.
@@ -81,9 +88,10 @@ def select_work(
             and previous.get("source_bytes") == src.size
             and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
         )
+        retry = not cached and previous is not None and (retry_failed or previous.get("reason") in RETRIED_EVERY_RUN)
         if cached and _placement_changed(cached, crop):
             todo.append(src)
-        elif same_stamp and not (rehash and cached):
+        elif same_stamp and not (rehash and cached) and not retry:
             if cached:
                 out.cached += 1
             else:

@@ -341,7 +341,7 @@ def test_a_second_signal_exits_at_once_and_loses_nothing_committed(dataset, tmp_
 
 
 def test_ctrl_c_while_starting_prints_no_traceback(tmp_path):
-    for delay in (0.05, 0.2, 0.6):
+    for delay in (0.3, 0.6, 1.0):
         proc = subprocess.Popen(
             [sys.executable, "-m", "dinocache", "extract", str(tmp_path), "-b", "x.yaml"],
             stdout=subprocess.PIPE,

@@ -1,0 +1,149 @@
+"""What the second newcomer trial hit: failures that stay failed, a cache fed from two folders,
+NaN features, bad normalization, and commands pointed at the wrong thing."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import save_scene
+from test_crash import options
+from typer.testing import CliRunner
+
+from dinocache.cli import app
+from dinocache.errors import CacheError, DinocacheError, ModelLoadError
+from dinocache.extract import extract
+from dinocache.manifest import read_manifest
+from dinocache.model import resolve_model
+from dinocache.normstats import compute_statistics
+from dinocache.reader import FeatureCache
+from dinocache.verify import verify_cache, verify_paths
+from dinocache.worklist import RETRIED_EVERY_RUN
+
+runner = CliRunner()
+
+
+def _failures(out):
+    return {f["key"]: f["reason"] for f in read_manifest(out)["failures"]}
+
+
+def test_a_fixed_file_with_the_same_size_and_mtime_is_retried_only_with_retry_failed(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    save_scene(images / "good.png", 160, 96, 1)
+    broken = images / "broken.png"
+    good_bytes = save_scene(tmp_path / "fixed.png", 128, 128, 2).read_bytes()
+    broken.write_bytes(good_bytes[:40] + b"\0" * len(good_bytes))  # header, then zeros: undecodable
+    size, stamp = broken.stat().st_size, broken.stat().st_mtime_ns
+    out = tmp_path / "out"
+    first = extract(images, options(out, tiny_model_dir))
+    assert first.processed == 1 and list(_failures(out)) == ["broken.png"]
+    assert _failures(out)["broken.png"] not in RETRIED_EVERY_RUN  # a failure that waits for a change
+
+    # Restored from a backup in place: same size, same mtime (PNG ignores bytes after IEND).
+    assert len(good_bytes) <= size
+    broken.write_bytes(good_bytes + b"\0" * (size - len(good_bytes)))
+    os.utime(broken, ns=(stamp, stamp))
+    again = extract(images, options(out, tiny_model_dir))
+    assert again.processed == 0 and again.failed_this_run == 0  # unchanged stamp: not tried again
+    retried = extract(images, options(out, tiny_model_dir, retry_failed=True))
+    assert retried.processed == 1 and _failures(out) == {}
+    assert set(FeatureCache(out).keys()) == {"good.png", "broken.png"}
+
+
+def test_a_cache_refuses_a_second_folder_unless_told_it_is_the_same_images(tmp_path, tiny_model_dir):
+    first, second = tmp_path / "a", tmp_path / "b"
+    save_scene(first / "img.png", 128, 128, 1)
+    save_scene(second / "img.png", 160, 96, 2)  # same key, other picture
+    out = tmp_path / "out"
+    extract(first, options(out, tiny_model_dir))
+    before = FeatureCache(out)["img.png"]["patches"].clone()
+    with pytest.raises(CacheError, match="was built from") as err:
+        extract(second, options(out, tiny_model_dir))
+    assert "--new-source" in err.value.hint
+    assert torch.equal(FeatureCache(out)["img.png"]["patches"], before)  # nothing replaced
+
+    shutil.move(first, tmp_path / "moved")  # the same images, moved: allowed when said so
+    moved = extract(tmp_path / "moved", options(out, tiny_model_dir, new_source=True))
+    assert moved.processed == 0 and verify_cache(out).ok
+
+
+def test_nan_features_become_recorded_failures_not_cache_rows(tmp_path, tiny_model_dir):
+    from transformers import DINOv3ViTModel
+
+    broken_model = tmp_path / "nan-model"
+    model = DINOv3ViTModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.norm.weight[3] = float("nan")  # a damaged checkpoint
+    model.save_pretrained(broken_model)
+    images = tmp_path / "images"
+    save_scene(images / "a.png", 128, 128, 1)
+    save_scene(images / "b.png", 160, 96, 2)
+    out = tmp_path / "out"
+    result = extract(images, options(out, broken_model))
+    assert result.processed == 0 and result.failures_this_run == {"nonfinite": 2}
+    assert _failures(out) == {"a.png": "nonfinite", "b.png": "nonfinite"}
+    assert len(FeatureCache(out)) == 0 and verify_cache(out).ok
+    with pytest.raises(CacheError, match="holds no samples"):
+        compute_statistics(out)
+
+
+@pytest.mark.parametrize("std", [(0.0, 0.2, 0.2), (float("nan"), 0.2, 0.2), (-0.2, 0.2, 0.2)])
+def test_an_unusable_std_is_refused_before_any_work(tiny_model_dir, std):
+    with pytest.raises(ModelLoadError, match="cannot normalize"):
+        resolve_model(str(tiny_model_dir), device="cpu", image_std=std)
+
+
+def test_the_failure_budget_is_spent_on_headers_before_weights_load(tmp_path, tiny_model_dir, monkeypatch):
+    import dinocache.extract as extract_module
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"junk{i}.jpg").write_bytes(b"not a jpeg at all" * 10)
+    save_scene(images / "good.png", 128, 128, 1)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded although the run had already failed")
+
+    monkeypatch.setattr(extract_module, "load_weights", no_weights)
+    with pytest.raises(DinocacheError, match="over --max-failures") as err:
+        extract(images, options(tmp_path / "out", tiny_model_dir, max_failures=1))
+    assert "--failed" in err.value.hint
+
+
+def test_pointing_verify_at_the_wrong_files_says_what_they_are(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    save_scene(images / "a.png", 128, 128, 1)
+    out = tmp_path / "out"
+    extract(images, options(out, tiny_model_dir))
+    samples = next((out / "index").glob("*.safetensors"))
+    with pytest.raises(DinocacheError, match="sample table"):
+        verify_paths([samples])
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(DinocacheError, match="did not write"):
+        verify_paths([tmp_path / "weights.safetensors"])
+    cli = runner.invoke(app, ["verify", str(tmp_path / "weights.safetensors")])
+    assert cli.exit_code == 2 and "did not write" in cli.output
+
+
+def test_an_unmerged_multi_rank_cache_points_at_merge(tmp_path):
+    (tmp_path / "ranks").mkdir()
+    with pytest.raises(CacheError) as err:
+        read_manifest(tmp_path)
+    assert "dinocache merge" in err.value.hint
+    with pytest.raises(DinocacheError, match="process group"):
+        verify_paths([tmp_path])
+
+
+def test_norm_stats_export_to_a_missing_folder_is_a_clear_error(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    save_scene(images / "a.png", 128, 128, 1)
+    out = tmp_path / "out"
+    extract(images, options(out, tiny_model_dir))
+    cli = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "nope" / "stat.pt")])
+    assert cli.exit_code != 0 and "does not exist" in cli.output and "Traceback" not in cli.output
+    ok = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "stat.safetensors")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "stat.safetensors").stat().st_mode & 0o044  # readable by the group, like the cache
