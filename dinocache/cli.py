@@ -383,8 +383,13 @@ def keys(
     out: str = OUT_ARG,
     match: Optional[str] = typer.Option(None, "--match", metavar="GLOB", help="Only keys matching, e.g. 'cats/*'."),
     failed: bool = typer.Option(False, "--failed", help="List failed images with their reason instead."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON value per line (any file name round-trips)."),
 ):
     """List the cached keys (or the failed images), one per line.
+
+    A key holding a tab, newline or carriage return prints it as \\t, \\n or \\r (keys never
+    hold a backslash, so this is unambiguous); --failed prints key, reason and detail
+    separated by tabs.
 
     \b
     Example:
@@ -395,19 +400,23 @@ def keys(
     from .manifest import read_manifest
     from .remote import local_view
 
+    def line(*fields: str) -> str:
+        return "\t".join(f.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r") for f in fields)
+
     try:
         out = local_view(out)
         if failed:
             for f in read_manifest(out)["failures"]:
                 if match is None or fnmatch.fnmatchcase(f["key"], match):
-                    typer.echo(f"{f['key']}\t{f['reason']}\t{f.get('detail', '')}")
+                    entry = {"key": f["key"], "reason": f["reason"], "detail": f.get("detail", "")}
+                    typer.echo(json.dumps(entry) if as_json else line(*entry.values()))
             return
         from .manifest import load_samples
 
         table = load_samples(out, read_manifest(out))
         for key in table.iter_keys():
             if match is None or fnmatch.fnmatchcase(key, match):
-                typer.echo(key)
+                typer.echo(json.dumps(key) if as_json else line(key))
     except DinocacheError as exc:
         _fail(exc)
 
@@ -435,9 +444,10 @@ def norm_stats(
       dinocache norm-stats cache/ --export svg-stats.safetensors --style svg
     """
     from .manifest import read_manifest
-    from .normstats import compute_statistics, export_statistics
+    from .normstats import compute_statistics, export_statistics, require_local
 
     try:
+        require_local(out)
         manifest = read_manifest(out)
         fresh = [
             e
@@ -469,6 +479,7 @@ def norm_stats(
 def crops(
     out: str = OUT_ARG,
     output: Path = typer.Option(..., "--output", "-o", metavar="JSONL", help="File to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ):
     """Write every cached sample's bucket size and crop box, one JSON line each.
 
@@ -482,7 +493,7 @@ def crops(
     from .crops import export_crops
 
     try:
-        count = export_crops(out, output)
+        count = export_crops(out, output, overwrite)
     except DinocacheError as exc:
         _fail(exc)
     except OSError as exc:

@@ -216,11 +216,13 @@ def load_bucket_config(path: str | Path) -> BucketConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"bucket config {path} does not exist", "pass --buckets with a YAML file, e.g. configs/dit-1024.yaml"
-        )
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"bucket config {path} {what}", "pass --buckets with a YAML file, e.g. configs/dit-1024.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as fh:  # a file handle: YAML errors then name the file
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read bucket config {path}: {exc.strerror}", "check the file's permissions") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"bucket config {path} is not valid YAML: {exc}", f"write for example:\n    {EXAMPLE}"

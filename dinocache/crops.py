@@ -137,18 +137,27 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
     return crops
 
 
-def export_crops(cache_dir: str | Path, output: str | Path) -> int:
-    """Write every cached sample's size and box in the import schema; returns the line count."""
+def export_crops(cache_dir: str | Path, output: str | Path, overwrite: bool = False) -> int:
+    """Write every cached sample's size and box in the import schema; returns the line count.
+    An existing file is replaced only with `overwrite` (a slip of -o must not eat an image),
+    and atomically: a failed write leaves it as it was."""
+    from .fileio import atomic_write_bytes
     from .manifest import load_samples, read_manifest
     from .remote import local_view
 
+    output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"{output} is a folder", "pass --output with a file name, e.g. crops.jsonl")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} already exists", "pass --overwrite to replace it, or another --output")
     cache_dir = local_view(cache_dir)
     manifest = read_manifest(cache_dir)
     table = load_samples(Path(cache_dir), manifest)
     buckets = manifest["buckets"]
     boxes, bucket_col = table.columns["box"], table.columns["bucket"]
-    with open(output, "w", encoding="utf-8") as fh:
-        for i, key in enumerate(table.iter_keys()):
-            b = buckets[int(bucket_col[i])]
-            fh.write(json.dumps({"key": key, "size": [b["width"], b["height"]], "box": boxes[i].tolist()}) + "\n")
+    lines = []
+    for i, key in enumerate(table.iter_keys()):
+        b = buckets[int(bucket_col[i])]
+        lines.append(json.dumps({"key": key, "size": [b["width"], b["height"]], "box": boxes[i].tolist()}) + "\n")
+    atomic_write_bytes(output, "".join(lines).encode("utf-8"))
     return len(table)

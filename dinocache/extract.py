@@ -45,8 +45,8 @@ from .features import stored_features
 from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR
-from .model import LoadedModel, ModelSpec, load_weights, resolve_model
+from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_source
+from .model import LoadedModel, ModelSpec, check_layers, load_weights, resolve_model
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
 from .sources import open_source
@@ -184,12 +184,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             options.seed,
         )
     )
-    bad_layers = [k for k in options.layers if not 1 <= k <= mspec.num_layers]
-    if bad_layers:
-        raise ConfigError(
-            f"--layers {','.join(map(str, bad_layers))}: this model has blocks 1..{mspec.num_layers}",
-            "pick block numbers in that range",
-        )
+    check_layers(options.layers, mspec)
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size)
     settings = cache_settings(mspec, preprocessing(mspec, options), options.layout(), buckets)
     result = ExtractResult(out=options.out, scanned=len(sources))
@@ -291,14 +286,7 @@ def _apply_selection(
 def _check_same_source(state: CacheState, source: str, options: ExtractOptions) -> None:
     """Keys are paths relative to the source: images of two folders with the same relative paths
     would silently replace each other. A cache stays with the source it was built from."""
-    recorded = next(
-        (
-            r.get("input_dir")
-            for r in reversed(state.runs)
-            if isinstance(r, dict) and isinstance(r.get("input_dir"), str)
-        ),
-        None,
-    )
+    recorded = recorded_source({"runs": state.runs})
     if recorded is None or recorded == source or options.new_source or not (len(state.table) or state.failures):
         return
     raise CacheError(
@@ -514,6 +502,7 @@ def _extract_work(
         total=len(work),
         unit="img",
         disable=not options.progress,
+        mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not 10 a second
         dynamic_ncols=True,
         desc="extract",
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",

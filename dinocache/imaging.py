@@ -70,14 +70,15 @@ class Preprocessing:
 
 @contextlib.contextmanager
 def pillow_pixel_limit(max_pixels: int):
-    """Pillow's own decompression-bomb guard set to our limit while we open one image, and
-    restored after: a training job that imports dinocache keeps the guard it had."""
+    """Pillow's own decompression-bomb guard off while we open one image (decode_image checks
+    the header against `max_pixels` itself, with a message that names the flag), and restored
+    after: a training job that imports dinocache keeps the guard it had."""
     import warnings
 
     from PIL import Image
 
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():  # over the limit is our DecodeError, not Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

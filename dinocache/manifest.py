@@ -333,3 +333,11 @@ def load_samples(root: Path, manifest: dict):
             "rebuild the cache with extract --overwrite",
         )
     return table
+
+
+def recorded_source(manifest: dict[str, Any]) -> str | None:
+    """The input folder (or source spec) of the cache's last run that recorded one."""
+    for run in reversed(manifest.get("runs", [])):
+        if isinstance(run, dict) and isinstance(run.get("input_dir"), str):
+            return run["input_dir"]
+    return None

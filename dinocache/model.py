@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
 
@@ -477,6 +477,15 @@ def _read_final_norm(spec: str, revision: str | None):
         raise ModelLoadError(
             f"could not read the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
         ) from None
+
+
+def check_layers(layers, mspec: ModelSpec) -> None:
+    bad = [k for k in layers if not 1 <= k <= mspec.num_layers]
+    if bad:
+        raise ConfigError(
+            f"--layers {','.join(map(str, bad))}: this model has blocks 1..{mspec.num_layers}",
+            "pick block numbers in that range",
+        )
 
 
 def _check_normalization(mean, std) -> None:

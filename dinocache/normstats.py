@@ -100,6 +100,7 @@ def compute_statistics(
     cache (stats/, named by the manifest) and returns them."""
     from .reader import FeatureCache
 
+    require_local(root)
     root = Path(root)
     if flavour not in FLAVOURS:
         raise ConfigError(f"unknown flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
@@ -266,6 +267,7 @@ def export_statistics(
     svg   {"mean", "std"} [1, 1, C], float32
     json  the lists, the counts and what they cover
     """
+    require_local(root)
     root, output = Path(root), Path(output)
     if style not in STYLES:
         raise ConfigError(f"unknown --style {style!r}", f"use one of {', '.join(STYLES)}")
@@ -304,6 +306,16 @@ def export_statistics(
         except OSError as exc:
             raise ConfigError(f"cannot write {output}: {exc.strerror}", "pass a writable --export path") from None
     return output
+
+
+def require_local(root) -> None:
+    from .sources import is_url
+
+    if is_url(str(root)):
+        raise ConfigError(
+            f"{root}: norm-stats works on a cache on this machine's filesystem",
+            "copy the cache here first (e.g. `aws s3 sync`), run norm-stats, then copy stats/ and manifest.json back",
+        )
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], output: Path) -> None:

@@ -16,7 +16,7 @@ from .config import BucketConfig
 from .errors import ConfigError
 from .imaging import Preprocessing
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
-from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, resolve_model
+from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, resolve_model
 from .placement import place, probe_source
 from .sources import open_source
 from .stats import human_bytes
@@ -111,6 +111,7 @@ def plan_extraction(
 
     layout = layout or Layout()
     mspec = plan_model(model)
+    check_layers(layout.layers, mspec)
     buckets = make_buckets(config.sizes, mspec.patch_size)
     settings = cache_settings(
         mspec, Preprocessing(mspec.image_mean, mspec.image_std, config.resize, jpeg_draft), layout, buckets
@@ -226,6 +227,8 @@ def model_shape_of(mspec: ModelSpec) -> ModelShape:
 
 
 def human_seconds(s: float) -> str:
+    if s < 0.01:
+        return "<0.01 s"
     if s < 10:
         return f"{s:.2f} s"
     if s < 120:

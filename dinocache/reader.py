@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import CacheError
+from .errors import CacheError, ConfigError
 from .flavours import FLAVOURS, apply_flavour, flavour_problem
 from .layout import Layout, TensorSpec, dequantize, shard_identity_problems, shard_tensor_problems
 from .manifest import DEFAULT_OUT, NORM_FILE, load_samples, read_manifest, shard_path
@@ -92,6 +92,8 @@ class FeatureCache(Dataset):
         self.layout = Layout.from_record(self.manifest["storage"])
         model = self.manifest["model"]
         self.hidden_size, self.num_registers = model["hidden_size"], model["num_registers"]
+        if flavour not in FLAVOURS:
+            raise ConfigError(f"unknown flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
         self.flavour = flavour
         self._norm = self._load_norm() if flavour != "normed" else None
         problem = flavour_problem(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .errors import CacheError, DecodeError
 from .imaging import Preprocessing, model_input
+from .manifest import recorded_source
 from .reader import FeatureCache
 from .sources import SourceReader
 
@@ -87,7 +88,7 @@ def _not_cached(cache: FeatureCache, key: str) -> str:
 
 
 def _recorded_source(cache: FeatureCache) -> str:
-    for run in reversed(cache.manifest.get("runs", [])):
-        if isinstance(run, dict) and isinstance(run.get("input_dir"), str):
-            return run["input_dir"]
-    raise CacheError("this cache does not record where its images came from", "pass --source DIR")
+    found = recorded_source(cache.manifest)
+    if found is None:
+        raise CacheError("this cache does not record where its images came from", "pass --source DIR")
+    return found

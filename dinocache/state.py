@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .errors import CacheError
+from .errors import CacheError, ConfigError
 from .faults import fault_point
 from .fileio import atomic_write_bytes, is_link, real_folder, remove_folder_if_empty, remove_owned, sha256_file
 from .index import SampleTable, record_from_json
@@ -459,6 +459,13 @@ def read_rank_reports(root: Path) -> list[tuple[Path, dict]]:
 
 def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
     """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
+    from .sources import is_url
+
+    if is_url(str(root)):
+        raise ConfigError(
+            f"{root} is in object storage, which one process writes: it has no ranks to merge",
+            "merge a multi-process cache on the shared filesystem it was written to",
+        )
     root = Path(root)
     check_cache_folders(root)
     reports = read_rank_reports(root)

@@ -35,6 +35,7 @@ from .manifest import (
     cache_path,
     load_samples,
     read_manifest,
+    recorded_source,
     settings_of,
     shard_path,
 )
@@ -231,23 +232,50 @@ def verify_paths(
                 f"{path} does not exist",
                 "pass the folder given to extract --out (default ./dinocache_out), its shards/ folder, or shard files",
             )
+    if recompute and (loose or len(caches) + len(remotes) != 1):
+        raise DinocacheError("--recompute works on one cache folder", "pass a single cache folder with --recompute")
+    if recompute and source is None and caches:
+        source = _source_of(caches[0])
+        if source is not None:
+            notes.append(f"--recompute reads the images from {source}, the folder the cache was built from")
     if recompute and source is None:
         raise DinocacheError(
             "--recompute needs the images: pass --source DIR",
             "e.g. dinocache verify OUT --source data/images --recompute 20",
         )
-    if recompute and (loose or len(caches) + len(remotes) != 1):
-        raise DinocacheError("--recompute works on one cache folder", "pass a single cache folder with --recompute")
     report = VerifyReport(paths=[str(p) for p in paths])
     report.notes += notes
+    several = len(dict.fromkeys(caches)) + len(dict.fromkeys(remotes)) + bool(loose) > 1
     for root in dict.fromkeys(caches):
+        first = len(report.problems)
         _verify_cache(root, report, check_values, source, recompute, seed, device, follow_symlinks)
+        if several:  # say which cache each problem is in
+            _name_cache(report.problems[first:], str(root))
     for url in dict.fromkeys(remotes):
+        first = len(report.problems)
         _verify_remote(url, report, check_values, source, recompute, seed, device, follow_symlinks)
+        if several:
+            _name_cache(report.problems[first:], url)
     if loose:
         report.mode = "shards" if not caches else "mixed"
         _verify_loose(loose, report, check_values, source, follow_symlinks)
     return report
+
+
+def _name_cache(problems: list[Problem], cache: str) -> None:
+    for problem in problems:
+        problem.message = f"{cache}: {problem.message}"
+        if problem.path is not None:
+            problem.path = f"{cache.rstrip('/')}/{problem.path}"
+
+
+def _source_of(root: Path) -> str | None:
+    """The folder a cache was built from, when it still exists here."""
+    try:
+        found = recorded_source(read_manifest(root))
+    except DinocacheError:
+        return None  # the manifest's own problems are verify's to report
+    return found if found is not None and Path(found).is_dir() else None
 
 
 def _not_a_shard(path: Path) -> str | None:

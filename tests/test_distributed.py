@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DEVICE
 from test_crash import N_IMAGES, assert_same_as_reference, dataset, durable_rows, extract_args, options  # noqa: F401
 
 from dinocache import FeatureCache
@@ -38,7 +39,7 @@ def torchrun(root, images, out, model_dir, nproc, fault=None):
         "dinocache",
         *extract_args(root, images, out, model_dir),
         "--device",
-        "cpu",
+        DEVICE,  # TORCH_DEVICE=cuda: NCCL on the GPU (one rank per GPU)
     ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -67,6 +68,31 @@ def test_a_rank_dies_and_a_rerun_with_another_world_size_completes(dataset, tmp_
     else:
         again = torchrun(root, images, out, tiny_model_dir, rerun_ranks)
         assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_as_reference(root, out)
+
+
+def test_one_rank_under_torchrun_equals_a_plain_run(dataset, tmp_path, tiny_model_dir):
+    """The process-group path with one rank (NCCL on a GPU with TORCH_DEVICE=cuda, else gloo)
+    gives the plain run's features bit for bit (fp32) and tears the group down."""
+    root, images = dataset
+    proc = torchrun(root, images, tmp_path / "out", tiny_model_dir, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "destroy_process_group" not in proc.stderr
+    assert_same_as_reference(root, tmp_path / "out")
+
+
+def test_sigterm_under_torchrun_stops_cleanly_and_a_rerun_completes(dataset, tmp_path, tiny_model_dir):
+    root, images = dataset
+    out = tmp_path / "out"
+    stopped = torchrun(root, images, out, tiny_model_dir, 1, fault="decode:5:sigterm")
+    # The rank stops after its batch, commits, and exits 143; torchrun then prints its own
+    # ChildFailedError report (its traceback, not ours).
+    assert stopped.returncode != 0 and "rerun the same command to resume" in stopped.stderr, stopped.stderr[-3000:]
+    assert "exitcode  : 143" in stopped.stderr
+    assert not any("/dinocache/" in line for line in stopped.stderr.splitlines() if line.strip().startswith("File"))
+    assert durable_rows(out) < N_IMAGES
+    again = torchrun(root, images, out, tiny_model_dir, 1)
+    assert again.returncode == 0, again.stderr[-3000:]
     assert_same_as_reference(root, out)
 
 

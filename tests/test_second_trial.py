@@ -147,3 +147,96 @@ def test_norm_stats_export_to_a_missing_folder_is_a_clear_error(tmp_path, tiny_m
     ok = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "stat.safetensors")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "stat.safetensors").stat().st_mode & 0o044  # readable by the group, like the cache
+
+
+def test_plan_checks_layers_against_the_model(tmp_path, tiny_model_dir):
+    save_scene(tmp_path / "images" / "a.png", 128, 128, 1)
+    (tmp_path / "b.yaml").write_text("buckets: [[128, 128]]\n")
+    base = ["plan", str(tmp_path / "images"), "-b", str(tmp_path / "b.yaml"), "--model", str(tiny_model_dir)]
+    bad = runner.invoke(app, [*base, "--layers", "3"])  # the tiny model has 2 blocks
+    assert bad.exit_code == 2 and "blocks 1..2" in bad.output
+    assert runner.invoke(app, [*base, "--layers", "2"]).exit_code == 0
+
+
+def test_bucket_config_mistakes_name_the_file_and_what_is_wrong(tmp_path):
+    folder = runner.invoke(app, ["plan", str(tmp_path), "-b", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder, not a file" in folder.output
+    (tmp_path / "bad.yaml").write_text("buckets: [\n")
+    broken = runner.invoke(app, ["plan", str(tmp_path), "-b", str(tmp_path / "bad.yaml")])
+    assert broken.exit_code == 2 and 'in "' + str(tmp_path / "bad.yaml") + '"' in broken.output
+
+
+def test_an_image_far_over_max_pixels_gets_our_message_not_pillows(tmp_path):
+    from dinocache.errors import DecodeError
+    from dinocache.imaging import decode_image
+
+    path = save_scene(tmp_path / "big.png", 400, 400, 1)  # 160000 pixels: 8x the limit below
+    with pytest.raises(DecodeError) as err:
+        decode_image(str(path), max_pixels=20_000)
+    assert err.value.reason == "too_large" and "--max-pixels" in err.value.detail
+
+
+def test_an_unknown_flavour_is_a_usage_error(tmp_path, tiny_model_dir):
+    save_scene(tmp_path / "images" / "a.png", 128, 128, 1)
+    extract(tmp_path / "images", options(tmp_path / "out", tiny_model_dir))
+    from dinocache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown flavour") as err:
+        FeatureCache(tmp_path / "out", flavour="layer8")
+    assert "ln_noaffine" in err.value.hint
+
+
+def test_crops_export_never_overwrites_without_being_asked(tmp_path, tiny_model_dir):
+    save_scene(tmp_path / "images" / "a.png", 128, 128, 1)
+    extract(tmp_path / "images", options(tmp_path / "out", tiny_model_dir))
+    picture = tmp_path / "images" / "a.png"
+    before = picture.read_bytes()
+    slip = runner.invoke(app, ["crops", str(tmp_path / "out"), "-o", str(picture)])
+    assert slip.exit_code == 2 and "already exists" in slip.output and picture.read_bytes() == before
+    target = tmp_path / "crops.jsonl"
+    assert runner.invoke(app, ["crops", str(tmp_path / "out"), "-o", str(target)]).exit_code == 0
+    again = runner.invoke(app, ["crops", str(tmp_path / "out"), "-o", str(target), "--overwrite"])
+    assert again.exit_code == 0 and target.read_text().count("\n") == 1
+
+
+def test_verify_recompute_without_source_uses_the_recorded_folder(tmp_path, tiny_model_dir):
+    save_scene(tmp_path / "images" / "a.png", 128, 128, 1)
+    out = tmp_path / "out"
+    extract(tmp_path / "images", options(out, tiny_model_dir))
+    report = verify_paths([out], recompute=1, device="cpu")
+    assert report.ok and report.recomputed == 1
+    assert any(str(tmp_path / "images") in note for note in report.notes)
+    shutil.rmtree(tmp_path / "images")  # gone: the old message again
+    with pytest.raises(DinocacheError, match="pass --source"):
+        verify_paths([out], recompute=1, device="cpu")
+
+
+def test_keys_with_tabs_and_newlines_stay_one_line_each(tmp_path, tiny_model_dir):
+    import json
+
+    save_scene(tmp_path / "images" / "tab\there.png", 128, 128, 1)
+    save_scene(tmp_path / "images" / "new\nline.png", 128, 128, 2)
+    out = tmp_path / "out"
+    extract(tmp_path / "images", options(out, tiny_model_dir))
+    plain = runner.invoke(app, ["keys", str(out)])
+    assert plain.output.splitlines() == ["new\\nline.png", "tab\\there.png"]
+    as_json = runner.invoke(app, ["keys", str(out), "--json"])
+    assert [json.loads(line) for line in as_json.output.splitlines()] == ["new\nline.png", "tab\there.png"]
+
+
+def test_verifying_two_caches_names_the_damaged_one(tmp_path, tiny_model_dir):
+    save_scene(tmp_path / "images" / "a.png", 128, 128, 1)
+    for name in ("one", "two"):
+        extract(tmp_path / "images", options(tmp_path / name, tiny_model_dir))
+    shard = next((tmp_path / "two" / "shards").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    report = verify_paths([tmp_path / "one", tmp_path / "two"])
+    assert [p.message.startswith(str(tmp_path / "two") + ": ") for p in report.problems] == [True]
+    assert report.problems[0].path == f"{tmp_path / 'two'}/shards/{shard.name}"
+
+
+def test_commands_that_need_a_local_cache_say_so_for_urls():
+    stats = runner.invoke(app, ["norm-stats", "s3://bucket/cache"])
+    assert stats.exit_code == 2 and "this machine's filesystem" in stats.output
+    merge = runner.invoke(app, ["merge", "s3://bucket/cache"])
+    assert merge.exit_code == 2 and "no ranks to merge" in merge.output

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dinocache import BucketBatchSampler, FeatureCache, collate_features
 from dinocache.cli import app
 from dinocache.config import ExtractOptions, parse_bucket_config
-from dinocache.errors import CacheError
+from dinocache.errors import CacheError, ConfigError
 from dinocache.extract import extract
 from dinocache.normstats import Moments
 from dinocache.verify import verify_cache
@@ -163,7 +163,7 @@ def test_a_flavour_the_cache_cannot_give_says_how_to_rebuild(images, tmp_path, t
     with pytest.raises(CacheError, match="--pool"):
         FeatureCache(tmp_path / "pooled", flavour="prenorm")
     assert FeatureCache(tmp_path / "pooled", flavour="ln_noaffine")[0]["patches"].shape[-1] == 64
-    with pytest.raises(CacheError, match="unknown flavour"):
+    with pytest.raises(ConfigError, match="unknown flavour"):
         FeatureCache(tmp_path / "pooled", flavour="whitened")
 
 

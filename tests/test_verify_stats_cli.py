@@ -249,11 +249,6 @@ def test_verify_recompute_passes_clean_and_catches_swapped_rows(mixed_images, tm
     assert caught.output.count("recomputed features differ") == 2, caught.output
 
 
-def test_recompute_needs_source(cache_dir):
-    result = runner.invoke(app, ["verify", str(cache_dir), "--recompute", "2"])
-    assert result.exit_code == 2 and "--source" in result.output
-
-
 def test_stats_histogram_and_runs(cache_dir):
     stats = json.loads(runner.invoke(app, ["stats", str(cache_dir), "--json"]).output)
     hist = {h["aspect"]: h["images"] for h in stats["aspect_histogram"]}
