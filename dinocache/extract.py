@@ -117,17 +117,30 @@ def preprocessing(mspec: ModelSpec, options: ExtractOptions) -> Preprocessing:
     return Preprocessing(mspec.image_mean, mspec.image_std, options.buckets.resize, options.jpeg_draft)
 
 
-def _check_failure_budget(options: ExtractOptions, failed: int, attempted: int, total: int, out=None) -> None:
+def _check_failure_budget(
+    options: ExtractOptions, result: ExtractResult, header_failed: int, header_total: int, out=None
+) -> None:
+    """Stop once more images failed than --max-failures allows. Header failures are all known
+    before the first batch while decode failures trickle in, so a fraction is judged as the
+    header failure rate plus the decode failure rate so far among the rest: 200 unreadable
+    headers among a million images must not look like 100% after the first batch."""
     limit = options.max_failures
     if limit is None:
         return
+    failed = result.failed_this_run
+    decode_failed = failed - header_failed
+    decoded = result.processed + decode_failed
     if isinstance(limit, int):
         too_many = failed > limit
     else:
-        too_many = attempted >= min(MIN_ATTEMPTS_FOR_FRACTION, total) and failed > limit * attempted
+        header_rate = header_failed / header_total if header_total else 0.0
+        decode_rate = decode_failed / decoded if decoded else 0.0
+        rate = header_rate + (1 - header_rate) * decode_rate
+        judged = header_failed + decoded >= min(MIN_ATTEMPTS_FOR_FRACTION, header_total)
+        too_many = judged and rate > limit
     if too_many:
         raise DinocacheError(
-            f"stopped: {failed} of {attempted} images failed, over --max-failures {limit} "
+            f"stopped: {failed} of {header_failed + decoded} images tried failed, over --max-failures {limit} "
             "(everything extracted so far is kept)",
             f"`dinocache keys {out or options.out} --failed` lists them with their reasons; fix the data or raise "
             "--max-failures",
@@ -244,9 +257,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             share = split_by_cost([w.bucket for w in work], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
             work = [work[i] for i in share]
         # The failures found in headers count before any weights load.
-        _check_failure_budget(
-            options, result.failed_this_run, result.failed_this_run, len(work) + result.failed_this_run, root
-        )
+        _check_failure_budget(options, result, result.failed_this_run, len(work) + result.failed_this_run, root)
         if work:
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
@@ -510,7 +521,8 @@ def _extract_work(
     try:
         with StopSignals() as stop:
             try:
-                _check_failure_budget(options, result.failed_this_run, result.failed_this_run, total)
+                header_failed = result.failed_this_run  # known before the first batch
+                _check_failure_budget(options, result, header_failed, total)
                 batches = iter(loader)
                 while stop.signum is None:
                     began = time.perf_counter()
@@ -549,9 +561,7 @@ def _extract_work(
                         state.commit()
                         pacer.committed(time.monotonic() - began)
                         timer.add("commit", time.monotonic() - began)
-                    _check_failure_budget(
-                        options, result.failed_this_run, result.processed + result.failed_this_run, total
-                    )
+                    _check_failure_budget(options, result, header_failed, total)
                 del batches
                 closing = writer.close()  # also on a stop signal: what is done gets written
             except BaseException:

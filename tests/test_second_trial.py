@@ -240,3 +240,27 @@ def test_commands_that_need_a_local_cache_say_so_for_urls():
     assert stats.exit_code == 2 and "this machine's filesystem" in stats.output
     merge = runner.invoke(app, ["merge", "s3://bucket/cache"])
     assert merge.exit_code == 2 and "no ranks to merge" in merge.output
+
+
+@pytest.mark.parametrize("limit, stops", [(0.08, False), (0.02, True)])
+def test_a_fractional_failure_budget_weighs_header_failures_against_every_image(tmp_path, tiny_model_dir, limit, stops):
+    """10 unreadable files among 250 is 4%: known from the headers before the first batch, they
+    must not be judged against only the few images decoded so far (which read as 10%)."""
+    import dataclasses
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(240):
+        Image.new("RGB", (32, 32), (i, 255 - i, 7)).save(images / f"ok{i:03d}.png")
+    for i in range(10):
+        (images / f"junk{i}.jpg").write_bytes(b"not a jpeg" * 8)
+    opts = dataclasses.replace(options(tmp_path / "out", tiny_model_dir), batch_size=30, max_failures=limit)
+    if stops:
+        with pytest.raises(DinocacheError, match="over --max-failures 0.02"):
+            extract(images, opts)
+        assert len(FeatureCache(tmp_path / "out")) > 0  # what was extracted before stopping is kept
+    else:
+        result = extract(images, opts)
+        assert result.processed == 240 and result.failed_this_run == 10
