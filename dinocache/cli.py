@@ -184,6 +184,9 @@ def extract(
     from .extract import Interrupted
     from .extract import extract as run_extract
 
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        typer.echo(f"warning: --workers {workers} is more than the {cores} cores here: no faster decoding", err=True)
     try:
         if buckets is None and crops is None:
             raise DinocacheError(
@@ -270,11 +273,16 @@ def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(result.failures_this_run.items()))
         typer.echo(f"{result.failed_this_run} failed this run ({reasons}): `dinocache stats {out}` lists them")
     if result.failed_before:
-        typer.echo(f"{result.failed_before} image(s) failed in an earlier run and are unchanged (not retried)")
+        typer.echo(
+            f"{result.failed_before} image(s) failed in an earlier run and are unchanged "
+            "(not retried; --retry-failed tries them again)"
+        )
     if result.missing_sources:
         gone = result.missing_sources
+        cached = len(gone) - result.missing_failed
+        what = f"{cached} cached" + (f" and {result.missing_failed} failed" if result.missing_failed else "")
         typer.echo(
-            f"{len(gone)} cached image(s) are no longer in {input_dir}: "
+            f"{what} image(s) are no longer in {input_dir}: "
             + ", ".join(gone[:listed])
             + (" ..." if len(gone) > listed else "")
             + " (--prune drops them)"

@@ -69,7 +69,8 @@ class ExtractResult:
     failed: int = 0  # failures recorded in the cache (all runs)
     failed_this_run: int = 0
     failures_this_run: dict[str, int] = field(default_factory=dict)  # reason -> count
-    missing_sources: list[str] = field(default_factory=list)  # cached keys whose file is gone
+    missing_sources: list[str] = field(default_factory=list)  # cached or failed keys whose file is gone
+    missing_failed: int = 0  # how many of those were failures, not cached features
     pruned: int = 0
     repaired_shards: dict[str, str] = field(default_factory=dict)  # file -> what was wrong
     lost: list[str] = field(default_factory=list)  # rows of damaged shards whose source is gone
@@ -311,14 +312,15 @@ def _note_missing_sources(
     state: CacheState, sources: list[SourceFile], options: ExtractOptions, result: ExtractResult
 ) -> None:
     present = [s.key for s in sources]  # sorted, like the table's keys
-    gone = keys_not_in(state.table.iter_keys(), present) + keys_not_in(sorted(state.failures), present)
+    gone_failed = keys_not_in(sorted(state.failures), present)
+    gone = keys_not_in(state.table.iter_keys(), present) + gone_failed
     if options.prune and gone:
         state.dropped.update(gone)
         for key in gone:
             state.failures.pop(key, None)
         result.pruned = len(gone)
     else:
-        result.missing_sources = gone
+        result.missing_sources, result.missing_failed = gone, len(gone_failed)
 
 
 def keys_not_in(sorted_keys, sorted_present: list[str]) -> list[str]:

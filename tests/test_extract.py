@@ -255,6 +255,7 @@ def test_deleted_sources_are_reported_and_pruned(mixed_images, tmp_path, tiny_mo
     (mixed_images / "broken.jpg").unlink()
     kept = run(mixed_images, out, tiny_model_dir)
     assert sorted(kept.missing_sources) == ["broken.jpg", "square.png"] and kept.pruned == 0
+    assert kept.missing_failed == 1  # broken.jpg was a failure, not cached features
     assert "square.png" in FeatureCache(out)
     pruned = run(mixed_images, out, tiny_model_dir, prune=True)
     assert pruned.pruned == 2 and pruned.missing_sources == []
