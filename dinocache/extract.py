@@ -567,7 +567,7 @@ def _extract_work(
                 del batches
                 closing = writer.close()  # also on a stop signal: what is done gets written
             except BaseException:
-                closing = writer.close_quietly()  # keep every shard that did reach the disk
+                landed(writer.close_quietly())  # index every shard that did reach the disk, then fail
                 raise
             finally:
                 bar.close()

@@ -1,7 +1,8 @@
 """Named fault points, so tests can crash or fill the disk at exact moments of a real run.
 
 Set DINOCACHE_FAULT="point:n:action" (several separated by commas): the n-th time this process
-reaches `point`, it dies with SIGKILL (`kill`), raises ENOSPC (`enospc`), sends itself SIGTERM
+reaches `point`, it dies with SIGKILL (`kill`), raises ENOSPC (`enospc`, or `late_enospc` after
+a second, so that work queued behind the failing write goes on meanwhile), sends itself SIGTERM
 or SIGINT (`sigterm`, `sigint`: a real signal, as `scancel` or Ctrl-C deliver it), or raises
 torch's out-of-memory error (`oom`).
 "point:n:action@R" applies only to the process whose RANK is R (torchrun).
@@ -42,7 +43,11 @@ def fault_point(name: str) -> None:
         return
     if fault[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if fault[1] == "enospc":
+    if fault[1] == "late_enospc":
+        import time
+
+        time.sleep(1.0)
+    if fault[1] in ("enospc", "late_enospc"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
     if fault[1] in ("sigterm", "sigint"):
         os.kill(os.getpid(), signal.SIGTERM if fault[1] == "sigterm" else signal.SIGINT)

@@ -110,13 +110,8 @@ class ShardWriter:
 
     def completed(self) -> list[tuple[dict, list[dict]]]:
         """Shards that are durable on disk since the last call (raises a write error, e.g. ENOSPC)."""
-        still = []
-        for fut in self._pending:
-            if fut.done():
-                self._done.append(fut.result())
-            else:
-                still.append(fut)
-        self._pending = still
+        while self._pending and self._pending[0].done():  # in order, so an error leaves the rest pending
+            self._done.append(self._pending.pop(0).result())
         done, self._done = self._done, []
         return done
 
