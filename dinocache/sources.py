@@ -9,7 +9,8 @@ A tar sample's key is `<tar file name>/<__key__>` (webdataset's key: the member'
 first dot of its file name); its first image member is the picture. Members are read by the
 offset recorded when the tar's headers were scanned (tars are never extracted); remote tars
 are copied whole, once, into a local spool and read from there. A list entry's key is its
-`key` column (else its relative path); `width`/`height` columns let plan and extract skip
+`key` column (else its path relative to the list file, or outside it its absolute path without
+the leading '/'); `width`/`height` columns let plan and extract skip
 reading headers, `size`/`mtime_ns` columns let reruns skip asking the store for them.
 """
 
@@ -77,7 +78,29 @@ class Source:
     def scan(self) -> list[SourceFile]:
         files = scan_folder(self.spec, self.exclude, self.follow_symlinks)
         require_images(files, self.spec)
+        self._warn_about_excluded_images()
         return files
+
+    def _warn_about_excluded_images(self) -> None:
+        """The output folder inside the input is left out of the scan; say so when that hides
+        images (an --out pointed at a subfolder of pictures by mistake)."""
+        import logging
+
+        root = os.path.realpath(self.spec)
+        for folder in self.exclude:
+            real = os.path.realpath(folder)
+            if real == root or os.path.commonpath([root, real]) != root or not os.path.isdir(real):
+                continue
+            hidden = sum(
+                os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(real) for name in names
+            )
+            if hidden:
+                logging.getLogger("dinocache").warning(
+                    "%d image(s) under %s are left out: it is the output folder (--out); put the cache outside "
+                    "the image folder to include them",
+                    hidden,
+                    folder,
+                )
 
     def describe(self) -> str:
         return str(Path(self.spec).resolve()) if not is_url(self.spec) else self.spec
@@ -232,7 +255,7 @@ class ListSource(Source):
                     "name each image's path or URL in a 'path' column",
                 )
             location = str(row[column])
-            key = str(row.get("key") or (location if not is_url(location) else location.split("://", 1)[1]))
+            key = str(row.get("key") or _default_list_key(location, base))
             problem = key_problem(key)
             if problem:
                 raise ConfigError(
@@ -244,13 +267,29 @@ class ListSource(Source):
             if not is_url(location) and not os.path.isabs(location):
                 location = os.path.join(base, location)
             size, mtime = _int_or(row.get("size")), _int_or(row.get("mtime_ns"))
+            problem = None
             if size is None or mtime is None:
-                size, mtime = _stat(location)
+                size, mtime, problem = _stat(location)
             hint = (_int_or(row.get("width")) or 0, _int_or(row.get("height")) or 0)
-            files[key] = SourceFile(key, location, size, mtime, None, hint=hint if all(hint) else None)
+            files[key] = SourceFile(key, location, size, mtime, problem, hint=hint if all(hint) else None)
         out = sorted(files.values(), key=lambda s: s.key)
         require_images(out, self.spec)
         return out
+
+
+def _default_list_key(location: str, base: str) -> str:
+    """A list entry's key when it has no `key` column: a URL without its scheme; a local path
+    relative to the list file's folder (normalised); a path outside that folder, absolute with
+    its leading '/' dropped ('/data/a.jpg' -> 'data/a.jpg')."""
+    if is_url(location):
+        return location.split("://", 1)[1]
+    if not base:
+        return location
+    absolute = os.path.normpath(os.path.join(base, location))
+    inside = os.path.relpath(absolute, base)
+    if inside != ".." and not inside.startswith(".." + os.sep):
+        return PurePosixPath(Path(inside).as_posix()).as_posix()
+    return Path(absolute).as_posix().lstrip("/")
 
 
 def _int_or(value) -> int | None:
@@ -260,18 +299,21 @@ def _int_or(value) -> int | None:
         return None
 
 
-def _stat(location: str) -> tuple[int, int]:
+def _stat(location: str) -> tuple[int, int, tuple[str, str] | None]:
+    """(size, mtime_ns, None), or (-1, -1, (reason, detail)) for a listed file that is not there."""
     try:
         if is_url(location):
             fs, _, (path,) = _fsspec().get_fs_token_paths(location)
             info = fs.info(path)
             mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
             stamp = int(mtime.timestamp() * 1e9) if hasattr(mtime, "timestamp") else int(float(mtime) * 1e9)
-            return int(info.get("size") or -1), stamp
+            return int(info.get("size") or -1), stamp, None
         st = os.stat(location)
-        return st.st_size, st.st_mtime_ns
-    except (OSError, ValueError):
-        return -1, -1
+        return st.st_size, st.st_mtime_ns, None
+    except FileNotFoundError:
+        return -1, -1, ("missing", f"{location} does not exist")
+    except (OSError, ValueError) as exc:
+        return -1, -1, ("unreadable", f"cannot stat {location}: {getattr(exc, 'strerror', None) or exc}")
 
 
 def open_source(spec: str | Path, exclude=(), follow_symlinks: bool = False) -> Source:

@@ -186,3 +186,21 @@ def test_brace_patterns_and_what_a_source_is():
     assert expand_braces("{a,b}/x-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "b/x-1.tar", "b/x-2.tar"]
     assert open_source("s3://b/{000..009}.tar").kind == "tars"
     assert open_source("images.parquet").kind == "list" and open_source("data/images").kind == "folder"
+
+
+def test_list_entries_without_a_key_get_one_from_their_path(folder, tmp_path):
+    """Relative paths are relative to the list file and keep that form; a path outside the
+    list's folder (absolute, or ../) is keyed by its absolute path without the leading '/'."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "local.png").write_bytes((folder / "d.png").read_bytes())
+    absolute = folder / "a.jpg"
+    rows = [{"path": "./local.png"}, {"path": str(absolute)}, {"path": "../images/sub/b.png"}]
+    rows.append({"path": "gone.png"})
+    (lists / "list.csv").write_text("path\n" + "".join(r["path"] + "\n" for r in rows))
+    files = {s.key: s for s in open_source(str(lists / "list.csv")).scan()}
+    outside = absolute.resolve().as_posix().lstrip("/")
+    expected = ["gone.png", "local.png", outside, (folder / "sub" / "b.png").resolve().as_posix().lstrip("/")]
+    assert sorted(files) == sorted(expected)
+    assert files["gone.png"].problem[0] == "missing" and "does not exist" in files["gone.png"].problem[1]
+    assert files["local.png"].problem is None
