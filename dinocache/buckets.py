@@ -83,14 +83,15 @@ def generate_sizes(
     sorted by aspect ratio (tallest first)."""
     area = resolution * resolution
     sizes: set[tuple[int, int]] = set()
-    width = min_side
-    while width <= max_side:
-        height = min(max_side, (area // width) // step * step)
+    top = max_side // step * step  # every side on the step grid, the limits included
+    width = -(-min_side // step) * step
+    while width <= top:
+        height = min(top, (area // width) // step * step)
         if height >= min_side and max(width / height, height / width) <= max_aspect:
             sizes.add((width, height))
             sizes.add((height, width))
         width += step
-    square = min(max_side, resolution // step * step)
+    square = min(top, resolution // step * step)
     if square >= min_side:
         sizes.add((square, square))
     return sorted(sizes, key=lambda wh: (wh[0] / wh[1], wh[0]))

@@ -197,6 +197,11 @@ def _parse_generate(spec: Any, source: str) -> list[tuple[int, int]]:
         for k in GENERATE_KEYS[:4]
         if k in spec
     }
+    if kwargs.get("step", 64) % 8:
+        raise ConfigError(
+            f"{source}: generate.step must be a multiple of 8 (a VAE's downsampling), got {kwargs['step']}",
+            "use 64 (kohya's default), 32 or 16",
+        )
     if "max_aspect" in spec:
         aspect = spec["max_aspect"]
         if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or aspect < 1:

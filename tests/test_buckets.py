@@ -66,3 +66,9 @@ def test_generated_buckets_are_within_limits_and_symmetric():
     aspects = [math.log(w / h) for w, h in sizes]
     assert aspects == sorted(aspects)
     assert len(set(sizes)) == len(sizes)
+
+
+def test_generated_sides_stay_on_the_step_grid_when_the_limits_are_not_on_it():
+    sizes = generate_sizes(700, step=48, min_side=250, max_side=1000, max_aspect=3.0)
+    assert sizes and all(w % 48 == 0 and h % 48 == 0 for w, h in sizes)
+    assert all(250 <= min(w, h) and max(w, h) <= 1000 for w, h in sizes)

@@ -38,6 +38,7 @@ def test_generated_form(tmp_path):
         ("buckets: [[512, 512]]\nresize: zoom", ["resize", "stretch"]),
         ("buckets: [[512, 512]]\nbatch_size: 0", ["batch_size", "positive"]),
         ("generate: {step: 64}", ["generate.resolution is missing"]),
+        ("generate: {resolution: 1024, step: 7}", ["generate.step must be a multiple of 8"]),
         ("generate: {resolution: 1024, aspect: 2}", ["unknown key", "aspect"]),
         ("generate: {resolution: 1024, max_aspect: 0.5}", ["max_aspect"]),
         ("buckets: [[512, 512]]\ngenerate: {resolution: 512}", ["exactly one"]),
