@@ -596,6 +596,7 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
                 )
         except CacheError as exc:
             report.add("path", exc.message, norm["file"])
+    stale = []
     for entry in manifest.get("statistics", []):
         try:
             path = cache_path(root, entry["file"], STATS_DIR)
@@ -604,17 +605,21 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
         except CacheError as exc:
             report.add("path", exc.message, entry["file"])
         if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
-            report.notes.append(
-                f"statistics {entry['file']} ({entry.get('flavour')}) are stale: the cache changed "
-                "since they were computed; rerun `dinocache norm-stats`"
-            )
+            stale.append(f"{entry['file']} ({entry.get('flavour')})")
+    if stale:  # one note, however many statistics files
+        report.notes.append(
+            f"statistics {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale: the cache changed "
+            "since they were computed; rerun `dinocache norm-stats`"
+        )
 
 
 def _check_source(source: Path, table, manifest: dict, report: VerifyReport, follow_symlinks: bool) -> None:
     from .sources import open_source
+    from .worklist import source_sha256_or_none
 
     failed = {f["key"] for f in manifest["failures"]}
     present = set()
+    restamped = 0
     for src in open_source(str(source), follow_symlinks=follow_symlinks).scan():
         present.add(src.key)
         i = table.find(src.key) if not src.problem else -1
@@ -623,8 +628,18 @@ def _check_source(source: Path, table, manifest: dict, report: VerifyReport, fol
                 report.add("source_missing", f"{src.key} is in {source} but not in the cache", key=src.key)
             continue
         cols = table.columns
-        if int(cols["source_bytes"][i]) != src.size or int(cols["source_mtime_ns"][i]) != src.mtime_ns:
+        if int(cols["source_bytes"][i]) != src.size:
             report.add("source_changed", f"{src.key} changed in {source} since it was extracted", key=src.key)
+        elif int(cols["source_mtime_ns"][i]) != src.mtime_ns:  # same size: the content decides, as in extract
+            if source_sha256_or_none(src) == cols["source_sha256"][i].tobytes().hex():
+                restamped += 1
+            else:
+                report.add("source_changed", f"{src.key} changed in {source} since it was extracted", key=src.key)
+    if restamped:
+        report.notes.append(
+            f"{restamped} image(s) in {source} have a new modification time but the same content (a copy?); "
+            "extract keeps their features and records the new time"
+        )
     gone = [key for key in table.iter_keys() if key not in present]
     if gone:
         shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")

@@ -72,7 +72,8 @@ def select_work(
     ctx: RankContext | None = None,
     retry_failed: bool = False,
 ) -> Selection:
-    """Skip what is cached and unchanged (key + size + mtime, or content hash with `rehash`),
+    """Skip what is cached and unchanged (key + size + mtime; a same-size file with a new mtime,
+    or with `rehash` every file, by content hash),
     recompute what changed, retry failures only when their file changed, and place the rest.
     Under a process group each rank reads 1/world of the headers and all receive every result."""
     ctx = ctx or RankContext()
@@ -96,8 +97,13 @@ def select_work(
                 out.cached += 1
             else:
                 out.failed_before += 1
-        elif rehash and cached and _sha256_or_none(src) == cached["source_sha256"]:
-            # Same content, new size/mtime stamp (copied, touched): keep the row, refresh the stamp.
+        elif (
+            cached
+            and (rehash or cached.get("source_bytes") == src.size)
+            and source_sha256_or_none(src) == cached["source_sha256"]
+        ):
+            # Same content, new stamp (a copied folder, a touched file): keep the row, refresh the
+            # stamp. Without --rehash only a same-size file is hashed: one read, not a forward.
             out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
             out.cached += 1
         else:
@@ -137,7 +143,7 @@ def _as_int(value) -> int | None:
     return value
 
 
-def _sha256_or_none(src: SourceFile) -> str | None:
+def source_sha256_or_none(src: SourceFile) -> str | None:
     from .errors import DecodeError
     from .sources import is_url, read_bytes
 

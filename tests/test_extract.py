@@ -263,17 +263,19 @@ def test_deleted_sources_are_reported_and_pruned(mixed_images, tmp_path, tiny_mo
     assert read_manifest(out)["failures"] == []
 
 
-def test_rehash_compares_content_not_timestamps(mixed_images, tmp_path, tiny_model_dir):
+def test_a_new_mtime_alone_keeps_the_features_and_rehash_compares_content(mixed_images, tmp_path, tiny_model_dir):
     import os
 
     out = tmp_path / "out"
     path = save_scene(mixed_images / "pic.bmp", 300, 300, seed=1)  # BMP: the size depends on the dimensions only
     run(mixed_images, out, tiny_model_dir)
-    os.utime(path, ns=(10**18, 10**18))  # touched: same bytes, new mtime
-    assert run(mixed_images, out, tiny_model_dir).processed == 1  # size + mtime: looks changed
-    os.utime(path, ns=(2 * 10**18, 2 * 10**18))
-    touched = run(mixed_images, out, tiny_model_dir, rehash=True)
+    os.utime(path, ns=(10**18, 10**18))  # touched (or copied): same bytes, new mtime
+    touched = run(mixed_images, out, tiny_model_dir)  # same size, new mtime: the content decides
     assert (touched.processed, touched.skipped) == (0, 5)  # same content: kept, stamp refreshed
+    assert FeatureCache(out).record("pic.bmp")["source_mtime_ns"] == 10**18
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    rehashed = run(mixed_images, out, tiny_model_dir, rehash=True)
+    assert (rehashed.processed, rehashed.skipped) == (0, 5)
     assert FeatureCache(out).record("pic.bmp")["source_mtime_ns"] == 2 * 10**18
     before = FeatureCache(out)["pic.bmp"]["cls"].clone()
     size = path.stat().st_size
@@ -283,4 +285,9 @@ def test_rehash_compares_content_not_timestamps(mixed_images, tmp_path, tiny_mod
     assert run(mixed_images, out, tiny_model_dir).processed == 0  # size + mtime cannot see it
     changed = run(mixed_images, out, tiny_model_dir, rehash=True)
     assert changed.processed == 1
-    assert not torch.equal(FeatureCache(out)["pic.bmp"]["cls"], before)
+    after = FeatureCache(out)["pic.bmp"]["cls"].clone()
+    assert not torch.equal(after, before)
+    save_scene(path, 300, 300, seed=3)  # new content, same size, new mtime: hashed, found changed
+    os.utime(path, ns=(3 * 10**18, 3 * 10**18))
+    assert run(mixed_images, out, tiny_model_dir).processed == 1
+    assert not torch.equal(FeatureCache(out)["pic.bmp"]["cls"], after)
