@@ -369,8 +369,18 @@ def show(
     Example:
       dinocache show dinocache_out photos/cat.jpg -o cat-features.png
     """
+    from PIL import Image
+
     from .show import render
 
+    Image.init()
+    if output.suffix.lower() not in Image.EXTENSION:  # checked before the work, not after it
+        _fail(
+            DinocacheError(
+                f"cannot write {output}: {output.suffix or 'no extension'} is not a picture format",
+                "end --output in .png (or .jpg, .webp)",
+            )
+        )
     try:
         picture = render(out, key, source)
         picture.save(output)
@@ -413,18 +423,24 @@ def keys(
 
     try:
         out = local_view(out)
+        listed = 0
         if failed:
             for f in read_manifest(out)["failures"]:
                 if match is None or fnmatch.fnmatchcase(f["key"], match):
                     entry = {"key": f["key"], "reason": f["reason"], "detail": f.get("detail", "")}
                     typer.echo(json.dumps(entry) if as_json else line(*entry.values()))
-            return
-        from .manifest import load_samples
+                    listed += 1
+        else:
+            from .manifest import load_samples
 
-        table = load_samples(out, read_manifest(out))
-        for key in table.iter_keys():
-            if match is None or fnmatch.fnmatchcase(key, match):
-                typer.echo(json.dumps(key) if as_json else line(key))
+            table = load_samples(out, read_manifest(out))
+            for key in table.iter_keys():
+                if match is None or fnmatch.fnmatchcase(key, match):
+                    typer.echo(json.dumps(key) if as_json else line(key))
+                    listed += 1
+        if not listed:  # on stderr: a script reading stdout still sees an empty list
+            what = "failed images recorded" if failed else "cached keys"
+            typer.echo(f"no {what}{f' match {match!r}' if match else ''} in {out}", err=True)
     except DinocacheError as exc:
         _fail(exc)
 
@@ -486,7 +502,7 @@ def norm_stats(
 @app.command()
 def crops(
     out: str = OUT_ARG,
-    output: Path = typer.Option(..., "--output", "-o", metavar="JSONL", help="File to write."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="JSONL", help="File to write ('-': standard output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ):
     """Write every cached sample's bucket size and crop box, one JSON line each.
@@ -498,9 +514,14 @@ def crops(
     Example:
       dinocache crops cache/ -o crops.jsonl
     """
-    from .crops import export_crops
+    from .crops import crop_lines, export_crops
 
     try:
+        if str(output) == "-":
+            lines = crop_lines(out)
+            sys.stdout.write("".join(lines))
+            typer.echo(f"wrote {len(lines)} crop(s) to standard output", err=True)
+            return
         count = export_crops(out, output, overwrite)
     except DinocacheError as exc:
         _fail(exc)

@@ -142,14 +142,22 @@ def export_crops(cache_dir: str | Path, output: str | Path, overwrite: bool = Fa
     An existing file is replaced only with `overwrite` (a slip of -o must not eat an image),
     and atomically: a failed write leaves it as it was."""
     from .fileio import atomic_write_bytes
-    from .manifest import load_samples, read_manifest
-    from .remote import local_view
 
     output = Path(output)
     if output.is_dir():
         raise ConfigError(f"{output} is a folder", "pass --output with a file name, e.g. crops.jsonl")
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} already exists", "pass --overwrite to replace it, or another --output")
+    lines = crop_lines(cache_dir)
+    atomic_write_bytes(output, "".join(lines).encode("utf-8"))
+    return len(lines)
+
+
+def crop_lines(cache_dir: str | Path) -> list[str]:
+    """Every cached sample's crop record, as the JSON lines `export_crops` writes."""
+    from .manifest import load_samples, read_manifest
+    from .remote import local_view
+
     cache_dir = local_view(cache_dir)
     manifest = read_manifest(cache_dir)
     table = load_samples(Path(cache_dir), manifest)
@@ -159,5 +167,4 @@ def export_crops(cache_dir: str | Path, output: str | Path, overwrite: bool = Fa
     for i, key in enumerate(table.iter_keys()):
         b = buckets[int(bucket_col[i])]
         lines.append(json.dumps({"key": key, "size": [b["width"], b["height"]], "box": boxes[i].tolist()}) + "\n")
-    atomic_write_bytes(output, "".join(lines).encode("utf-8"))
-    return len(table)
+    return lines

@@ -45,8 +45,9 @@ from .features import stored_features
 from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_source
+from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, load_weights, resolve_model
+from .names import DEFAULT_MODEL
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
 from .sources import open_source
@@ -184,7 +185,9 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         from .crops import load_crops
 
         crops = load_crops(options.crops, options.buckets, sources)
-    # Cheap checks first: the model's shape and settings (no weights), then the cache.
+    # Cheap checks first: the model the cache was built with, the model's shape and settings (no
+    # weights), then the cache.
+    _check_same_model(root, options)
     mspec = (
         loaded.spec
         if loaded is not None and loaded.spec is not None
@@ -258,7 +261,12 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             share = split_by_cost([w.bucket for w in work], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
             work = [work[i] for i in share]
         # The failures found in headers count before any weights load.
-        _check_failure_budget(options, result, result.failed_this_run, len(work) + result.failed_this_run, root)
+        try:
+            _check_failure_budget(options, result, result.failed_this_run, len(work) + result.failed_this_run, root)
+        except DinocacheError:
+            if ctx.leader and not ctx.multi:
+                state.commit()  # the failures that stopped the run are what `keys --failed` must list
+            raise
         if work:
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
@@ -293,6 +301,18 @@ def _apply_selection(
             result.failed_this_run += 1
             result.failures_this_run[reason] = result.failures_this_run.get(reason, 0) + 1
     return selection.work
+
+
+def _check_same_model(root: Path, options: ExtractOptions) -> None:
+    """A cache holds one model's features. Another model is refused before it is looked up, so a
+    rerun that forgot --model hears about the cache, not about the default model's Hub repo."""
+    recorded = None if options.overwrite else recorded_model(root)
+    if recorded is not None and recorded[0] != options.model:
+        raise CacheError(
+            f"{root} was built with --model {recorded[0]}; this run asks for {options.model}"
+            + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
+            f"pass --model {recorded[0]} to add to it, another --out for the other model, or --overwrite to rebuild it",
+        )
 
 
 def _check_same_source(state: CacheState, source: str, options: ExtractOptions) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
-from .errors import CacheError
+from .errors import CacheError, DinocacheError
 from .fileio import atomic_write_bytes, contained_file, is_link
 from .layout import storage_problems, stored_grid
 from .names import (  # noqa: F401
@@ -333,6 +333,22 @@ def load_samples(root: Path, manifest: dict):
             "rebuild the cache with extract --overwrite",
         )
     return table
+
+
+def recorded_model(root: str | Path) -> tuple[str, str | None] | None:
+    """The model (id, revision) an existing local cache was built with; None when there is no
+    readable local cache there."""
+    from .remote import is_remote
+
+    if is_remote(root) or not (Path(root) / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(root)
+    except DinocacheError:
+        return None  # the run itself reports what is wrong with the cache
+    if manifest["format_version"] != FORMAT_VERSION:
+        return None  # an older format is refused for that first
+    return manifest["model"]["id"], manifest["model"].get("revision")
 
 
 def recorded_source(manifest: dict[str, Any]) -> str | None:

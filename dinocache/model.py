@@ -588,6 +588,11 @@ def _load_config(spec: str, revision: str | None):
     from transformers import AutoConfig
 
     quiet_libraries()
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():  # a path, never a Hub id
+        raise ModelLoadError(
+            f"model path {spec} does not exist",
+            "pass the folder save_pretrained wrote, a Hub id (owner/name), an official .pth, or random:vits16",
+        )
     _use_hub_offline_if_unreachable(spec)
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)  # never trust_remote_code

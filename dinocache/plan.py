@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .buckets import make_buckets
 from .config import BucketConfig
-from .errors import ConfigError
+from .errors import ConfigError, DinocacheError
 from .imaging import Preprocessing
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
 from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, resolve_model
@@ -89,6 +89,7 @@ class PlanReport:
     estimated_gpu_seconds: float = 0.0
     disk_free_bytes: int | None = None
     disk_checked_at: str | None = None
+    already_cached: int | None = None  # of the usable images, keys the cache at `out` holds already
     warnings: list[str] = field(default_factory=list)
 
 
@@ -190,6 +191,7 @@ def plan_extraction(
             }
         )
     if out is not None:
+        report.already_cached = _keys_cached(out, per_bucket, settings, report)
         target = Path(out)
         while not target.exists() and target != target.parent:
             target = target.parent  # the folder the cache would be created in (as the user wrote it)
@@ -206,6 +208,33 @@ def plan_extraction(
             "will be upscaled: consider smaller buckets"
         )
     return report
+
+
+def _keys_cached(out: str | Path, per_bucket: list[list[dict]], settings: dict, report: PlanReport) -> int | None:
+    """How many of the planned keys an existing cache at `out` holds (None: no readable cache,
+    or one with another model, buckets or storage, which extract would refuse: a warning says so)."""
+    from .manifest import MANIFEST_NAME, load_samples, read_manifest, settings_of
+    from .state import settings_differences
+
+    if not (Path(out) / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        recorded = settings_of(manifest)
+        diffs = [d for k in ("buckets", "storage") for d in settings_differences(recorded[k], settings[k], k)]
+        if recorded["model"]["id"] != settings["model"]["id"]:
+            diffs.insert(0, f"model: cache has {recorded['model']['id']}, this plan has {settings['model']['id']}")
+        if diffs:
+            report.warnings.append(
+                f"the cache at {out} was built with other settings ({'; '.join(diffs[:3])}"
+                f"{'; ...' if len(diffs) > 3 else ''}): extract would refuse these options "
+                "(use the same ones, another --out, or --overwrite to rebuild it)"
+            )
+            return None
+        cached = set(load_samples(Path(out), manifest).iter_keys())
+    except DinocacheError:
+        return None
+    return sum(r["key"] in cached for records in per_bucket for r in records)
 
 
 class _Unusable(Exception):
@@ -273,6 +302,11 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
         f"time          ~{human_seconds(report.estimated_gpu_seconds)} of one H100/H200 at 50% MFU "
         "(extract --compile); CPU runs are 100-1000x slower",
     ]
+    if report.already_cached is not None:
+        lines.append(
+            f"cached        {report.already_cached} of the {report.images} already in the cache there "
+            "(extract computes only new or changed images; the figures above are for the whole cache)"
+        )
     if report.disk_free_bytes is not None:
         lines.append(f"disk          {human_bytes(report.disk_free_bytes)} free under {report.disk_checked_at}")
     lines += [f"WARNING: {w}" for w in report.warnings]

@@ -42,7 +42,7 @@ def test_random_model_warns_loudly(caplog):
 def test_missing_model_says_how_to_fix(tmp_path):
     with pytest.raises(ModelLoadError) as info:
         load_model(str(tmp_path / "nothing"), device="cpu")
-    assert "hf auth login" in str(info.value) or "local folder" in str(info.value)
+    assert "does not exist" in str(info.value) and "save_pretrained" in str(info.value)
 
 
 def test_non_dinov3_checkpoint_is_refused(tmp_path):

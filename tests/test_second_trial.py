@@ -1,6 +1,7 @@
 """What the second newcomer trial hit: failures that stay failed, a cache fed from two folders,
 NaN features, bad normalization, and commands pointed at the wrong thing."""
 
+import json
 import os
 import shutil
 
@@ -109,6 +110,11 @@ def test_the_failure_budget_is_spent_on_headers_before_weights_load(tmp_path, ti
     with pytest.raises(DinocacheError, match="over --max-failures") as err:
         extract(images, options(tmp_path / "out", tiny_model_dir, max_failures=1))
     assert "--failed" in err.value.hint
+    # ...and the failures that stopped it are recorded, so the command the hint names lists them.
+    keys = runner.invoke(app, ["keys", str(tmp_path / "out"), "--failed", "--json"])
+    assert keys.exit_code == 0, keys.output
+    listed = sorted(json.loads(line)["key"] for line in keys.stdout.splitlines())
+    assert listed == [f"junk{i}.jpg" for i in range(3)]
 
 
 def test_pointing_verify_at_the_wrong_files_says_what_they_are(tmp_path, tiny_model_dir):

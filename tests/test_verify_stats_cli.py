@@ -174,7 +174,7 @@ def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_pat
     [
         (["extract", "{images}", "--buckets", "{tmp}/missing.yaml"], ["does not exist", "--buckets"]),
         (["extract", "{tmp}/no-such-dir", "--buckets", "{cfg}"], ["input folder", "does not exist"]),
-        (["extract", "{images}", "--buckets", "{cfg}", "--model", "{tmp}/no-model"], ["could not load model"]),
+        (["extract", "{images}", "--buckets", "{cfg}", "--model", "{tmp}/no-model"], ["model path", "does not exist"]),
         (
             ["extract", "{images}", "--buckets", "{cfg}", "--model", "random:vitz99"],
             ["unknown architecture", "random:vits16"],
