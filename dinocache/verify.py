@@ -615,7 +615,7 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
 
 def _check_source(source: Path, table, manifest: dict, report: VerifyReport, follow_symlinks: bool) -> None:
     from .sources import open_source
-    from .worklist import source_sha256_or_none
+    from .worklist import same_content
 
     failed = {f["key"] for f in manifest["failures"]}
     present = set()
@@ -628,13 +628,13 @@ def _check_source(source: Path, table, manifest: dict, report: VerifyReport, fol
                 report.add("source_missing", f"{src.key} is in {source} but not in the cache", key=src.key)
             continue
         cols = table.columns
-        if int(cols["source_bytes"][i]) != src.size:
+        recorded_bytes = int(cols["source_bytes"][i])
+        if recorded_bytes == src.size and int(cols["source_mtime_ns"][i]) == src.mtime_ns:
+            continue
+        if same_content(src, recorded_bytes, cols["source_sha256"][i].tobytes().hex()):  # the rule extract uses
+            restamped += 1
+        else:
             report.add("source_changed", f"{src.key} changed in {source} since it was extracted", key=src.key)
-        elif int(cols["source_mtime_ns"][i]) != src.mtime_ns:  # same size: the content decides, as in extract
-            if source_sha256_or_none(src) == cols["source_sha256"][i].tobytes().hex():
-                restamped += 1
-            else:
-                report.add("source_changed", f"{src.key} changed in {source} since it was extracted", key=src.key)
     if restamped:
         report.notes.append(
             f"{restamped} image(s) in {source} have a new modification time but the same content (a copy?); "

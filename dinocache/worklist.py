@@ -97,13 +97,8 @@ def select_work(
                 out.cached += 1
             else:
                 out.failed_before += 1
-        elif (
-            cached
-            and (rehash or cached.get("source_bytes") == src.size)
-            and source_sha256_or_none(src) == cached["source_sha256"]
-        ):
-            # Same content, new stamp (a copied folder, a touched file): keep the row, refresh the
-            # stamp. Without --rehash only a same-size file is hashed: one read, not a forward.
+        elif cached and same_content(src, cached.get("source_bytes"), cached["source_sha256"]):
+            # Same content, new stamp (a copied folder, a touched file): keep the row, refresh the stamp.
             out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
             out.cached += 1
         else:
@@ -141,6 +136,12 @@ def _as_int(value) -> int | None:
         except ValueError:
             return None
     return value
+
+
+def same_content(src: SourceFile, recorded_bytes: int | None, recorded_sha256: str) -> bool:
+    """Whether `src` still holds the bytes a record was made from. Only a file of the recorded
+    size is read and hashed (one read, far cheaper than a forward); another size cannot match."""
+    return recorded_bytes == src.size and source_sha256_or_none(src) == recorded_sha256
 
 
 def source_sha256_or_none(src: SourceFile) -> str | None:
