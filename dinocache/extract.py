@@ -648,7 +648,8 @@ def _finish(
     did_something = run.planned or run.failed or run.interrupted
     if did_something:
         state.runs.append(record)
-    result.seconds, result.images_per_second = run.seconds(), run.images_per_second()
+    # the same frozen figures as the manifest's run record, so the summary and `stats` agree
+    result.seconds, result.images_per_second = record["seconds"], record["images_per_second"]
     result.stage_seconds = timer.rounded()
     if commits:
         began = time.monotonic()
