@@ -653,20 +653,13 @@ def _quiet_hub() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _interrupted(signum, _frame) -> None:
-    """Ctrl-C outside extraction's own handler (e.g. while torch loads): a quiet exit 130, at
-    once. Raising SystemExit here is not enough: a signal landing inside torch's C-level import
-    gets the exception swallowed or turned into an abort. Nothing is lost: every write of a
-    cache is atomic, and a lock left behind by a dead process is taken over."""
-    os.write(2, b"\ninterrupted\n")
-    os._exit(128 + signum)
-
-
 def main() -> None:
     import logging
     import signal
 
-    signal.signal(signal.SIGINT, _interrupted)
+    from ._entry import quit_on_signal
+
+    signal.signal(signal.SIGINT, quit_on_signal)  # also when cli.main is called directly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_hub()
     app()
