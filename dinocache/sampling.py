@@ -16,9 +16,10 @@ class BucketBatchSampler(Sampler[list]):
     """Batches of sample indices that all come from one bucket.
 
     Shuffled by (seed, epoch): the same seed and epoch give the same batches on every restart.
-    With `world_size` > 1 every rank gets a disjoint slice of the same global batch list and the
-    same number of batches (the list is padded by repeating its start, or cut with drop_last), so
-    no rank waits at a collective for one that ran out. To resume mid-epoch after a restart,
+    With `world_size` > 1 every rank gets its slice of the same global batch list and the same
+    number of batches, so no rank waits at a collective for one that ran out: the list is padded
+    by repeating batches from its start (a few samples are then seen twice in the epoch, as with
+    DistributedSampler), or cut with drop_last (strictly disjoint). To resume mid-epoch after a restart,
     `set_epoch(epoch, start_step=steps_done)` skips the batches this rank already trained on.
 
     `flip=True` (a --flip cache): each sample is read as its plain or its mirrored view, chosen
@@ -114,8 +115,9 @@ class BucketBatchSampler(Sampler[list]):
             if self.drop_last:
                 batches = batches[: len(batches) - len(batches) % self.world_size]
             else:
-                total = math.ceil(len(batches) / self.world_size) * self.world_size
-                batches += batches[: total - len(batches)]
+                # cycle, not slice: with more ranks than batches one pass of the list is too short
+                extra = math.ceil(len(batches) / self.world_size) * self.world_size - len(batches)
+                batches += [batches[i % len(batches)] for i in range(extra)]
         return batches
 
     def _views(self) -> np.ndarray:

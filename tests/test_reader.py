@@ -77,6 +77,26 @@ def test_ranks_get_disjoint_batches_and_equal_counts(cache):
     assert {i for batches in padded for batch in batches for i in batch} == set(range(16))
 
 
+@pytest.mark.parametrize("world", [2, 7, 9, 20, 40])
+def test_more_ranks_than_batches_still_gives_every_rank_the_same_count(cache, world):
+    # batch 8 over 16 samples in a few buckets: fewer batches than ranks for the larger worlds;
+    # a rank with one batch fewer would leave the others waiting at their collective
+    for drop_last in (False, True):
+        per_rank = [
+            list(BucketBatchSampler(cache, batch_size=8, seed=1, rank=r, world_size=world, drop_last=drop_last))
+            for r in range(world)
+        ]
+        counts = {len(batches) for batches in per_rank}
+        assert len(counts) == 1, (world, drop_last, [len(b) for b in per_rank])
+        sizes = [
+            len(BucketBatchSampler(cache, 8, seed=1, rank=r, world_size=world, drop_last=drop_last))
+            for r in range(world)
+        ]
+        assert sizes == [len(batches) for batches in per_rank]
+        if not drop_last:
+            assert counts != {0} and {i for b in per_rank for batch in b for i in batch} == set(range(16))
+
+
 def test_collate_pads_patches_and_masks_them(cache):
     items = [cache["00.png"], cache["07.png"]]  # 14x14 = 196 and 12x24 = 288 patches
     batch = collate_features(items)
