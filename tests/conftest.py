@@ -22,6 +22,13 @@ NUM_REGISTERS = 4
 DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty folder of its own, so a `./dinocache_out` that the README's
+    first command left in the checkout (the default --out) cannot change what a test sees."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def tiny_config(**overrides):
     from transformers import DINOv3ViTConfig
 
