@@ -134,7 +134,27 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
                 "boxes are in pixels of the upright image (EXIF applied)",
             )
         crops[line.key] = Crop(buckets[line.size], line.box, line.line)
+    _warn_about_unlisted(path, config, sources, crops)
     return crops
+
+
+def _warn_about_unlisted(path, config: BucketConfig, sources: list, crops: dict) -> None:
+    """Images the crops file does not list are placed by the bucket rule, not by the trainer's
+    crops: say how many, since a partial crops file is usually a mistake."""
+    import logging
+
+    unlisted = [s.key for s in sources if s.key not in crops]
+    if unlisted:
+        logging.getLogger("dinocache").warning(
+            "%d of %d image(s) are not in %s (e.g. %r): they are placed by the nearest aspect ratio "
+            "among the buckets of %s (resize: %s), not by your trainer's crops",
+            len(unlisted),
+            len(sources),
+            path,
+            unlisted[0],
+            config.source,
+            config.resize,
+        )
 
 
 def export_crops(cache_dir: str | Path, output: str | Path, overwrite: bool = False) -> int:

@@ -57,10 +57,12 @@ def extract(images, out, model_dir, *extra):
     return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
 
 
-def test_odd_boxes_match_an_independent_crop_and_forward(images, tmp_path, tiny_model_dir):
+def test_odd_boxes_match_an_independent_crop_and_forward(images, tmp_path, tiny_model_dir, caplog):
     crops = write(tmp_path / "crops.jsonl", ODD)
     code, output = extract(images, tmp_path / "out", tiny_model_dir, "--crops", crops)
     assert code == 0, output
+    unlisted = [r.getMessage() for r in caplog.records if "not in" in r.getMessage()]
+    assert len(unlisted) == 1 and "1 of 4 image(s)" in unlisted[0] and "'d.png'" in unlisted[0]  # said, not silent
     cache = FeatureCache(tmp_path / "out")
     assert [b["name"] for b in cache.manifest["buckets"]] == ["64x96", "96x64", "80x48"]  # by aspect
     for crop in ODD:
@@ -75,7 +77,7 @@ def test_odd_boxes_match_an_independent_crop_and_forward(images, tmp_path, tiny_
     assert cache.record("d.png")["placement"] == 0  # unlisted: the rule, among the file's sizes
 
 
-def test_export_then_import_reproduces_the_features_bit_for_bit(images, tmp_path, tiny_model_dir):
+def test_export_then_import_reproduces_the_features_bit_for_bit(images, tmp_path, tiny_model_dir, caplog):
     code, output = extract(
         images,
         tmp_path / "first",
@@ -93,6 +95,7 @@ def test_export_then_import_reproduces_the_features_bit_for_bit(images, tmp_path
         images, tmp_path / "second", tiny_model_dir, "--crops", exported, "--storage-dtype", "float32"
     )
     assert code == 0, output
+    assert not any("image(s) are not in" in r.getMessage() for r in caplog.records)  # every image listed
     first, second = FeatureCache(tmp_path / "first"), FeatureCache(tmp_path / "second")
     assert first.keys() == second.keys()
     for key in first.keys():
