@@ -13,6 +13,7 @@ wrongly shaped tensor.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -129,8 +130,9 @@ class FeatureCache(Dataset):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.table.find(key) >= 0
 
-    def bucket_of(self, i: int) -> int:
-        return int(self._bucket_col[i])
+    def bucket_of(self, item: int | str) -> int:
+        """The bucket index (into manifest["buckets"]) of a sample, by position or key."""
+        return int(self._bucket_col[self.position(item)])
 
     def bucket_indices(self) -> np.ndarray:
         """The bucket of every sample, as an array (for samplers)."""
@@ -142,7 +144,21 @@ class FeatureCache(Dataset):
 
     def record(self, item: int | str) -> dict:
         """The sample's bookkeeping: source size/mtime/sha256, upright size, crop box, shard, row, bucket."""
-        return self.table.record(self.index_of(item) if isinstance(item, str) else int(item))
+        return self.table.record(self.position(item))
+
+    def position(self, item: int | str) -> int:
+        """A sample's position: its key looked up, or an integer index (negative counts from the
+        end, as for a list). Anything else is a TypeError, not a silent int() of a float."""
+        if isinstance(item, str):
+            return self.index_of(item)
+        try:
+            i = operator.index(item)
+        except TypeError:
+            raise TypeError(f"a sample is a key (str) or an integer index, not {type(item).__name__}") from None
+        n = len(self.table)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a cache of {n} samples")
+        return i + n if i < 0 else i
 
     def index_of(self, key: str) -> int:
         i = self.table.find(key)
@@ -273,10 +289,7 @@ class FeatureCache(Dataset):
             if flipped and not self.layout.flip:
                 raise CacheError(f"{self.root} holds no flipped view", "extract with --flip to store one")
             flipped = bool(flipped)
-        i = self.index_of(item) if isinstance(item, str) else int(item)
-        if not 0 <= i < len(self.table):
-            raise IndexError(f"index {i} out of range for a cache of {len(self.table)} samples")
-        return i, flipped
+        return self.position(item), flipped
 
     def _views(self, flipped: bool | None) -> tuple[str, ...]:
         if flipped is None:

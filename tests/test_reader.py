@@ -38,6 +38,19 @@ def test_lookup_by_key_and_index(cache):
         cache["zz.png"]
 
 
+def test_indices_behave_like_a_sequence(cache):
+    last = cache[len(cache) - 1]
+    assert torch.equal(cache[-1]["patches"], last["patches"]) and cache[-1]["key"] == last["key"]
+    assert cache.record(-1) == cache.record(len(cache) - 1)
+    assert cache.bucket_of("03.png") == cache.bucket_of(cache.index_of("03.png")) == cache.record("03.png")["bucket"]
+    assert cache[torch.tensor(2)]["key"] == cache[2]["key"]  # a 0-d tensor from a sampler is an index too
+    for bad in (len(cache), -len(cache) - 1):
+        with pytest.raises(IndexError, match="out of range"):
+            cache[bad]
+    with pytest.raises(TypeError, match="key .* or an integer index"):
+        cache[1.0]
+
+
 def test_dtype_cast(cache, tmp_path):
     fc = FeatureCache(cache.root, dtype=torch.float32)
     assert fc["00.png"]["cls"].dtype == torch.float32
