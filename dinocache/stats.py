@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from .layout import Layout
-from .manifest import MANIFEST_NAME, load_samples, read_manifest
+from .manifest import MANIFEST_NAME, load_samples, read_manifest, shard_path
 
 
 def cache_stats(root: str | Path) -> dict:
-    from .remote import local_view
+    from .remote import is_remote, local_view
 
     shown = str(root)
+    remote = is_remote(root)
     root = local_view(root)
     manifest = read_manifest(root)
     table = load_samples(root, manifest)
@@ -57,6 +58,8 @@ def cache_stats(root: str | Path) -> dict:
         "buckets": buckets,
         "shards": len(manifest["shards"]),
         "unreferenced_shards": len(manifest["shards"]) - len(referenced),
+        # one stat per shard (local caches): a report must not look healthy over missing files
+        "damaged_shards": [] if remote else _damaged_shards(root, manifest["shards"]),
         "bytes_on_disk": shard_bytes + manifest["samples"]["bytes"] + (root / MANIFEST_NAME).stat().st_size,
         "model": manifest["model"]["id"],
         "revision": manifest["model"].get("revision"),
@@ -81,6 +84,19 @@ def cache_stats(root: str | Path) -> dict:
         "aspect_histogram": [{"aspect": label, "images": int(n)} for label, n in zip(labels, hist)],
         "runs": runs,
     }
+
+
+def _damaged_shards(root: Path, shards: list[dict]) -> list[str]:
+    """Shards that are missing or not the size the manifest records (`verify` says more)."""
+    damaged = []
+    for shard in shards:
+        try:
+            size = shard_path(root, shard["file"]).stat().st_size
+        except OSError:
+            size = None
+        if size != shard["bytes"]:
+            damaged.append(shard["file"])
+    return damaged
 
 
 # Source aspect ratio (width / height) bin edges: 1:4 ... 4:1.
@@ -116,6 +132,14 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         f"dtype      compute {stats['compute_dtype']}, {_stored(stats)}",
         f"images     {stats['images']} cached, {stats['failed']} failed",
         f"on disk    {human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
+    ]
+    if stats["damaged_shards"]:
+        lines.append(
+            f"DAMAGED    {len(stats['damaged_shards'])} shard(s) missing or the wrong size (e.g. "
+            f"{stats['damaged_shards'][0]}): `dinocache verify {stats['cache']}` says more, "
+            "rerunning the same `dinocache extract` rebuilds them"
+        )
+    lines += [
         "",
         f"{'bucket':>11} {'input':>11} {'grid':>7}"
         + (f" {'stored':>7}" if pooled else "")

@@ -144,6 +144,15 @@ def test_stats_reports_buckets_failures_model_and_bytes(mixed_images, tmp_path, 
     assert stats["storage_dtype"] == "bfloat16" and stats["model"] == str(tiny_model_dir)
     human = runner.invoke(app, ["stats", str(out)])
     assert "208x304" in human.output and "not_an_image" in human.output and "broken.jpg" in human.output
+    assert stats["damaged_shards"] == [] and "DAMAGED" not in human.output
+    shards = sorted((out / "shards").iterdir())
+    shards[0].unlink()
+    with open(shards[1], "r+b") as f:
+        f.truncate(10)
+    damaged = json.loads(runner.invoke(app, ["stats", str(out), "--json"]).output)["damaged_shards"]
+    assert sorted(damaged) == sorted(f"shards/{p.name}" for p in shards[:2])
+    human = runner.invoke(app, ["stats", str(out)])
+    assert human.exit_code == 0 and "DAMAGED    2 shard(s) missing or the wrong size" in human.output
 
 
 def test_default_out_is_shared_by_extract_verify_and_stats(mixed_images, tmp_path, tiny_model_dir, monkeypatch):
