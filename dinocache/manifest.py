@@ -42,7 +42,7 @@ OWNED = {
     SHARD_DIR: re.compile(r"b\d{3,}-\d+x\d+-[0-9a-f]{8}-\d{5,}\.safetensors"),
     INDEX_DIR: re.compile(r"samples-[0-9a-f]{12}\.safetensors"),
     RANK_DIR: re.compile(r"rank-\d{5,}-[0-9a-f]{8}\.json"),
-    STATS_DIR: re.compile(r"[a-z_]+-[0-9a-f]{12}\.safetensors"),
+    STATS_DIR: re.compile(r"[a-z_]+-(channel|position)-[0-9a-f]{12}\.safetensors"),  # FLAVOUR-KIND-ID
 }
 TEMP = re.compile(r"\.[^/]+\.tmp(-\d+)?")  # `.NAME.tmp` (shards) and `.NAME.tmp-PID` (atomic writes)
 

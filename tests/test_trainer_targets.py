@@ -255,6 +255,18 @@ def test_statistics_become_stale_when_the_cache_changes(images, tmp_path, tiny_m
     assert stats["statistics"][0]["stale"] is True
 
 
+def test_overwrite_removes_the_old_statistics_files(images, tmp_path, tiny_model_dir):
+    out = tmp_path / "cache"
+    run(images, out, tiny_model_dir)
+    for extra in ([], ["--flavour", "ln_noaffine"]):
+        assert runner.invoke(app, ["norm-stats", str(out), "--no-progress", *extra]).exit_code == 0
+    assert len(list((out / "stats").iterdir())) == 2
+    (out / "stats" / "mine.txt").write_text("not dinocache's: stays")
+    run(images, out, tiny_model_dir, storage_dtype="float16", overwrite=True)
+    assert sorted(p.name for p in (out / "stats").iterdir()) == ["mine.txt"]
+    assert verify_cache(out).ok
+
+
 def test_merging_moments_equals_one_pass():
     rng = np.random.default_rng(0)
     data = rng.normal(3.0, 2.0, (1000, 8)) * rng.uniform(0.1, 10, 8)
