@@ -115,6 +115,23 @@ def cache_settings(mspec: ModelSpec, prep: Preprocessing, layout, buckets: list[
     )
 
 
+def _warn_about_partial_pool_windows(buckets: list[Bucket], pool: int) -> None:
+    """A --pool that does not divide a grid averages partial windows at its bottom and right
+    edges: a stored token then no longer covers a fixed square of pixels (REPA's alignment)."""
+    uneven = [b for b in buckets if pool > 1 and (b.grid[0] % pool or b.grid[1] % pool)]
+    if uneven:
+        b = uneven[0]
+        log.warning(
+            "--pool %d does not divide the patch grid of %d bucket(s) (e.g. %s: %dx%d): their last "
+            "stored row/column averages a partial window; pick a --pool that divides every grid "
+            "if stored tokens must line up with a DiT's",
+            pool,
+            len(uneven),
+            b.name,
+            *b.grid,
+        )
+
+
 def preprocessing(mspec: ModelSpec, options: ExtractOptions) -> Preprocessing:
     return Preprocessing(mspec.image_mean, mspec.image_std, options.buckets.resize, options.jpeg_draft)
 
@@ -203,6 +220,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     )
     check_layers(options.layers, mspec)
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size)
+    _warn_about_partial_pool_windows(buckets, options.pool)
     settings = cache_settings(mspec, preprocessing(mspec, options), options.layout(), buckets)
     result = ExtractResult(out=options.out, scanned=len(sources))
     try:

@@ -29,9 +29,11 @@ def run(images, out, model_dir, **kwargs):
     return FeatureCache(out)
 
 
-def test_pool_2_averages_each_2x2_window(mixed_images, tmp_path, tiny_model_dir):
+def test_pool_2_averages_each_2x2_window(mixed_images, tmp_path, tiny_model_dir, caplog):
     full = run(mixed_images, tmp_path / "full", tiny_model_dir, storage_dtype="float32")
+    assert "partial window" not in caplog.text
     pooled = run(mixed_images, tmp_path / "pooled", tiny_model_dir, storage_dtype="float32", pool=2)
+    assert "--pool 2 does not divide the patch grid of 1 bucket(s) (e.g. 210x300: 19x13)" in caplog.text
     assert pooled.manifest["storage"]["pool"] == 2
     for key in full.keys():
         grid = full[key]["grid"]
