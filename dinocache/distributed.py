@@ -61,7 +61,13 @@ class RankContext:
     def create(cls, rank: int | None, world_size: int | None, device: str) -> "RankContext":
         env = LauncherEnv.read()
         if rank is not None or world_size is not None:  # explicit: no process group
-            if rank is None or world_size is None or not 0 <= rank < world_size:
+            if rank is None or world_size is None:
+                given, missing = ("--rank", "--world-size") if world_size is None else ("--world-size", "--rank")
+                raise ConfigError(
+                    f"{given} needs {missing} too",
+                    "pass both, with 0 <= rank < world size, e.g. --rank 0 --world-size 4",
+                )
+            if not 0 <= rank < world_size:
                 raise ConfigError(
                     f"--rank {rank} --world-size {world_size} is not a valid pair",
                     "pass both, with 0 <= rank < world size",

@@ -46,7 +46,7 @@ from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
-from .model import LoadedModel, ModelSpec, check_layers, load_weights, resolve_model
+from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
@@ -324,6 +324,7 @@ def _apply_selection(
 def _check_same_model(root: Path, options: ExtractOptions) -> None:
     """A cache holds one model's features. Another model is refused before it is looked up, so a
     rerun that forgot --model hears about the cache, not about the default model's Hub repo."""
+    check_model_spec(options.model)  # a typo is named as one, not as "another model"
     recorded = None if options.overwrite else recorded_model(root)
     if recorded is not None and recorded[0] != options.model:
         raise CacheError(

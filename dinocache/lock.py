@@ -37,11 +37,13 @@ class CacheLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder and holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
+                pid = holder.get("pid") if holder else None
+                if holder and holder.get("host") == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "owner unknown"
                 raise CacheError(
-                    f"{self.path.parent} is being written by another dinocache process ({holder or 'unknown owner'})",
+                    f"{self.path.parent} is being written by another dinocache process ({who})",
                     f"wait for it to finish; if no such process runs any more, delete {self.path}",
                 ) from None
             with os.fdopen(fd, "w") as fh:
@@ -51,9 +53,10 @@ class CacheLock:
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return holder if isinstance(holder, dict) else None  # written by hand, or by something else
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)

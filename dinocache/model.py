@@ -219,14 +219,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_model_spec(spec: str) -> None:
+    """What can be wrong with --model without reading anything: an unknown random:<arch>, or a
+    path (./, /, ~) that does not exist. Checked before the cache's own model is compared, so a
+    typo is named as a typo."""
+    if spec.startswith(RANDOM_PREFIX):
+        arch = spec[len(RANDOM_PREFIX) :]
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"unknown architecture {arch!r} in random:{arch}",
+                f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}",
+            )
+    elif spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():  # a path, never a Hub id
+        raise ModelLoadError(
+            f"model path {spec} does not exist",
+            "pass the folder save_pretrained wrote, a Hub id (owner/name), an official .pth, or random:vits16",
+        )
+
+
 def random_config(arch: str):
     from transformers import DINOv3ViTConfig
 
-    if arch not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"unknown architecture {arch!r} in random:{arch}",
-            f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}",
-        )
+    check_model_spec(RANDOM_PREFIX + arch)
     return DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1e-5, **ARCHITECTURES[arch])
 
 
@@ -393,9 +407,26 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
         sdpa_backend=sdpa_backend,
         spec=mspec,
     )
+    _check_attention_backend(loaded)
     if compile:
         loaded.enable_compile()
     return loaded
+
+
+def _check_attention_backend(loaded: LoadedModel) -> None:
+    """A forced --sdpa-backend that cannot run here (cuDNN on a CPU, flash in float32) would fail
+    in the first batch with torch's 'No viable backend'; a 2x2-patch forward finds out first."""
+    if loaded.sdpa_backend == "auto":
+        return
+    side = 2 * loaded.patch_size
+    try:
+        loaded.forward(torch.zeros(1, 3, side, side))
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"the attention backend {loaded.sdpa_backend!r} cannot run on {loaded.device} in "
+            f"{str(loaded.dtype).removeprefix('torch.')}: {str(exc).splitlines()[0]}",
+            "drop --sdpa-backend (auto: torch picks one that runs), or use math",
+        ) from None
 
 
 def load_model(
@@ -588,11 +619,7 @@ def _load_config(spec: str, revision: str | None):
     from transformers import AutoConfig
 
     quiet_libraries()
-    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():  # a path, never a Hub id
-        raise ModelLoadError(
-            f"model path {spec} does not exist",
-            "pass the folder save_pretrained wrote, a Hub id (owner/name), an official .pth, or random:vits16",
-        )
+    check_model_spec(spec)
     _use_hub_offline_if_unreachable(spec)
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)  # never trust_remote_code

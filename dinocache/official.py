@@ -32,14 +32,24 @@ IGNORED = ("rope_embed.periods",)
 
 
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    import warnings
+
     try:
-        try:  # memory-mapped: tensors are read as the model copies them, not all at once
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            try:  # memory-mapped: tensors are read as the model copies them, not all at once
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        if "Weights only load failed" in first:
+            # not torch's advice to retry with weights_only=False: that would run the file's code
+            why = "it holds Python objects besides tensors, which dinocache never unpickles (they could run code)"
+        else:
+            why = f"not a PyTorch checkpoint ({type(exc).__name__}: {first})"
         raise ModelLoadError(
-            f"cannot read {path} as an official DINOv3 checkpoint: {str(exc).splitlines()[0]}",
+            f"cannot read {path} as an official DINOv3 checkpoint: {why}",
             "pass the .pth file downloaded from Meta, or a transformers folder / Hub id",
         ) from None
     for wrapper in ("teacher", "model", "state_dict"):  # training checkpoints nest the weights

@@ -41,7 +41,7 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
     root = Path(root)
     if not root.is_dir():
         raise DinocacheError(
-            f"input folder {root} does not exist or is not a folder",
+            f"input folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"),
             "pass the folder that holds your images, e.g. dinocache extract data/images",
         )
     real_root = os.path.realpath(root)
