@@ -468,10 +468,12 @@ def norm_stats(
       dinocache norm-stats cache/ --export svg-stats.safetensors --style svg
     """
     from .manifest import read_manifest
-    from .normstats import compute_statistics, export_statistics, require_local
+    from .normstats import check_export_target, compute_statistics, export_statistics, require_local
 
     try:
         require_local(out)
+        if export is not None:
+            check_export_target(export, style)
         manifest = read_manifest(out)
         fresh = [
             e

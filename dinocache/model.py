@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +214,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(DTYPES)}")
     if dtype == "float16":
-        warnings.warn("float16 is reported to overflow in DINOv3 (dinov3 issue 181); prefer bfloat16", stacklevel=2)
+        log.warning("float16 is reported to overflow in DINOv3 (dinov3 issue 181); prefer bfloat16")
     return DTYPES[dtype]
 
 

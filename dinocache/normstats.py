@@ -258,6 +258,18 @@ def load_statistics(root: Path, manifest: dict, flavour: str, per_position: bool
     return Statistics(entry, tensors)
 
 
+def check_export_target(output: Path, style: str) -> None:
+    """--style and --export are checked before any statistics are computed."""
+    if style not in STYLES:
+        raise ConfigError(f"unknown --style {style!r}", f"use one of {', '.join(STYLES)}")
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConfigError(
+            f"cannot write {output}: "
+            + ("it is a folder" if output.is_dir() else f"the folder {output.parent} does not exist"),
+            "pass --export with a file path in an existing folder, e.g. stat.pt",
+        )
+
+
 def export_statistics(
     root: str | Path, output: str | Path, style: str, flavour: str = "normed", per_position: bool = False
 ) -> Path:
@@ -269,14 +281,7 @@ def export_statistics(
     """
     require_local(root)
     root, output = Path(root), Path(output)
-    if style not in STYLES:
-        raise ConfigError(f"unknown --style {style!r}", f"use one of {', '.join(STYLES)}")
-    if output.is_dir() or not output.parent.is_dir():
-        raise ConfigError(
-            f"cannot write {output}: "
-            + ("it is a folder" if output.is_dir() else f"the folder {output.parent} does not exist"),
-            "pass --export with a file path in an existing folder, e.g. stat.pt",
-        )
+    check_export_target(output, style)
     manifest = read_manifest(root)
     stats = load_statistics(root, manifest, flavour, per_position)
     t = stats.tensors

@@ -61,7 +61,9 @@ def test_folder_without_weights(tmp_path, tiny_model_dir):
         load_model(str(tmp_path), device="cpu")
 
 
-def test_dtype_choice():
+def test_dtype_choice(caplog):
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    assert "float16 is reported to overflow" in caplog.text  # a log line, not a Python warning's source line
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ModelLoadError, match="unknown dtype"):

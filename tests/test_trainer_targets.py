@@ -203,6 +203,9 @@ def test_statistics_equal_numpy_over_every_token(images, tmp_path, affine_model_
 def test_per_position_statistics_and_exports(images, tmp_path, tiny_model_dir):
     out = tmp_path / "cache"
     run(images, out, tiny_model_dir, buckets={"buckets": [[64, 64]]})
+    wrong_style = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "s.pt"), "--style", "torch"])
+    assert wrong_style.exit_code == 2 and "unknown --style 'torch'" in wrong_style.output
+    assert not (out / "stats").exists()  # refused before any statistics were computed
     bad = runner.invoke(app, ["norm-stats", str(out), "--per-position", "--no-progress", "--flavour", "prenorm"])
     assert bad.exit_code == 0, bad.output  # one bucket: one grid
     cache = FeatureCache(out, flavour="prenorm")
