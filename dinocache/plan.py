@@ -184,7 +184,8 @@ def plan_extraction(
             {
                 "name": bucket.name,
                 "input": f"{bucket.input_width}x{bucket.input_height}",
-                "grid": f"{grid[0]}x{grid[1]}",
+                "grid": f"{bucket.grid[0]}x{bucket.grid[1]}",  # the model's, as stats shows it
+                "stored_grid": f"{grid[0]}x{grid[1]}",  # after --pool
                 "images": len(records),
                 "share": len(records) / report.images if report.images else 0.0,
                 "bytes": nbytes,
@@ -268,11 +269,17 @@ def human_seconds(s: float) -> str:
 
 
 def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dtype: str, listed: int = 5) -> str:
-    lines = [f"{'bucket':>11} {'input':>11} {'grid':>7} {'images':>8} {'share':>7} {'projected':>10}"]
+    pooled = any(b["grid"] != b["stored_grid"] for b in report.buckets)  # the same columns as stats
+    lines = [
+        f"{'bucket':>11} {'input':>11} {'grid':>7}"
+        + (f" {'stored':>7}" if pooled else "")
+        + f" {'images':>8} {'share':>7} {'projected':>10}"
+    ]
     for b in report.buckets:
         lines.append(
-            f"{b['name']:>11} {b['input']:>11} {b['grid']:>7} {b['images']:>8} {b['share'] * 100:>6.1f}% "
-            f"{human_bytes(b['bytes']):>10}"
+            f"{b['name']:>11} {b['input']:>11} {b['grid']:>7}"
+            + (f" {b['stored_grid']:>7}" if pooled else "")
+            + f" {b['images']:>8} {b['share'] * 100:>6.1f}% {human_bytes(b['bytes']):>10}"
         )
     kind = "share of the picture cropped away" if config.resize == "crop" else "aspect ratio change"
     lines += [

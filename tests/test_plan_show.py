@@ -85,6 +85,12 @@ def test_plan_options_change_the_projection(mixed_images):
     assert size("--pool", "2") < 0.35 * base
     assert size("--layers", "4,8") == pytest.approx(3 * base, rel=0.03)
     assert size("--flip") == pytest.approx(2 * base, rel=0.01)
+    args = ["plan", str(mixed_images), "-b", str(REPO / "configs" / "example-small.yaml"), "-m", "random:vits16"]
+    pooled = runner.invoke(app, [*args, "--pool", "2", "--json"])
+    by_name = {b["name"]: b for b in json.loads(pooled.output)["buckets"]}
+    assert by_name["210x300"]["grid"] == "19x13" and by_name["210x300"]["stored_grid"] == "10x7"  # as stats says
+    table = runner.invoke(app, [*args, "--pool", "2"]).output.splitlines()[0].split()
+    assert table[:4] == ["bucket", "input", "grid", "stored"]
 
 
 def test_plan_needs_no_weights_but_a_shape(mixed_images):
