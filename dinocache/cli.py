@@ -289,6 +289,11 @@ def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -
         )
     if result.pruned:
         typer.echo(f"{result.pruned} image(s) whose source is gone were dropped from the cache")
+    if result.stale_statistics:
+        typer.echo(
+            f"the cache's statistics ({', '.join(result.stale_statistics)}) no longer cover every sample: "
+            f"rerun `dinocache norm-stats {out}` (with the same --flavour) before training with normalize=True"
+        )
     if world_size and world_size > 1:
         typer.echo(f"rank {rank} of {world_size} done: run `dinocache merge {out}` once every rank has finished")
 

@@ -83,6 +83,7 @@ class ExtractResult:
     model_loaded: bool = False
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stale_statistics: list[str] = field(default_factory=list)  # flavours whose norm-stats no longer match
 
 
 class Interrupted(DinocacheError):
@@ -674,6 +675,11 @@ def _finish(
         began = time.monotonic()
         state.commit()
         timer.add("commit", time.monotonic() - began)
+        if state.index_info:
+            sha = state.index_info["sha256"]
+            result.stale_statistics = sorted(
+                {str(e.get("flavour")) for e in state.statistics if e.get("samples_sha256") != sha}
+            )
     elif did_something:
         import uuid
 

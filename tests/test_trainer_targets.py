@@ -243,14 +243,21 @@ def test_statistics_become_stale_when_the_cache_changes(images, tmp_path, tiny_m
     run(images, out, tiny_model_dir)
     assert runner.invoke(app, ["norm-stats", str(out), "--no-progress"]).exit_code == 0
     FeatureCache(out, normalize=True)
+    (tmp_path / "b.yaml").write_text(json.dumps(BUCKETS))
+    args = ["extract", str(images), "-b", str(tmp_path / "b.yaml"), "-o", str(out), "-m", str(tiny_model_dir)]
+    args += ["--dtype", "float32", "--workers", "0", "--no-progress"]
+    unchanged = runner.invoke(app, args)
+    assert "0 extracted" in unchanged.output and "no longer cover" not in unchanged.output  # still fresh: no note
     save_scene(images.parent / "more" / "extra.png", 64, 64, seed=99)
     import shutil
 
     shutil.copy(images.parent / "more" / "extra.png", images / "extra.png")
     try:
-        run(images, out, tiny_model_dir)
+        rerun = runner.invoke(app, args)
     finally:
         (images / "extra.png").unlink()
+    assert rerun.exit_code == 0, rerun.output
+    assert "1 extracted" in rerun.output and "statistics (normed) no longer cover every sample" in rerun.output
     with pytest.raises(CacheError, match="stale"):
         FeatureCache(out, normalize=True)
     assert any("stale" in note for note in verify_cache(out).notes)
