@@ -147,7 +147,7 @@ def _warn_about_unlisted(path, config: BucketConfig, sources: list, crops: dict)
     if unlisted:
         logging.getLogger("dinocache").warning(
             "%d of %d image(s) are not in %s (e.g. %r): they are placed by the nearest aspect ratio "
-            "among the buckets of %s (resize: %s), not by your trainer's crops",
+            "among the buckets of %s, resize %s, not by your trainer's crops",
             len(unlisted),
             len(sources),
             path,
