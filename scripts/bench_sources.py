@@ -14,8 +14,6 @@ import argparse
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -24,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from moto_server import moto_server  # noqa: E402
 
 
 def small_jpeg(seed: int, size=(96, 72)) -> bytes:
@@ -84,18 +84,9 @@ def bench_tars(work: Path, tars: int, per_tar: int, model: str) -> dict:
 def bench_s3(work: Path, cache: Path) -> dict:
     import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(2)
+    with moto_server() as endpoint:
         os.environ.update(
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+            AWS_ENDPOINT_URL=endpoint,
             AWS_ACCESS_KEY_ID="x",
             AWS_SECRET_ACCESS_KEY="x",
             AWS_DEFAULT_REGION="us-east-1",
@@ -122,8 +113,6 @@ def bench_s3(work: Path, cache: Path) -> dict:
         cold = total / read_all("s3://bench/cache") / 1e9
         warm = total / read_all("s3://bench/cache") / 1e9
         return {"shard_bytes": total, "raw_local_gbps": raw, "s3_cold_gbps": cold, "s3_warm_gbps": warm}
-    finally:
-        server.terminate()
 
 
 def bench_plan(work: Path, entries: int) -> dict:

@@ -3,13 +3,12 @@
 s3fs via fsspec. Write, read, resume after a killed run, a corrupted object, the lock."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from moto_server import moto_server
 from test_crash import BUCKETS, N_IMAGES, dataset, extract_args, run_library  # noqa: F401
 from typer.testing import CliRunner
 
@@ -24,24 +23,8 @@ URL = "s3://caches/run1"
 
 @pytest.fixture(scope="module")
 def s3_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield endpoint
-    server.terminate()
-    server.wait()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture()
