@@ -24,20 +24,22 @@ log = logging.getLogger("dinocache")
 
 RANDOM_PREFIX = "random:"
 
-# Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim).
+# Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim,
+# rounded up to `align_to`). The SwiGLU ("plus" and 7B) models apply SiLU to the gate
+# (dinov3/layers/ffn_layers.py, SwiGLUFFN.forward); the others exact GELU.
+_SWIGLU = dict(use_gated_mlp=True, hidden_act="silu")
 ARCHITECTURES: dict[str, dict] = {
     "vits16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "vits16plus": dict(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, use_gated_mlp=True
-    ),
+    "vits16plus": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, **_SWIGLU),
     "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "vitl16plus": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, **_SWIGLU
+    ),
     "vith16plus": dict(
-        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, use_gated_mlp=True
+        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, **_SWIGLU
     ),
-    "vit7b16": dict(
-        hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192, use_gated_mlp=True
-    ),
+    "vit7b16": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192, **_SWIGLU),
 }
 
 # The config fields that change features (the rest is Hub bookkeeping such as id2label).

@@ -14,7 +14,13 @@ transformers architecture, by key mapping -- the same mapping as transformers' c
     blocks.i.mlp.fc1 / fc2.*              layer.i.mlp.up_proj / down_proj.*              (MLP)
     blocks.i.mlp.w1 / w2 / w3.*           layer.i.mlp.gate_proj / up_proj / down_proj.*  (SwiGLU)
     norm.*                                norm.*
-    rope_embed.periods                    (recomputed from rope_theta = 100)
+    rope_embed.periods                    (recomputed from rope_theta = 100; checked equal)
+    local_cls_norm.*                      (ignored: Meta's forward uses it only in training)
+
+The SwiGLU models (ViT-S+/16, ViT-L+/16, ViT-H+/16, ViT-7B/16) compute `w3(silu(w1 x) * w2 x)`
+(dinov3/layers/ffn_layers.py, SwiGLUFFN.forward): their config gets hidden_act="silu", which
+transformers' gated MLP applies to gate_proj. The plain-MLP models use exact GELU (nn.GELU in
+vision_transformer.py), transformers' "gelu".
 
 The file is read with `torch.load(weights_only=True)`: tensors only, no arbitrary unpickling.
 """
@@ -28,7 +34,10 @@ import torch
 from .errors import ModelLoadError
 
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
-IGNORED = ("rope_embed.periods",)
+ROPE_THETA = 100.0  # pos_embed_rope_base of every released ViT (hub/backbones.py)
+# Training-only parts: the local-crop CLS norm (vision_transformer.py uses it only when
+# self.training, for the second crop list) and the RoPE periods, recomputed (and checked) here.
+IGNORED = ("rope_embed.periods", "local_cls_norm.")
 
 
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -81,10 +90,57 @@ def official_config(sd: dict[str, torch.Tensor]):
         num_attention_heads=HEADS_BY_WIDTH[hidden],
         intermediate_size=inner,
         use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        key_bias=_has_key_bias(sd),
         num_register_tokens=registers,
         patch_size=sd["patch_embed.proj.weight"].shape[-1],
         layerscale_value=1.0,
+        rope_theta=ROPE_THETA,
     )
+
+
+def _has_key_bias(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether the key part of the fused qkv bias takes effect. Every released ViT masks it
+    (LinearKMaskedBias in dinov3/layers/attention.py: bias * bias_mask, the mask 1 for q and v
+    and 0 for k); without a mask the key bias is real and must be kept."""
+    if "blocks.0.attn.qkv.bias" not in sd:
+        return False
+    if "blocks.0.attn.qkv.bias_mask" not in sd:
+        return True
+    for key in (k for k in sd if k.endswith("attn.qkv.bias_mask")):
+        q, k, v = sd[key].float().chunk(3)
+        if not (bool((q == 1).all()) and bool((k == 0).all()) and bool((v == 1).all())):
+            raise ModelLoadError(
+                f"{key} is not the usual (1, 0, 1) mask of the query, key and value biases",
+                "this checkpoint's attention is not supported; convert it with transformers' script",
+            )
+    return False
+
+
+def _check_training_only_parts(sd: dict[str, torch.Tensor], config) -> None:
+    """Refuse what transformers' DINOv3 cannot express, and say what is ignored."""
+    import logging
+
+    if any(k.startswith("cls_norm.") for k in sd):  # untie_cls_and_patch_norms: CLS normed apart
+        raise ModelLoadError(
+            "this checkpoint normalises its CLS token with a norm of its own (cls_norm), which "
+            "transformers' DINOv3 does not have",
+            "use a released DINOv3 ViT checkpoint",
+        )
+    if any(k.startswith("local_cls_norm.") for k in sd):
+        logging.getLogger("dinocache").info(
+            "ignoring local_cls_norm: Meta's forward applies it to local crops in training only"
+        )
+    periods = sd.get("rope_embed.periods")
+    if periods is not None:
+        head_dim = config.hidden_size // config.num_attention_heads
+        # RopePositionEmbedding._init_weights (dinov3/layers/rope_position_encoding.py)
+        expected = ROPE_THETA ** (2 * torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 2))
+        if periods.shape != expected.shape or not torch.allclose(periods.double(), expected, rtol=1e-4):
+            raise ModelLoadError(
+                f"the checkpoint's RoPE periods are not those of base {ROPE_THETA:g} (min/max period)",
+                "this checkpoint's position encoding is not supported; convert it with transformers' script",
+            )
 
 
 def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> dict[str, torch.Tensor]:
@@ -110,8 +166,10 @@ def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> 
             v,
         )
         if b + "attn.qkv.bias" in sd:
-            qb, _, vb = sd[b + "attn.qkv.bias"].chunk(3)
+            qb, kb, vb = sd[b + "attn.qkv.bias"].chunk(3)
             out[h + "attention.q_proj.bias"], out[h + "attention.v_proj.bias"] = qb, vb
+            if b + "attn.qkv.bias_mask" not in sd:  # an unmasked key bias is real
+                out[h + "attention.k_proj.bias"] = kb
         renames = [("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.o_proj")]
         renames += (
             [("mlp.w1", "mlp.gate_proj"), ("mlp.w2", "mlp.up_proj"), ("mlp.w3", "mlp.down_proj")]
@@ -134,6 +192,7 @@ def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     sd = load_official_state_dict(path)
     config = official_config(sd)
+    _check_training_only_parts(sd, config)
     model = DINOv3ViTModel._from_config(config, dtype=dtype)
     prefix = "model.layer." if any(k.startswith("model.layer.") for k in model.state_dict()) else "layer."
     converted = official_to_transformers(sd, prefix)
