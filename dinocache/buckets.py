@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-RESIZE_MODES = ("stretch", "crop")
+RESIZE_MODES = ("stretch", "crop", "adm")
 MIN_SIDE = 16  # one DINOv3 patch
 MAX_SIDE = 8192  # 512 patches a side; larger buckets are a typo (an 8192x8192 bucket is 262k tokens)
 
@@ -103,14 +103,51 @@ def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(b.log_aspect - target), b.index))
 
 
+@dataclass(frozen=True)
+class AdmSteps:
+    """guided-diffusion's `center_crop_arr` for a target of (width, height): `halvings` BOX
+    halvings of the whole image, a BICUBIC resize of the whole image to `resized`, then the
+    target cut out at `offset` (left, top)."""
+
+    halvings: int
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def adm_steps(width: int, height: int, target: tuple[int, int]) -> AdmSteps:
+    """The geometry of ADM's centre crop (openai/guided-diffusion, image_datasets.py:126-143,
+    copied by REPA, RAE's calculate_stat.py and SVG's utils.py), for any target size: halve
+    while both sides stay at least twice the target's (for a square target: `min(size) >= 2 *
+    image_size`), scale so the image covers the target (`image_size / min(size)`), crop centred
+    with floor offsets. The same float expressions as the original, so the rounding agrees."""
+    tw, th = target
+    w, h, halvings = width, height, 0
+    while w >= 2 * tw and h >= 2 * th:
+        w, h, halvings = w // 2, h // 2, halvings + 1
+    scale = max(tw / w, th / h)
+    rw, rh = (round(w * scale), round(h * scale))
+    return AdmSteps(halvings, (rw, rh), ((rw - tw) // 2, (rh - th) // 2))
+
+
 def crop_box(width: int, height: int, bucket: Bucket, mode: str) -> tuple[int, int, int, int]:
     """The region of the (EXIF-upright) source that is resized to the bucket: (left, top, right, bottom).
 
     `stretch` keeps the whole image (a slight aspect change, no pixel lost); `crop` takes the
-    largest centred box with the bucket's aspect, as a "cover + centre crop" trainer does.
+    largest centred box with the bucket's aspect, as a "cover + centre crop" trainer does; `adm`
+    is ADM's centre crop (`adm_steps`), whose box is the region its crop covers in the source,
+    recorded for `crops` and `show` (its pixels come from `imaging.adm_center_crop`, not the box).
     """
     if mode == "stretch":
         return (0, 0, width, height)
+    if mode == "adm":
+        steps = adm_steps(width, height, (bucket.width, bucket.height))
+        (rw, rh), (left, top) = steps.resized, steps.offset
+        return (
+            round(left * width / rw),
+            round(top * height / rh),
+            min(width, round((left + bucket.width) * width / rw)),
+            min(height, round((top + bucket.height) * height / rh)),
+        )
     if mode != "crop":
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     bucket_aspect = bucket.width / bucket.height

@@ -113,6 +113,11 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
     error naming the line (image sizes are read from headers, no decoding)."""
     from .placement import probe_source
 
+    if config.resize == "adm":  # ADM's pixels come from its own crop, not from a box
+        raise ConfigError(
+            f"--crops gives each image a box, and {config.source} says resize: adm (ADM's centre crop)",
+            "use one of them: drop --crops, or set resize: crop or stretch in the bucket config",
+        )
     lines = read_crops_file(path)
     by_key = {s.key: s for s in sources}
     buckets = {(b.width, b.height): b.index for b in make_buckets(config.sizes, 16)}

@@ -54,6 +54,7 @@ class DecodeDataset(Dataset):
                 self.prep,
                 self.max_pixels,
                 crop_only=self.crop_only,
+                bucket_size=(bucket.width, bucket.height),
             )
             return i, x, sha256, None
         except DecodeError as exc:

@@ -8,7 +8,9 @@ background colour instead of dropped), palette transparency, CMYK, and decompres
 Preprocessing matches transformers' `DINOv3ViTImageProcessor(do_center_crop=False)`: rescale to
 [0, 1] -> bilinear antialiased resize -> normalize. Its torchvision resize on tensors is
 `torch.nn.functional.interpolate(mode="bilinear", antialias=True)`, which is what we call, so
-the core does not need torchvision.
+the core does not need torchvision. `resize: adm` instead reproduces the centre crop of ADM
+(guided-diffusion), which REPA, RAE and SVG train with, pixel for pixel: Pillow BOX halvings and
+BICUBIC on the 8-bit image, then the crop, then rescale and normalize.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
 RESAMPLE = "bilinear"
+ADM_RESAMPLE = "pil-box-halving+pil-bicubic"  # resize: adm (guided-diffusion's center_crop_arr)
 RESCALE = "1/255 (16-bit: 1/65535)"
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -44,12 +47,21 @@ class Preprocessing:
     jpeg_draft: bool = False
     background: tuple[int, int, int] = WHITE
 
+    def __post_init__(self):
+        if self.resize == "adm" and self.jpeg_draft:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "--jpeg-draft changes the pixels that ADM's centre crop (resize: adm) starts from",
+                "drop --jpeg-draft: resize: adm reproduces the recipes' pixels from the full-size decode",
+            )
+
     def record(self) -> dict:
         return {
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "resize": self.resize,
-            "resample": RESAMPLE,
+            "resample": ADM_RESAMPLE if self.resize == "adm" else RESAMPLE,
             "antialias": True,
             "rescale": RESCALE,
             "alpha_background": list(self.background),
@@ -220,6 +232,27 @@ def preprocess(
     return normalize(resize(region, size), mean, std)
 
 
+def adm_center_crop(rgb: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
+    """ADM's `center_crop_arr` (guided-diffusion image_datasets.py:126-143) on a decoded image
+    [3, H, W] (uint8, or float in [0, 1], quantized to 8 bits as saving it would), for a target
+    (width, height): the same Pillow calls in the same order, so the pixels are identical.
+    Returns uint8 [3, height, width]."""
+    from PIL import Image
+
+    from .buckets import adm_steps
+
+    if rgb.dtype != torch.uint8:
+        rgb = rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    img = Image.fromarray(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()))
+    steps = adm_steps(img.width, img.height, target)
+    for _ in range(steps.halvings):
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    img = img.resize(steps.resized, resample=Image.BICUBIC)
+    left, top = steps.offset
+    arr = np.array(img)[top : top + target[1], left : left + target[0]]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
 def draft_size_for(
     source_size: tuple[int, int], box: tuple[int, int, int, int], input_size: tuple[int, int]
 ) -> tuple[int, int]:
@@ -236,13 +269,17 @@ def model_input(
     prep: Preprocessing,
     max_pixels: int,
     crop_only: bool = False,
+    bucket_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The one path from a file's bytes to what the model sees, used by extract's workers,
     `verify --recompute` and `show`: decode (with the cache's JPEG draft setting) -> check the
     size the header promised -> crop -> resize -> normalize. `crop_only` stops after the crop and
-    keeps 8-bit sources as uint8 (the GPU resizes them: `preprocess` on the device)."""
+    keeps 8-bit sources as uint8 (the GPU resizes them: `preprocess` on the device).
+    With `resize: adm` the "crop" is ADM's centre crop to `bucket_size` (the trainer's size;
+    default `input_size`), and the resize only rounds the bucket to the patch grid, if needed."""
     draft = draft_size_for(source_size, box, input_size) if prep.jpeg_draft else None
-    pixels = decode_image(data, max_pixels, prep.background, draft_size=draft, keep_uint8=crop_only)
+    adm = prep.resize == "adm"
+    pixels = decode_image(data, max_pixels, prep.background, draft_size=draft, keep_uint8=crop_only or adm)
     height, width = pixels.shape[1:]
     if (width, height) != tuple(source_size):
         if draft is None or width < draft[0] or height < draft[1]:
@@ -254,6 +291,9 @@ def model_input(
             )
         scale_x, scale_y = width / source_size[0], height / source_size[1]
         box = (round(box[0] * scale_x), round(box[1] * scale_y), round(box[2] * scale_x), round(box[3] * scale_y))
+    if adm:
+        pixels = adm_center_crop(pixels, bucket_size or input_size)
+        box = (0, 0, pixels.shape[2], pixels.shape[1])
     if crop_only:
         return pixels[:, box[1] : box[3], box[0] : box[2]].contiguous()
     return preprocess(pixels, box, input_size, prep.image_mean, prep.image_std)

@@ -153,7 +153,7 @@ def plan_extraction(
                 "placement": where.placement,
             }
         )
-        if config.resize == "crop" or where.placement:
+        if config.resize in ("crop", "adm") or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
             distortion = math.exp(abs(math.log(width / height) - bucket.log_aspect)) - 1
@@ -281,7 +281,7 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
             + (f" {b['stored_grid']:>7}" if pooled else "")
             + f" {b['images']:>8} {b['share'] * 100:>6.1f}% {human_bytes(b['bytes']):>10}"
         )
-    kind = "share of the picture cropped away" if config.resize == "crop" else "aspect ratio change"
+    kind = "share of the picture cropped away" if config.resize in ("crop", "adm") else "aspect ratio change"
     lines += [
         "",
         f"images        {report.images} usable"

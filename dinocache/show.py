@@ -55,7 +55,15 @@ def render(
     size = (bucket["input_width"], bucket["input_height"])
     try:
         data = SourceReader(source_dir, follow_symlinks).read(key)
-        pixels = model_input(data, tuple(record["source_size"]), tuple(record["box"]), size, prep, 1 << 62)
+        pixels = model_input(
+            data,
+            tuple(record["source_size"]),
+            tuple(record["box"]),
+            size,
+            prep,
+            1 << 62,
+            bucket_size=(bucket["width"], bucket["height"]),
+        )
     except DecodeError as exc:
         raise CacheError(
             f"cannot read the source image {key} of {source_dir}: {exc.detail}",

@@ -701,6 +701,7 @@ def _recompute(
                 (bucket.input_width, bucket.input_height),
                 prep,
                 1 << 62,
+                bucket_size=(bucket.width, bucket.height),
             )
         except DecodeError as exc:
             report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
