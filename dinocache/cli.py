@@ -455,7 +455,17 @@ def norm_stats(
     out: str = OUT_ARG,
     flavour: str = typer.Option("normed", metavar="NAME", help="normed, ln_noaffine (RAE) or prenorm."),
     views: str = typer.Option("both", metavar="WHICH", help="plain, flip or both (a --flip cache)."),
-    per_position: bool = typer.Option(False, "--per-position", help="Per position too (one grid only)."),
+    per_position: Optional[bool] = typer.Option(
+        None,
+        "--per-position/--per-channel",
+        help="Per position (one grid only) or per channel. Default: the --style's recipe (RAE per position), "
+        "else per channel.",
+    ),
+    eps: Optional[float] = typer.Option(
+        None,
+        "--eps",
+        help="What normalize=True adds to the variance. Default: the --style's recipe (RAE 1e-5, SVG 0), else 1e-6.",
+    ),
     recompute: bool = typer.Option(False, "--recompute", help="Recompute even if fresh ones are stored."),
     export: Optional[Path] = typer.Option(None, "--export", metavar="FILE", help="Also write them for a trainer."),
     style: str = typer.Option("rae", metavar="STYLE", help="--export shape: rae, svg or json."),
@@ -463,22 +473,34 @@ def norm_stats(
 ):
     """Dataset mean and variance of the cached tokens, stored in the cache.
 
-    One streaming pass (float64, Chan's merge) over every live sample: per channel of the
-    patch tokens and of CLS, for a flavour and the views chosen. FeatureCache(root,
-    flavour=..., normalize=True) then applies (x - mean) / sqrt(var + 1e-6).
+    One streaming pass (float64, Chan's merge) over every live sample: per channel (or per
+    position) of the patch tokens and of CLS, for a flavour and the views chosen.
+    FeatureCache(root, flavour=..., normalize=True) then applies (x - mean) / sqrt(var + eps).
+    --export writes them as the recipe's own code loads them: rae (stat.pt: mean, var [C, H, W])
+    or svg (dinov3_sp_stats.pt: dinov3_sp_mean, dinov3_sp_std [1, 1, C]).
 
     \b
     Examples:
       dinocache norm-stats cache/ --flavour ln_noaffine --export stat.pt --style rae
-      dinocache norm-stats cache/ --export svg-stats.safetensors --style svg
+      dinocache norm-stats cache/ --export dinov3_sp_stats.pt --style svg
     """
     from .manifest import read_manifest
-    from .normstats import check_export_target, compute_statistics, export_statistics, require_local
+    from .normstats import (
+        check_export_target,
+        compute_statistics,
+        export_statistics,
+        recorded_eps,
+        require_local,
+        resolve_style_defaults,
+        set_recorded_eps,
+    )
 
     try:
         require_local(out)
         if export is not None:
             check_export_target(export, style)
+        eps_chosen = eps is not None or export is not None  # else a fresh entry keeps its eps
+        per_position, eps = resolve_style_defaults(style if export is not None else None, per_position, eps)
         manifest = read_manifest(out)
         fresh = [
             e
@@ -488,20 +510,19 @@ def norm_stats(
             and bool(e.get("per_position")) == per_position
             and e.get("samples_sha256") == manifest["samples"]["sha256"]
         ]
+        kind = "per position" if per_position else "per channel"
         if fresh and not recompute:
-            typer.echo(f"statistics for {flavour} ({views} views) are up to date: {fresh[0]['file']}")
+            typer.echo(f"statistics for {flavour} ({views} views, {kind}) are up to date: {fresh[0]['file']}")
+            if eps_chosen and recorded_eps(fresh[0]) != eps:
+                set_recorded_eps(out, fresh[0]["file"], eps)
+                typer.echo(f"normalize=True now adds eps {eps:g} to their variance")
         else:
-            result = compute_statistics(out, flavour, views, per_position, progress)
-            typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens -> {out}/{result.file}")
+            result = compute_statistics(out, flavour, views, per_position, progress, eps)
+            typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens ({kind}) -> {out}/{result.file}")
         if export is not None:
-            export_statistics(out, export, style, flavour, per_position)
-            if style == "json":
-                container = "JSON"
-            elif export.suffix in (".pt", ".pth"):
-                container = "torch.save"
-            else:
-                container = "safetensors"
-            typer.echo(f"wrote {export} ({style}, {container})")
+            export_statistics(out, export, style, flavour, per_position, views)
+            container = "JSON" if style == "json" else "torch.save"
+            typer.echo(f"wrote {export} ({style}, {container}, {views} views, {kind})")
     except DinocacheError as exc:
         _fail(exc)
 

@@ -9,6 +9,15 @@ chunks and ranks combine exactly like one pass; variance is the population varia
 default, ddof=0). Only live rows count (a superseded row is skipped). The file records the
 sample table it was computed from; when the cache changes it is stale, and verify, stats and
 FeatureCache(normalize=True) say so.
+
+The exports are what each recipe's own loading code reads, unchanged (checked against the
+recipes' code; tests/test_recipe_statistics.py runs their loading lines):
+    rae   torch.save {"mean", "var"}, per position [C, H, W] (bytetriper/RAE@a4d18c4,
+          src/calculate_stat.py:337-341; read by src/stage1/rae.py:70-74, applied as
+          (z - mean) / sqrt(var + 1e-5) at rae.py:91-94)
+    svg   torch.save {"dinov3_sp_mean", "dinov3_sp_std"} [1, 1, C] (shiml20/SVG@fd69855,
+          train_svg.py:72-74, applied as (x - mean) / std at train_svg.py:105)
+    json  the lists, the counts, the views and the eps
 """
 
 from __future__ import annotations
@@ -33,7 +42,13 @@ from .stfile import SafetensorsFile
 
 VIEWS = ("plain", "flip", "both")
 STYLES = ("rae", "svg", "json")
-NORMALIZE_EPS = 1e-6  # (x - mean) / sqrt(var + eps) on read
+NORMALIZE_EPS = 1e-6  # (x - mean) / sqrt(var + eps) on read, unless a recipe's eps is recorded
+# What normalize=True applies for statistics made for a recipe: RAE's eps (rae.py:32, 94); SVG
+# divides by the std itself (train_svg.py:105).
+STYLE_EPS = {"rae": 1e-5, "svg": 0.0, "json": NORMALIZE_EPS}
+# RAE's calculate_stat.py makes per-position statistics ([C, H, W]); SVG's are per channel.
+STYLE_PER_POSITION = {"rae": True, "svg": False, "json": False}
+TORCH_SUFFIXES = (".pt", ".pth")
 CHUNK_BYTES = 64 * 1024 * 1024  # float64 working set per chunk
 
 
@@ -81,6 +96,7 @@ class StatsResult:
     samples: int
     patch_tokens: int
     tensors: dict[str, torch.Tensor]
+    eps: float = NORMALIZE_EPS
 
 
 def _views_of(layout: Layout, views: str) -> tuple[str, ...]:
@@ -94,7 +110,12 @@ def _views_of(layout: Layout, views: str) -> tuple[str, ...]:
 
 
 def compute_statistics(
-    root: str | Path, flavour: str = "normed", views: str = "both", per_position: bool = False, progress: bool = False
+    root: str | Path,
+    flavour: str = "normed",
+    views: str = "both",
+    per_position: bool = False,
+    progress: bool = False,
+    eps: float = NORMALIZE_EPS,
 ) -> StatsResult:
     """One streaming pass over the live rows of every shard; writes the statistics into the
     cache (stats/, named by the manifest) and returns them."""
@@ -115,9 +136,9 @@ def compute_statistics(
     grids = {tuple(cache.buckets[b]["stored_grid"]) for b in np.unique(cache.bucket_indices()).tolist()}
     if per_position and len(grids) > 1:
         raise ConfigError(
-            f"--per-position needs one grid, and this cache has {len(grids)} "
-            f"({', '.join(f'{r}x{c}' for r, c in sorted(grids))})",
-            "drop --per-position (per-channel statistics), or extract into one bucket",
+            f"per-position statistics (--per-position; RAE's [C, H, W], the --style rae default) need one "
+            f"grid, and this cache has {len(grids)} ({', '.join(f'{r}x{c}' for r, c in sorted(grids))})",
+            "pass --per-channel (statistics per channel: [C, 1, 1] for RAE), or extract into one bucket",
         )
     dim = cache.hidden_size
     grid = next(iter(grids)) if grids else (1, 1)
@@ -150,7 +171,7 @@ def compute_statistics(
     name = f"{flavour}-{kind}-{uuid.uuid4().hex[:12]}"
     patch_tokens = patches.count * (grid[0] * grid[1] if per_position else 1)
     result = StatsResult(
-        f"{STATS_DIR}/{name}.safetensors", flavour, views, per_position, samples, patch_tokens, tensors
+        f"{STATS_DIR}/{name}.safetensors", flavour, views, per_position, samples, patch_tokens, tensors, eps
     )
     _store(root, result, cache.manifest["samples"]["sha256"])
     return result
@@ -171,6 +192,7 @@ def _store(root: Path, result: StatsResult, table_sha: str) -> None:
         "samples_sha256": table_sha,
         "variance": "population (ddof=0)",
         "dtype": "float64",
+        "eps": repr(result.eps),
     }
     data = save({k: v.contiguous() for k, v in result.tensors.items()}, metadata=metadata)
     with CacheLock(root):
@@ -200,6 +222,7 @@ def _store(root: Path, result: StatsResult, table_sha: str) -> None:
                 "per_position": result.per_position,
                 "samples": result.samples,
                 "samples_sha256": table_sha,
+                "eps": result.eps,
             }
         )
         manifest["statistics"] = kept
@@ -215,7 +238,8 @@ def _store(root: Path, result: StatsResult, table_sha: str) -> None:
 
 @dataclass
 class Statistics:
-    """Loaded statistics, applied on read: (x - mean) / sqrt(var + eps)."""
+    """Loaded statistics, applied on read: (x - mean) / sqrt(var + eps), eps as recorded by
+    norm-stats (a recipe's own: 1e-5 for RAE, 0 for SVG) unless the reader overrides it."""
 
     entry: dict
     tensors: dict[str, torch.Tensor]
@@ -231,17 +255,36 @@ class Statistics:
         return ((value.double() - mean) / torch.sqrt(var + self.eps)).float()
 
 
-def load_statistics(root: Path, manifest: dict, flavour: str, per_position: bool = False) -> Statistics:
+def recorded_eps(entry: dict) -> float:
+    """The eps normalize applies for a statistics entry (entries before eps was recorded: 1e-6)."""
+    eps = entry.get("eps", NORMALIZE_EPS)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else NORMALIZE_EPS
+
+
+def load_statistics(
+    root: Path,
+    manifest: dict,
+    flavour: str,
+    per_position: bool = False,
+    views: str | None = None,
+    eps: float | None = None,
+) -> Statistics:
+    """The stored statistics for a flavour and kind; `views` None prefers those over both views.
+    `eps` None: the recorded one."""
     entries = [
         e
         for e in manifest.get("statistics", [])
-        if e.get("flavour") == flavour and bool(e.get("per_position")) == per_position
+        if e.get("flavour") == flavour
+        and bool(e.get("per_position")) == per_position
+        and (views is None or e.get("views") == views)
     ]
     kind = "per-position" if per_position else "per-channel"
     if not entries:
+        which = f" over the {views} view(s)" if views else ""
         raise CacheError(
-            f"{root} has no {kind} statistics for the {flavour} flavour",
-            f"run `dinocache norm-stats {root} --flavour {flavour}{' --per-position' if per_position else ''}`",
+            f"{root} has no {kind} statistics{which} for the {flavour} flavour",
+            f"run `dinocache norm-stats {root} --flavour {flavour}"
+            f"{' --per-position' if per_position else ''}{f' --views {views}' if views else ''}`",
         )
     entry = next((e for e in entries if e.get("views") == "both"), entries[0])
     if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
@@ -255,7 +298,7 @@ def load_statistics(root: Path, manifest: dict, flavour: str, per_position: bool
         raise CacheError(f"{entry['file']} fails its sha256 checksum", "rerun `dinocache norm-stats`")
     file = SafetensorsFile(path)
     tensors = {name: file.tensor(name) for name in ("patches_mean", "patches_var", "cls_mean", "cls_var")}
-    return Statistics(entry, tensors)
+    return Statistics(entry, tensors, recorded_eps(entry) if eps is None else float(eps))
 
 
 def check_export_target(output: Path, style: str) -> None:
@@ -268,22 +311,51 @@ def check_export_target(output: Path, style: str) -> None:
             + ("it is a folder" if output.is_dir() else f"the folder {output.parent} does not exist"),
             "pass --export with a file path in an existing folder, e.g. stat.pt",
         )
+    if style in ("rae", "svg") and output.suffix not in TORCH_SUFFIXES:
+        name = {"rae": "stat.pt", "svg": "dinov3_sp_stats.pt"}[style]
+        raise ConfigError(
+            f"--style {style} writes what {style.upper()}'s code reads with torch.load, and {output.name} "
+            "does not end in .pt",
+            f"name the export like the recipe does, e.g. --export {output.with_name(name)}",
+        )
+
+
+def resolve_style_defaults(style: str | None, per_position: bool | None, eps: float | None) -> tuple[bool, float]:
+    """--per-position and --eps as given, else the recipe's own for --style (RAE: per position,
+    eps 1e-5; SVG: per channel, no eps), else per channel and 1e-6."""
+    style_known = style in STYLES
+    if per_position is None:
+        per_position = STYLE_PER_POSITION[style] if style_known else False
+    if eps is None:
+        eps = STYLE_EPS[style] if style_known else NORMALIZE_EPS
+    if style == "svg" and per_position:
+        raise ConfigError("SVG's statistics are per channel ([1, 1, C])", "export without --per-position")
+    if not (eps >= 0 and eps < 1):  # NaN fails both
+        raise ConfigError(
+            f"--eps {eps} must be a number in [0, 1)", "e.g. --eps 1e-5 (RAE's), or 0 (SVG divides by std)"
+        )
+    return per_position, eps
 
 
 def export_statistics(
-    root: str | Path, output: str | Path, style: str, flavour: str = "normed", per_position: bool = False
+    root: str | Path,
+    output: str | Path,
+    style: str,
+    flavour: str = "normed",
+    per_position: bool = False,
+    views: str | None = None,
 ) -> Path:
-    """Write the cache's statistics in a trainer's shape:
-    rae   {"mean", "var"} [C, H, W] (per position) or [C, 1, 1], float32 (safetensors; a .pt
-          file name writes a torch.save of plain tensors, for code that torch.loads stat.pt)
-    svg   {"mean", "std"} [1, 1, C], float32
-    json  the lists, the counts and what they cover
+    """Write the cache's statistics (over `views`; None: both views where stored) as a recipe's
+    code loads them:
+    rae   torch.save {"mean", "var"}: [C, H, W] per position, [C, 1, 1] per channel, float32
+    svg   torch.save {"dinov3_sp_mean", "dinov3_sp_std"}: [1, 1, C], float32, std = sqrt(var)
+    json  the lists, the counts, the views and the eps
     """
     require_local(root)
     root, output = Path(root), Path(output)
     check_export_target(output, style)
     manifest = read_manifest(root)
-    stats = load_statistics(root, manifest, flavour, per_position)
+    stats = load_statistics(root, manifest, flavour, per_position, views)
     t = stats.tensors
     mean, var = t["patches_mean"].float(), t["patches_var"].float()
     if style == "rae":
@@ -295,7 +367,11 @@ def export_statistics(
     elif style == "svg":
         if per_position:
             raise ConfigError("SVG's statistics are per channel", "export without --per-position")
-        _save_tensors({"mean": mean.view(1, 1, -1).contiguous(), "std": var.sqrt().view(1, 1, -1).contiguous()}, output)
+        std = t["patches_var"].sqrt().float()  # the square root in float64, then rounded once
+        _save_tensors(
+            {"dinov3_sp_mean": mean.view(1, 1, -1).contiguous(), "dinov3_sp_std": std.view(1, 1, -1).contiguous()},
+            output,
+        )
     else:
         doc = {
             "flavour": flavour,
@@ -303,6 +379,7 @@ def export_statistics(
             "per_position": per_position,
             "samples": stats.entry.get("samples"),
             "variance": "population (ddof=0)",
+            "eps": stats.eps,
             "patches": {"mean": t["patches_mean"].tolist(), "var": t["patches_var"].tolist()},
             "cls": {"mean": t["cls_mean"].tolist(), "var": t["cls_var"].tolist()},
         }
@@ -311,6 +388,17 @@ def export_statistics(
         except OSError as exc:
             raise ConfigError(f"cannot write {output}: {exc.strerror}", "pass a writable --export path") from None
     return output
+
+
+def set_recorded_eps(root: str | Path, file: str, eps: float) -> None:
+    """Record another eps for stored statistics (no recomputation: eps is applied on read)."""
+    root = Path(root)
+    with CacheLock(root):
+        manifest = read_manifest(root)
+        for entry in manifest.get("statistics", []):
+            if entry.get("file") == file:
+                entry["eps"] = eps
+        write_manifest(root, manifest)
 
 
 def require_local(root) -> None:
@@ -327,13 +415,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
     from .fileio import file_mode
 
     try:
-        if output.suffix in (".pt", ".pth"):
-            torch.save(tensors, output)  # plain tensors only: loads with torch.load(weights_only=True)
-        else:
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(output))
-            os.chmod(output, file_mode())  # safetensors creates 0600 files
+        torch.save(tensors, output)  # plain tensors only: loads with torch.load(weights_only=True)
+        os.chmod(output, file_mode())
     except Exception as exc:  # safetensors and torch wrap OSError in their own exception types
         raise ConfigError(
             f"cannot write {output}: {str(exc).splitlines()[0]}", "pass --export with a writable file path"

@@ -63,7 +63,9 @@ class FeatureCache(Dataset):
     `flavour`: "normed" (stored: last_hidden_state), "ln_noaffine" (RAE) or "prenorm"
     (hidden_states[-1]); see flavours.py. `normalize=True` (or "channel", or "position")
     applies the cache's dataset statistics for that flavour (`dinocache norm-stats`):
-    (x - mean) / sqrt(var + 1e-6) on cls and patches. float8 caches are dequantized on read.
+    (x - mean) / sqrt(var + eps) on cls and patches, with the eps norm-stats recorded (RAE's 1e-5
+    for --style rae, 0 for --style svg, else 1e-6) or `normalize_eps`. float8 caches are
+    dequantized on read.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class FeatureCache(Dataset):
         max_open_shards: int = 64,
         flavour: str = "normed",
         normalize: bool | str = False,
+        normalize_eps: float | None = None,
     ):
         self.url = str(root)
         self._shard_cache = None
@@ -115,7 +118,9 @@ class FeatureCache(Dataset):
 
             if normalize not in (True, "channel", "position"):
                 raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
-            self.statistics = load_statistics(self.root, self.manifest, flavour, per_position=normalize == "position")
+            self.statistics = load_statistics(
+                self.root, self.manifest, flavour, per_position=normalize == "position", eps=normalize_eps
+            )
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
 

@@ -150,9 +150,9 @@ def test_norm_stats_export_to_a_missing_folder_is_a_clear_error(tmp_path, tiny_m
     extract(images, options(out, tiny_model_dir))
     cli = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "nope" / "stat.pt")])
     assert cli.exit_code != 0 and "does not exist" in cli.output and "Traceback" not in cli.output
-    ok = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "stat.safetensors")])
+    ok = runner.invoke(app, ["norm-stats", str(out), "--export", str(tmp_path / "stat.pt")])
     assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "stat.safetensors").stat().st_mode & 0o044  # readable by the group, like the cache
+    assert (tmp_path / "stat.pt").stat().st_mode & 0o044  # readable by the group, like the cache
 
 
 def test_plan_checks_layers_against_the_model(tmp_path, tiny_model_dir):

@@ -220,14 +220,12 @@ def test_per_position_statistics_and_exports(images, tmp_path, tiny_model_dir):
     np.testing.assert_allclose(loaded["mean"].numpy(), tokens.mean(0).transpose(2, 0, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loaded["var"].numpy(), tokens.var(0).transpose(2, 0, 1), rtol=1e-5, atol=1e-6)
     runner.invoke(app, ["norm-stats", str(out), "--no-progress"])
-    svg = tmp_path / "svg.safetensors"
+    svg = tmp_path / "dinov3_sp_stats.pt"
     assert runner.invoke(app, ["norm-stats", str(out), "--export", str(svg), "--style", "svg"]).exit_code == 0
-    from safetensors.torch import load_file
-
-    exported = load_file(str(svg))
+    exported = torch.load(svg, weights_only=True)
     flat = np.stack([FeatureCache(out)[k]["patches"].double().numpy() for k in cache.keys()]).reshape(-1, 64)
-    assert exported["mean"].shape == (1, 1, 64) and exported["std"].shape == (1, 1, 64)
-    np.testing.assert_allclose(exported["std"].numpy().ravel(), flat.std(0), rtol=1e-5)
+    assert exported["dinov3_sp_mean"].shape == (1, 1, 64) and exported["dinov3_sp_std"].shape == (1, 1, 64)
+    np.testing.assert_allclose(exported["dinov3_sp_std"].numpy().ravel(), flat.std(0), rtol=1e-5)
     js = tmp_path / "stats.json"
     assert runner.invoke(app, ["norm-stats", str(out), "--export", str(js), "--style", "json"]).exit_code == 0
     doc = json.loads(js.read_text())
