@@ -103,7 +103,7 @@ def _floats3(text: Optional[str], name: str):
 OUT_ARG = typer.Argument(  # a str: a cache may be a URL (s3://...), which Path would mangle
     DEFAULT_OUT, metavar="OUT", show_default=False, help=f"Cache folder (default: ./{DEFAULT_OUT})."
 )
-STORAGE_HELP = "Stored dtype: bfloat16 (default), float8_e4m3fn, ... (docs/FORMAT.md)."
+STORAGE_HELP = "Stored dtype: bfloat16 (default), float16, float32 (exact parity), float8_e4m3fn (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid N x N (2: 4x smaller)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
 REGISTERS_HELP = "Also store the register tokens."
