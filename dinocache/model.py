@@ -1,8 +1,9 @@
-"""Load DINOv3, choose device and dtype, run the forward and split its tokens.
+"""Load a model, choose device and dtype, run the forward and split its tokens.
 
-One code path for every source: a Hub id, a local HF-format folder, or `random:<arch>` (which
-builds the architecture with random weights, saves nothing, and says loudly that it is random).
-Token order is the one transformers and the official repo emit:
+One code path for every source: a Hub id, a local HF-format folder, an official .pth, or
+`random:<arch>` (which builds the architecture with random weights, saves nothing, and says
+loudly that it is random). What differs between DINOv3 and DINOv2 is asked of the model's
+family (families/). Token order is the one transformers and the official repos emit:
     [CLS] [register_1 .. register_R] [patch (0,0) .. patch (rows-1, cols-1)]   (row-major)
 R comes from the config, never hard-coded.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelLoadError
+from .families import FAMILIES, Family, architectures, family_of_config
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
 
@@ -24,44 +26,9 @@ log = logging.getLogger("dinocache")
 
 RANDOM_PREFIX = "random:"
 
-# Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim,
-# rounded up to `align_to`). The SwiGLU ("plus" and 7B) models apply SiLU to the gate
-# (dinov3/layers/ffn_layers.py, SwiGLUFFN.forward); the others exact GELU.
-_SWIGLU = dict(use_gated_mlp=True, hidden_act="silu")
-ARCHITECTURES: dict[str, dict] = {
-    "vits16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "vits16plus": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, **_SWIGLU),
-    "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "vitl16plus": dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, **_SWIGLU
-    ),
-    "vith16plus": dict(
-        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, **_SWIGLU
-    ),
-    "vit7b16": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, intermediate_size=8192, **_SWIGLU),
-}
-
-# The config fields that change features (the rest is Hub bookkeeping such as id2label).
-ARCHITECTURE_FIELDS = (
-    "patch_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "hidden_act",
-    "layer_norm_eps",
-    "rope_theta",
-    "query_bias",
-    "key_bias",
-    "value_bias",
-    "proj_bias",
-    "mlp_bias",
-    "layerscale_value",
-    "use_gated_mlp",
-    "num_register_tokens",
-    "num_channels",
-)
+# random:<arch> -> its config fields, and its family (families/<name>.py holds the shapes)
+ARCHITECTURES: dict[str, dict] = {arch: fields for f in FAMILIES for arch, fields in f.architectures.items()}
+FAMILY_OF_ARCH: dict[str, Family] = architectures()
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -94,8 +61,8 @@ class _TokenForward(torch.nn.Module):
 class LoadedModel:
     """A DINOv3 ViT ready for inference, with what the manifest must record about it.
 
-    `model` is the transformers DINOv3ViTModel with its final LayerNorm moved to `final_norm`
-    (`model.norm` is an Identity), so one forward yields the tokens before and after that norm."""
+    `model` is the transformers model with its final LayerNorm moved to `final_norm` (the
+    model's own is an Identity), so one forward yields the tokens before and after that norm."""
 
     model: torch.nn.Module
     model_id: str
@@ -239,10 +206,8 @@ def check_model_spec(spec: str) -> None:
 
 
 def random_config(arch: str):
-    from transformers import DINOv3ViTConfig
-
     check_model_spec(RANDOM_PREFIX + arch)
-    return DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1e-5, **ARCHITECTURES[arch])
+    return FAMILY_OF_ARCH[arch].random_config(arch)
 
 
 @dataclass
@@ -264,10 +229,11 @@ class ModelSpec:
     kind: str = "pretrained"  # "random", "official" or "pretrained"
     seed: int = 0
     preloaded: torch.nn.Module | None = field(repr=False, default=None)  # official .pth: loaded to read it
+    family: Family = field(repr=False, default=FAMILIES[0])
 
     @property
     def patch_size(self) -> int:
-        return _patch_size(self.config)
+        return self.family.patch_size(self.config)
 
     @property
     def hidden_size(self) -> int:
@@ -275,7 +241,7 @@ class ModelSpec:
 
     @property
     def num_registers(self) -> int:
-        return int(self.config.num_register_tokens)
+        return self.family.num_registers(self.config)
 
     @property
     def num_layers(self) -> int:
@@ -286,7 +252,7 @@ class ModelSpec:
         return float(self.config.layer_norm_eps)
 
     def config_fields(self) -> dict:
-        return {k: getattr(self.config, k) for k in ARCHITECTURE_FIELDS if hasattr(self.config, k)}
+        return {k: getattr(self.config, k) for k in self.family.config_fields if hasattr(self.config, k)}
 
     def norm_file(self) -> bytes:
         """The final LayerNorm as a small safetensors file (weight, bias float32; eps in metadata)."""
@@ -303,20 +269,24 @@ class ModelSpec:
         import hashlib
 
         extra = {"random_init": {"seed": self.seed, "device": self.device.type}} if self.kind == "random" else {}
-        return extra | {
-            "id": self.id,
-            "revision": self.revision,
-            "patch_size": self.patch_size,
-            "hidden_size": self.hidden_size,
-            "num_registers": self.num_registers,
-            "compute_dtype": str(self.dtype).removeprefix("torch."),
-            "config": self.config_fields(),
-            "final_norm": {
-                "file": NORM_FILE,
-                "sha256": hashlib.sha256(self.norm_file()).hexdigest(),
-                "eps": self.norm_eps,
-            },
-        }
+        return (
+            extra
+            | self.family.record(self.config)
+            | {
+                "id": self.id,
+                "revision": self.revision,
+                "patch_size": self.patch_size,
+                "hidden_size": self.hidden_size,
+                "num_registers": self.num_registers,
+                "compute_dtype": str(self.dtype).removeprefix("torch."),
+                "config": self.config_fields(),
+                "final_norm": {
+                    "file": NORM_FILE,
+                    "sha256": hashlib.sha256(self.norm_file()).hexdigest(),
+                    "eps": self.norm_eps,
+                },
+            }
+        )
 
 
 def resolve_model(
@@ -333,24 +303,27 @@ def resolve_model(
     torch_dtype = resolve_dtype(dtype, dev)
     preloaded = None
     if spec.startswith(RANDOM_PREFIX):
-        config = random_config(spec[len(RANDOM_PREFIX) :])
-        kind, processor_cfg = "random", {}
+        arch = spec[len(RANDOM_PREFIX) :]
+        config = random_config(arch)
+        family, kind, processor_cfg = FAMILY_OF_ARCH[arch], "random", {}
         # transformers initialises every LayerNorm to the identity affine
         weight, bias = torch.ones(config.hidden_size), torch.zeros(config.hidden_size)
     elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
         from .official import load_official_model
 
-        preloaded, config = load_official_model(spec, torch_dtype)
+        preloaded, config, family = load_official_model(spec, torch_dtype)
         kind, processor_cfg = "official", {}
-        weight, bias = preloaded.norm.weight.detach(), preloaded.norm.bias.detach()
+        norm = getattr(preloaded, family.norm_attr)
+        weight, bias = norm.weight.detach(), norm.bias.detach()
     else:
         config = _load_config(spec, revision)
-        kind = "pretrained"
+        family, kind = family_of_config(config), "pretrained"
         processor_cfg = _load_processor_config(spec, revision)
-        found = _read_final_norm(spec, revision)
+        found = _read_final_norm(spec, revision, family)
         if found is None:  # not a safetensors checkpoint: read the norm from the loaded model
-            preloaded = _from_pretrained(spec, revision, config)
-            found = (preloaded.norm.weight.detach(), preloaded.norm.bias.detach())
+            preloaded = _from_pretrained(spec, revision, config, family=family)
+            norm = getattr(preloaded, family.norm_attr)
+            found = (norm.weight.detach(), norm.bias.detach())
         weight, bias = found
     mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
     std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
@@ -368,13 +341,13 @@ def resolve_model(
         kind,
         seed,
         preloaded,
+        family,
     )
 
 
 def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "auto") -> LoadedModel:
     """The model itself, in eval mode, on its device and in its compute dtype."""
-    from transformers import DINOv3ViTModel
-
+    family = mspec.family
     if sdpa_backend not in SDPA_BACKENDS:
         raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
     if mspec.preloaded is not None:
@@ -387,11 +360,13 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
         # Built where it runs, in its compute dtype: no float32 copy on the host (a 7B would be 28 GB).
         torch.manual_seed(mspec.seed)
         with torch.device(mspec.device):
-            model = DINOv3ViTModel._from_config(mspec.config, dtype=mspec.dtype)
+            model = family.model_class(mspec.config)._from_config(mspec.config, dtype=mspec.dtype)
     else:
-        model = _from_pretrained(mspec.id, mspec.revision, mspec.config, mspec.dtype, mspec.device)
+        model = _from_pretrained(mspec.id, mspec.revision, mspec.config, mspec.dtype, mspec.device, family)
     model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
-    final_norm, model.norm = model.norm, torch.nn.Identity()
+    model = family.prepare(model)
+    final_norm = getattr(model, family.norm_attr)
+    setattr(model, family.norm_attr, torch.nn.Identity())
     loaded = LoadedModel(
         model=model,
         model_id=mspec.id,
@@ -450,11 +425,16 @@ def load_model(
 
 
 def _from_pretrained(
-    spec: str, revision: str | None, config, dtype: torch.dtype | None = None, device: torch.device | None = None
+    spec: str,
+    revision: str | None,
+    config,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    family: Family = FAMILIES[0],
 ):
     """Weights loaded in the compute dtype (never a float32 copy first), memory-mapped from the
     safetensors files; with `accelerate` installed, straight to the GPU shard by shard."""
-    from transformers import DINOv3ViTModel
+    model_class = family.model_class(config)
 
     kwargs: dict = {"revision": revision, "config": config}
     if dtype is not None:
@@ -468,17 +448,17 @@ def _from_pretrained(
             pass
     try:
         try:
-            return DINOv3ViTModel.from_pretrained(spec, **kwargs)
+            return model_class.from_pretrained(spec, **kwargs)
         except TypeError:  # transformers < 4.56 names it torch_dtype
             kwargs["torch_dtype"] = kwargs.pop("dtype", None)
-            return DINOv3ViTModel.from_pretrained(spec, **kwargs)
+            return model_class.from_pretrained(spec, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
         ) from None
 
 
-def _read_final_norm(spec: str, revision: str | None):
+def _read_final_norm(spec: str, revision: str | None, family: Family):
     """(weight, bias) of the final LayerNorm read straight from a safetensors checkpoint (one
     small read), or None when the checkpoint is not in safetensors form."""
     from safetensors import safe_open
@@ -494,14 +474,15 @@ def _read_final_norm(spec: str, revision: str | None):
             return None
 
     index = fetch("model.safetensors.index.json")
-    files = [index and json.loads(index.read_text()).get("weight_map", {}).get("norm.weight")] if index else []
+    weight_map = json.loads(index.read_text()).get("weight_map", {}) if index else {}
+    files = [next((weight_map[k] for k in family.norm_keys if k in weight_map), None)] if index else []
     path = fetch(files[0]) if files and files[0] else fetch("model.safetensors")
     if path is None:
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = set(fh.keys())
-            name = next((k for k in ("norm.weight", "dinov3_vit.norm.weight", "model.norm.weight") if k in keys), None)
+            name = next((k for k in family.norm_keys if k in keys), None)
             if name is None:
                 return None
             return fh.get_tensor(name), fh.get_tensor(name[: -len("weight")] + "bias")
@@ -535,15 +516,6 @@ def _check_normalization(mean, std) -> None:
             "be a finite number (std above 0)",
             "use e.g. --image-mean 0.485,0.456,0.406 --image-std 0.229,0.224,0.225 (ImageNet's)",
         )
-
-
-def _patch_size(config) -> int:
-    p = config.patch_size
-    if isinstance(p, (list, tuple)):
-        if p[0] != p[1]:
-            raise ModelLoadError(f"non-square patch size {p} is not supported", "use a standard DINOv3 ViT")
-        p = p[0]
-    return int(p)
 
 
 def _weights_hint(spec: str) -> str:
@@ -628,13 +600,14 @@ def _load_config(spec: str, revision: str | None):
         raise ModelLoadError(
             f"could not load model {spec!r}: {str(exc).splitlines()[0]}", _weights_hint(spec)
         ) from None
-    if config.model_type != "dinov3_vit":
+    if family_of_config(config) is None:
         hint = (
             "ConvNeXt DINOv3 models have no CLS/register tokens and are not supported yet"
             if "convnext" in config.model_type
-            else "pass a DINOv3 ViT, e.g. " + DEFAULT_MODEL
+            else "pass a DINOv3 or DINOv2 ViT, e.g. " + DEFAULT_MODEL + " or facebook/dinov2-base"
         )
-        raise ModelLoadError(f"{spec} is a {config.model_type!r} model, not a DINOv3 ViT", hint)
+        known = ", ".join(t for f in FAMILIES for t in f.model_types)
+        raise ModelLoadError(f"{spec} is a {config.model_type!r} model; dinocache loads {known}", hint)
     return config
 
 

@@ -67,7 +67,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()} if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ModelLoadError(
-            f"{path} does not look like an official DINOv3 ViT checkpoint (no cls_token / patch_embed)",
+            f"{path} does not look like an official DINOv3 or DINOv2 ViT checkpoint (no cls_token / patch_embed)",
             "ConvNeXt checkpoints are not supported; pass a ViT .pth",
         )
     return sd
@@ -186,11 +186,27 @@ def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> 
 
 
 def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(DINOv3ViTModel with the official weights, its config), built in `dtype`: the file is
-    memory-mapped, so the host never holds a float32 copy of a bf16 model."""
-    from transformers import DINOv3ViTModel
+    """(transformers model with the official weights, its config, its family), built in `dtype`:
+    the file is memory-mapped, so the host never holds a float32 copy of a bf16 model. The
+    family whose official layout the tensors have converts them (DINOv3 here, DINOv2 in
+    families/dinov2.py)."""
+    from .families import FAMILIES
 
     sd = load_official_state_dict(path)
+    family = next((f for f in FAMILIES if f.claims_official(sd)), None)
+    if family is None:
+        raise ModelLoadError(
+            f"{path} does not look like an official DINOv3 or DINOv2 ViT checkpoint",
+            "ConvNeXt checkpoints are not supported; pass a ViT .pth",
+        )
+    model, config = family.official_model(str(path), sd, dtype)
+    return model, config, family
+
+
+def model_from_state_dict(path: str, sd: dict, dtype: torch.dtype):
+    """(DINOv3ViTModel, config) from an official DINOv3 state dict."""
+    from transformers import DINOv3ViTModel
+
     config = official_config(sd)
     _check_training_only_parts(sd, config)
     model = DINOv3ViTModel._from_config(config, dtype=dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .buckets import make_buckets
 from .config import BucketConfig
 from .errors import ConfigError, DinocacheError
+from .families import FAMILIES, Shape
 from .imaging import Preprocessing
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
 from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, resolve_model
@@ -26,24 +27,15 @@ DEFAULT_SHARD_BYTES = 512 * 1024**2
 _PLACEHOLDER_SHA = "0" * 64
 
 
-@dataclass
-class ModelShape:
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    gated: bool
-    num_registers: int = 4
-    patch_size: int = 16
-
-
 def plan_model(spec: str) -> ModelSpec:
     """The model as extract will see it, without loading weights: random:<arch> and local
     folders exactly (config + final norm), a Hub id or .pth file by the architecture its name
     names."""
     if spec.startswith(RANDOM_PREFIX) or (Path(spec) / "config.json").is_file():
         return resolve_model(spec, device="cpu", dtype="auto")
+    names = {a: a for a in ARCHITECTURES} | {alias: a for f in FAMILIES for alias, a in f.name_aliases.items()}
     arch = next(
-        (a for a in sorted(ARCHITECTURES, key=len, reverse=True) if a in Path(spec).name.lower() or a in spec.lower()),
+        (names[n] for n in sorted(names, key=len, reverse=True) if n in Path(spec).name.lower() or n in spec.lower()),
         "",
     )
     if arch not in ARCHITECTURES:
@@ -56,17 +48,17 @@ def plan_model(spec: str) -> ModelSpec:
     return plain
 
 
-def model_shape(spec: str) -> ModelShape:
+def model_shape(spec: str) -> Shape:
     """The model's shape without loading weights: random:<arch>, a local config.json, or the
     architecture named in a Hub id (facebook/dinov3-vitl16-...)."""
     return model_shape_of(plan_model(spec))
 
 
-def forward_flops(shape: ModelShape, grid: tuple[int, int]) -> float:
+def forward_flops(shape: Shape, grid: tuple[int, int]) -> float:
     """Forward FLOPs (2 per multiply-add) for one image: blocks (projections, MLP, attention)
     plus the patch embedding. ViT-L/16 at 1024x1024: 4.14 TFLOP."""
     patches = grid[0] * grid[1]
-    tokens = 1 + shape.num_registers + patches
+    tokens = shape.num_prefix_tokens + patches
     d, inner = shape.hidden_size, shape.intermediate_size
     mats = 3 if shape.gated else 2
     blocks = shape.num_hidden_layers * (2 * tokens * (4 * d * d + mats * d * inner) + 4 * tokens * tokens * d)
@@ -244,16 +236,8 @@ class _Unusable(Exception):
         self.reason, self.detail = reason, detail
 
 
-def model_shape_of(mspec: ModelSpec) -> ModelShape:
-    c = mspec.config
-    return ModelShape(
-        c.hidden_size,
-        c.num_hidden_layers,
-        c.intermediate_size,
-        bool(getattr(c, "use_gated_mlp", False)),
-        c.num_register_tokens,
-        mspec.patch_size,
-    )
+def model_shape_of(mspec: ModelSpec) -> Shape:
+    return mspec.family.shape(mspec.config)
 
 
 def human_seconds(s: float) -> str:

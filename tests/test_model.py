@@ -45,13 +45,13 @@ def test_missing_model_says_how_to_fix(tmp_path):
     assert "does not exist" in str(info.value) and "save_pretrained" in str(info.value)
 
 
-def test_non_dinov3_checkpoint_is_refused(tmp_path):
+def test_a_checkpoint_of_no_known_family_is_refused(tmp_path):
     from transformers import ViTConfig, ViTModel
 
     ViTModel(
         ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     ).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="not a DINOv3 ViT"):
+    with pytest.raises(ModelLoadError, match="is a 'vit' model; dinocache loads dinov3_vit, dinov2"):
         load_model(str(tmp_path), device="cpu")
 
 

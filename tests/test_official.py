@@ -244,7 +244,7 @@ def test_official_checkpoint_gives_identical_outputs(tmp_path, gated):
 def test_not_a_dinov3_checkpoint(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, path)
-    with pytest.raises(ModelLoadError, match="official DINOv3 ViT"):
+    with pytest.raises(ModelLoadError, match="official DINOv3 or DINOv2 ViT"):
         load_model(str(path), device="cpu")
     (tmp_path / "garbage.pth").write_bytes(b"not a pickle")
     with pytest.raises(ModelLoadError, match="cannot read"):
