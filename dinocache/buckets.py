@@ -12,6 +12,7 @@ from dataclasses import dataclass
 RESIZE_MODES = ("stretch", "crop", "adm")
 MIN_SIDE = 16  # one DINOv3 patch
 MAX_SIDE = 8192  # 512 patches a side; larger buckets are a typo (an 8192x8192 bucket is 262k tokens)
+DIT_TOKEN_PIXELS = 16  # an f8 VAE with patch size 2 (or f16 with patch 1): one DiT token per 16 px
 
 
 def round_to_patch(side: int, patch_size: int) -> int:
@@ -67,12 +68,29 @@ class Bucket:
         }
 
 
-def make_buckets(sizes: list[tuple[int, int]], patch_size: int) -> list[Bucket]:
+def input_side(side: int, patch_size: int, token_pixels: int | None = None) -> int:
+    """The model's input side for a bucket side: rounded to the patch size, or, with
+    `token_pixels`, scaled so that the patch grid equals the DiT's token grid (one patch per
+    `token_pixels` pixels: a /14 encoder sees a 256-px side, 16 DiT tokens of 16 px, as 224 px)."""
+    if token_pixels is None:
+        return round_to_patch(side, patch_size)
+    return max(1, int(math.floor(side / token_pixels + 0.5))) * patch_size
+
+
+def make_buckets(sizes: list[tuple[int, int]], patch_size: int, token_pixels: int | None = None) -> list[Bucket]:
     """Bucket table from (width, height) pairs, in the order given."""
     return [
-        Bucket(i, w, h, round_to_patch(w, patch_size), round_to_patch(h, patch_size), patch_size)
+        Bucket(i, w, h, input_side(w, patch_size, token_pixels), input_side(h, patch_size, token_pixels), patch_size)
         for i, (w, h) in enumerate(sizes)
     ]
+
+
+def resolve_token_pixels(option: int | None, patch_size: int) -> int | None:
+    """--token-pixels as given (0: off), else 16 for an encoder whose patch is not 16 pixels (an
+    f8 VAE with patch 2 makes one DiT token per 16 pixels); None when it changes nothing."""
+    if option is None:
+        option = DIT_TOKEN_PIXELS if patch_size != DIT_TOKEN_PIXELS else 0
+    return None if option in (0, patch_size) else option
 
 
 def generate_sizes(

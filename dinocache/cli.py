@@ -105,6 +105,8 @@ OUT_ARG = typer.Argument(  # a str: a cache may be a URL (s3://...), which Path 
 )
 STORAGE_HELP = "Stored dtype: bfloat16 (default), float16, float32 (exact parity), float8_e4m3fn (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid N x N (2: 4x smaller)."
+PRESET_HELP = "A recipe's own preprocessing: repa or rae (docs/TRAINING.md)."
+TOKEN_PIXELS_HELP = "Pixels per DiT token: a patch-14 encoder sees 256 px as 224 (default 16 if patch != 16; 0: off)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
 REGISTERS_HELP = "Also store the register tokens."
 FLIP_HELP = "Also store the features of the mirrored image."
@@ -127,6 +129,8 @@ def extract(
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Hub id, local folder, official .pth, or random:<arch>."
     ),
+    preset: Optional[str] = typer.Option(None, "--preset", metavar="NAME", help=PRESET_HELP),
+    token_pixels: Optional[int] = typer.Option(None, "--token-pixels", min=0, metavar="PX", help=TOKEN_PIXELS_HELP),
     revision: Optional[str] = typer.Option(None, metavar="REV", help="Hub branch, tag or commit."),
     device: str = typer.Option("auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", metavar="DTYPE", help="Compute: auto, bfloat16, float16, float32."),
@@ -177,6 +181,7 @@ def extract(
       dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
       dinocache extract 'tars/{00000..00099}.tar' -b configs/dit-512.yaml -o out/
       dinocache extract data/images --crops crops.jsonl -o cache/
+      dinocache extract imgs -b configs/dit-256.yaml --model facebook/dinov2-base --preset repa
       torchrun --nproc_per_node=8 -m dinocache extract data/images \\
           --buckets configs/dit-1024.yaml -o cache/
     """
@@ -233,8 +238,14 @@ def extract(
             world_size=world_size,
             resize_on_device=resize_on_device,
             crops=crops,
+            preset=preset,
+            token_pixels=token_pixels,
         )
         options.layout()  # an unknown --storage-dtype is reported before anything runs
+        if preset is not None:
+            from .presets import check_no_crops
+
+            check_no_crops(preset, crops)
         result = run_extract(input_dir, options)
     except Interrupted as exc:
         _print_extract_summary(exc.result, input_dir, world_size, rank, out)
@@ -313,6 +324,8 @@ def plan(
     layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
     keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
     flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", metavar="NAME", help=PRESET_HELP),
+    token_pixels: Optional[int] = typer.Option(None, "--token-pixels", min=0, metavar="PX", help=TOKEN_PIXELS_HELP),
     shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
     out: Path = typer.Option(
         Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Where the cache would go (free space)."
@@ -345,8 +358,20 @@ def plan(
             crop_table = load_crops(crops, config, open_source(input_dir, exclude=[out]).scan())
         check_dtype(storage_dtype)
         layout = Layout(dtype=storage_dtype, registers=keep_registers, pool=pool, layers=_layer_list(layers), flip=flip)
+        if preset is not None:
+            from .presets import check_no_crops
+
+            check_no_crops(preset, crops)
         report = plan_extraction(
-            input_dir, config, model, layout, out, shard_max_bytes=int(shard_size_mb * 1024**2), crops=crop_table
+            input_dir,
+            config,
+            model,
+            layout,
+            out,
+            shard_max_bytes=int(shard_size_mb * 1024**2),
+            crops=crop_table,
+            preset=preset,
+            token_pixels=token_pixels,
         )
     except DinocacheError as exc:
         _fail(exc)

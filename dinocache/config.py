@@ -68,6 +68,8 @@ class ExtractOptions:
     crops: Path | None = None  # a JSONL file of the trainer's own crops (key, size, box)
     retry_failed: bool = False  # try every recorded failure again, changed or not
     new_source: bool = False  # accept a source other than the one the cache was built from
+    preset: str | None = None  # a recipe's own preprocessing (presets.py)
+    token_pixels: int | None = None  # pixels per DiT token (None: 16 for encoders whose patch is not 16; 0: off)
 
     def layout(self):
         from .layout import Layout, storage_dtype

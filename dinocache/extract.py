@@ -134,7 +134,17 @@ def _warn_about_partial_pool_windows(buckets: list[Bucket], pool: int) -> None:
 
 
 def preprocessing(mspec: ModelSpec, options: ExtractOptions) -> Preprocessing:
-    return Preprocessing(mspec.image_mean, mspec.image_std, options.buckets.resize, options.jpeg_draft)
+    from .presets import build_preprocessing
+
+    return build_preprocessing(
+        mspec,
+        options.buckets.resize,
+        options.jpeg_draft,
+        options.preset,
+        options.token_pixels,
+        options.image_mean,
+        options.image_std,
+    )
 
 
 def _check_failure_budget(
@@ -199,6 +209,10 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     source = open_source(input_dir, exclude=[root], follow_symlinks=options.follow_symlinks)
     sources = source.scan()
     crops = None
+    if options.preset is not None:
+        from .presets import check_no_crops
+
+        check_no_crops(options.preset, options.crops)
     if options.crops is not None:
         from .crops import load_crops
 
@@ -220,9 +234,10 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         )
     )
     check_layers(options.layers, mspec)
-    buckets = make_buckets(options.buckets.sizes, mspec.patch_size)
+    prep = preprocessing(mspec, options)
+    buckets = make_buckets(options.buckets.sizes, mspec.patch_size, prep.token_pixels)
     _warn_about_partial_pool_windows(buckets, options.pool)
-    settings = cache_settings(mspec, preprocessing(mspec, options), options.layout(), buckets)
+    settings = cache_settings(mspec, prep, options.layout(), buckets)
     result = ExtractResult(out=options.out, scanned=len(sources))
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -267,7 +282,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             sources,
             buckets,
             state,
-            options.buckets.resize,
+            prep.resize,
             options.max_pixels,
             options.rehash,
             crops,
@@ -517,8 +532,9 @@ def _extract_work(
 
     layout = state.layout
     sizes = BatchSizes(options.batch_size or options.buckets.batch_size, device.type)
-    crop_only = device.type == "cuda" if options.resize_on_device is None else options.resize_on_device
     prep = Preprocessing.from_record(state.settings["preprocessing"])
+    crop_only = device.type == "cuda" if options.resize_on_device is None else options.resize_on_device
+    crop_only = crop_only and prep.is_processor_resize  # a recipe's own resize runs in the workers
     dataset = DecodeDataset(work, buckets, prep, options.max_pixels, crop_only)
     workers = ctx.default_workers() if options.workers is None else options.workers
     loader = DataLoader(

@@ -31,7 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
 RESAMPLE = "bilinear"
-ADM_RESAMPLE = "pil-box-halving+pil-bicubic"  # resize: adm (guided-diffusion's center_crop_arr)
+RESAMPLES = ("bilinear", "bicubic")  # F.interpolate modes for the resize to the model's input
+ADM_CROP = "guided-diffusion center_crop_arr: PIL BOX halvings, PIL BICUBIC, centre crop"  # resize: adm
 RESCALE = "1/255 (16-bit: 1/65535)"
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -46,28 +47,50 @@ class Preprocessing:
     resize: str = "stretch"  # how the crop box is chosen (buckets.crop_box)
     jpeg_draft: bool = False
     background: tuple[int, int, int] = WHITE
+    # The resize to the model's input: transformers' processor by default (bilinear, antialiased,
+    # after rescaling, before normalizing); a recipe preset may ask for its own (presets.py).
+    resample: str = RESAMPLE
+    antialias: bool = True
+    normalize_first: bool = False
+    preset: str | None = None
+    token_pixels: int | None = None  # pixels per DiT token, when the encoder's patch differs
 
     def __post_init__(self):
-        if self.resize == "adm" and self.jpeg_draft:
-            from .errors import ConfigError
+        from .errors import ConfigError
 
+        if self.resize == "adm" and self.jpeg_draft:
             raise ConfigError(
                 "--jpeg-draft changes the pixels that ADM's centre crop (resize: adm) starts from",
                 "drop --jpeg-draft: resize: adm reproduces the recipes' pixels from the full-size decode",
             )
+        if self.resample not in RESAMPLES:
+            raise ConfigError(f"unknown resample {self.resample!r}", f"use one of {', '.join(RESAMPLES)}")
+
+    @property
+    def is_processor_resize(self) -> bool:
+        """The default resize, which the GPU can run on cropped regions (extract's device path)."""
+        return self.resample == RESAMPLE and self.antialias and not self.normalize_first
 
     def record(self) -> dict:
+        """The manifest's `preprocessing` section; fields added after format 2 appear only when
+        they differ from what caches before them did, so those caches still match."""
+        optional = {
+            "crop": ADM_CROP if self.resize == "adm" else None,
+            "normalize_before_resize": self.normalize_first or None,
+            "preset": self.preset,
+            "token_pixels": self.token_pixels,
+        }
         return {
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "resize": self.resize,
-            "resample": ADM_RESAMPLE if self.resize == "adm" else RESAMPLE,
-            "antialias": True,
+            "resample": self.resample,
+            "antialias": self.antialias,
             "rescale": RESCALE,
             "alpha_background": list(self.background),
             "exif_transpose": True,
             "jpeg_draft": self.jpeg_draft,
-        }
+        } | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
     def from_record(cls, prep: dict) -> "Preprocessing":
@@ -77,6 +100,11 @@ class Preprocessing:
             prep.get("resize", "stretch"),
             bool(prep.get("jpeg_draft", False)),
             tuple(prep.get("alpha_background", WHITE)),
+            prep.get("resample", RESAMPLE),
+            bool(prep.get("antialias", True)),
+            bool(prep.get("normalize_before_resize", False)),
+            prep.get("preset"),
+            prep.get("token_pixels"),
         )
 
 
@@ -190,22 +218,25 @@ def _to_rgb(img, background: tuple[int, int, int], keep_uint8: bool = False) -> 
     return rgb.float().div_(255.0).permute(2, 0, 1)
 
 
-def resize(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize(region: torch.Tensor, size: tuple[int, int], mode: str = RESAMPLE, antialias: bool = True) -> torch.Tensor:
     """[3, h, w] float -> [3, height, width] for `size` = (width, height): bilinear, antialiased,
-    as transformers' processor does. The two axes are resized one after the other, in the order
-    whose intermediate is smaller, so memory is bounded by the source and the output, never by
-    their product: a 4x1,000,000 strip into 1024x1024 would otherwise need a 1,000,000x1024
-    intermediate (12 GB). torch does width first; the other order differs by < 1e-6."""
+    as transformers' processor does (or `mode`/`antialias` as a recipe's F.interpolate call).
+    The two axes are resized one after the other, in the order whose intermediate is smaller, so
+    memory is bounded by the source and the output, never by their product: a 4x1,000,000 strip
+    into 1024x1024 would otherwise need a 1,000,000x1024 intermediate (12 GB). torch does width
+    first; the other order differs by < 1e-6. Near-square regions (a recipe's 256 -> 224) take
+    exactly one call, as the recipe's code does."""
     width, height = size
     h, w = region.shape[1:]
     if (h, w) == (height, width):
         return region
     x = region[None]
+    kwargs = dict(mode=mode, align_corners=False, antialias=antialias)
     if h * width <= height * w:  # width first: torch's own order, exactly one call
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(height, width), **kwargs)
     else:
-        x = F.interpolate(x, size=(height, w), mode="bilinear", align_corners=False, antialias=True)
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(height, w), **kwargs)
+        x = F.interpolate(x, size=(height, width), **kwargs)
     return x[0]
 
 
@@ -221,15 +252,20 @@ def preprocess(
     size: tuple[int, int],
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
+    prep: Preprocessing | None = None,
 ) -> torch.Tensor:
     """Crop `box` (left, top, right, bottom) out of [3, H, W] pixels in [0, 1] (or uint8 0..255),
-    resize to `size` = (width, height) with antialiased bilinear, and normalize. Returns float
-    [3, height, width] on the pixels' device."""
+    resize to `size` = (width, height) with antialiased bilinear (or `prep`'s resize, before or
+    after normalizing), and normalize. Returns float [3, height, width] on the pixels' device."""
     left, top, right, bottom = box
     region = pixels[:, top:bottom, left:right]
     if region.dtype == torch.uint8:
         region = region.float().div_(255.0)
-    return normalize(resize(region, size), mean, std)
+    if prep is None or prep.is_processor_resize:
+        return normalize(resize(region, size), mean, std)
+    if prep.normalize_first:  # REPA: x / 255 -> Normalize -> F.interpolate (train.py:55-57)
+        return resize(normalize(region, mean, std), size, prep.resample, prep.antialias)
+    return normalize(resize(region, size, prep.resample, prep.antialias), mean, std)
 
 
 def adm_center_crop(rgb: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
@@ -296,4 +332,4 @@ def model_input(
         box = (0, 0, pixels.shape[2], pixels.shape[1])
     if crop_only:
         return pixels[:, box[1] : box[3], box[0] : box[2]].contiguous()
-    return preprocess(pixels, box, input_size, prep.image_mean, prep.image_std)
+    return preprocess(pixels, box, input_size, prep.image_mean, prep.image_std, prep)

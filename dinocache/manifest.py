@@ -18,6 +18,7 @@ from typing import Any
 from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
 from .errors import CacheError, DinocacheError
 from .fileio import atomic_write_bytes, contained_file, is_link
+from .imaging import RESAMPLES
 from .layout import storage_problems, stored_grid
 from .names import (  # noqa: F401
     DEFAULT_OUT,
@@ -33,6 +34,7 @@ from .names import (  # noqa: F401
     SHARD_SUFFIX,
     STATS_DIR,
 )
+from .presets import PRESETS
 from .stfile import parse_json_bounded
 
 MAX_MANIFEST_BYTES = 1 << 30
@@ -203,6 +205,14 @@ def _preprocessing_problems(prep: dict) -> list[str]:
             problems.append("preprocessing.image_std must be positive")
     if prep.get("resize") not in RESIZE_MODES:
         problems.append(f"preprocessing.resize must be one of {', '.join(RESIZE_MODES)}")
+    if prep.get("resample", RESAMPLES[0]) not in RESAMPLES:
+        problems.append(f"preprocessing.resample must be one of {', '.join(RESAMPLES)}")
+    if not all(isinstance(prep.get(k, False), bool) for k in ("antialias", "normalize_before_resize", "jpeg_draft")):
+        problems.append("preprocessing.antialias, normalize_before_resize and jpeg_draft must be true or false")
+    if prep.get("preset") is not None and prep["preset"] not in PRESETS:
+        problems.append(f"preprocessing.preset must be one of {', '.join(PRESETS)}")
+    if prep.get("token_pixels") is not None and not _is_int(prep["token_pixels"], 1, MAX_SIDE):
+        problems.append(f"preprocessing.token_pixels must be a whole number 1..{MAX_SIDE}")
     return problems
 
 
@@ -214,7 +224,8 @@ def _bucket_problems(buckets: list, patch: int, pool: int) -> list[str]:
         ok = (
             isinstance(b, dict)
             and b.get("index") == i
-            and all(_is_int(b.get(k), MIN_SIDE, MAX_SIDE) for k in ("width", "height", "input_width", "input_height"))
+            and all(_is_int(b.get(k), MIN_SIDE, MAX_SIDE) for k in ("width", "height"))
+            and all(_is_int(b.get(k), patch, MAX_SIDE) for k in ("input_width", "input_height"))
         )
         if ok:
             grid = [b["input_height"] // patch, b["input_width"] // patch]

@@ -15,10 +15,10 @@ from .buckets import make_buckets
 from .config import BucketConfig
 from .errors import ConfigError, DinocacheError
 from .families import FAMILIES, Shape
-from .imaging import Preprocessing
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
 from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, resolve_model
 from .placement import place, probe_source
+from .presets import build_preprocessing
 from .sources import open_source
 from .stats import human_bytes
 
@@ -83,6 +83,7 @@ class PlanReport:
     disk_checked_at: str | None = None
     already_cached: int | None = None  # of the usable images, keys the cache at `out` holds already
     warnings: list[str] = field(default_factory=list)
+    resize: str = "stretch"  # the crop rule used (the config's, or a --preset's)
 
 
 def plan_extraction(
@@ -96,6 +97,8 @@ def plan_extraction(
     jpeg_draft: bool = False,
     crops=None,
     follow_symlinks: bool = False,
+    preset: str | None = None,
+    token_pixels: int | None = None,
 ) -> PlanReport:
     """What `extract` would do with the same options, from the headers alone: the same scan,
     the same placement (placement.place), the same layout and shard split, so the projected
@@ -105,11 +108,10 @@ def plan_extraction(
     layout = layout or Layout()
     mspec = plan_model(model)
     check_layers(layout.layers, mspec)
-    buckets = make_buckets(config.sizes, mspec.patch_size)
-    settings = cache_settings(
-        mspec, Preprocessing(mspec.image_mean, mspec.image_std, config.resize, jpeg_draft), layout, buckets
-    )
-    report = PlanReport()
+    prep = build_preprocessing(mspec, config.resize, jpeg_draft, preset, token_pixels)
+    buckets = make_buckets(config.sizes, mspec.patch_size, prep.token_pixels)
+    settings = cache_settings(mspec, prep, layout, buckets)
+    report = PlanReport(resize=prep.resize)
     per_bucket: list[list[dict]] = [[] for _ in buckets]
     distortions = []
     sources = open_source(str(input_dir), exclude=[out] if out else [], follow_symlinks=follow_symlinks).scan()
@@ -119,7 +121,7 @@ def plan_extraction(
             if status != "ok":
                 raise _Unusable(a, b)
             width, height = a, b
-            where = place(width, height, buckets, config.resize, (crops or {}).get(src.key))
+            where = place(width, height, buckets, prep.resize, (crops or {}).get(src.key))
         except _Unusable as exc:
             report.unreadable[exc.reason] = report.unreadable.get(exc.reason, 0) + 1
             report.unreadable_files.append({"key": src.key, "reason": exc.reason, "detail": exc.detail})
@@ -145,7 +147,7 @@ def plan_extraction(
                 "placement": where.placement,
             }
         )
-        if config.resize in ("crop", "adm") or where.placement:
+        if prep.resize in ("crop", "adm") or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
             distortion = math.exp(abs(math.log(width / height) - bucket.log_aspect)) - 1
@@ -265,7 +267,7 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
             + (f" {b['stored_grid']:>7}" if pooled else "")
             + f" {b['images']:>8} {b['share'] * 100:>6.1f}% {human_bytes(b['bytes']):>10}"
         )
-    kind = "share of the picture cropped away" if config.resize in ("crop", "adm") else "aspect ratio change"
+    kind = "share of the picture cropped away" if report.resize in ("crop", "adm") else "aspect ratio change"
     lines += [
         "",
         f"images        {report.images} usable"
@@ -282,7 +284,7 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
         lines.append(f"              ... {len(report.unreadable_files) - listed} more (--json lists all)")
     lines += [
         f"distortion    mean {report.mean_distortion * 100:.1f}%, worst {report.worst_distortion * 100:.1f}% "
-        f"({report.worst_key}) [{kind}, resize: {config.resize}]",
+        f"({report.worst_key}) [{kind}, resize: {report.resize}]",
         f"upscaled      {report.upscaled} image(s) smaller than their bucket"
         + (
             f": {', '.join(report.upscaled_files[:listed])}{', ...' if report.upscaled > listed else ''}"

@@ -1,0 +1,93 @@
+"""Recipe presets: the preprocessing a DiT recipe's own code applies online before its encoder,
+as one named option (`extract --preset NAME`). Each was read from the recipe's code at the commit
+named; tests/test_presets.py re-implements each recipe's lines and compares pixels.
+
+    repa  sihyun-yu/REPA@67f7145: images ADM-cropped to 256 (preprocessing/dataset_tools.py:168-187),
+          then x / 255 -> Normalize(ImageNet) -> F.interpolate(224, bicubic), no antialias
+          (train.py:39-59, the dinov2 branch): the resize comes AFTER normalizing
+    rae   bytetriper/RAE@a4d18c4: ADM crop to 256 + ToTensor (src/calculate_stat.py:227-231), then
+          F.interpolate(224, bicubic, align_corners=False) and (x - mean) / std
+          (src/stage1/rae.py:83-86); RAE trains on the ln_noaffine flavour
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .buckets import resolve_token_pixels
+from .imaging import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+log = logging.getLogger("dinocache")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resize: str  # the crop (buckets.RESIZE_MODES)
+    resample: str  # the resize to the encoder's input
+    antialias: bool
+    normalize_first: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    flavour: str  # what the recipe trains against (read with FeatureCache(flavour=...))
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("repa", "adm", "bicubic", False, True, IMAGENET_MEAN, IMAGENET_STD, "normed"),
+        Preset("rae", "adm", "bicubic", False, False, IMAGENET_MEAN, IMAGENET_STD, "ln_noaffine"),
+    )
+}
+
+
+def preset(name: str) -> Preset:
+    from .errors import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown --preset {name!r}", f"use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def check_no_crops(name: str, crops) -> None:
+    """A preset crops as its recipe does; a --crops file would give other boxes."""
+    from .errors import ConfigError
+
+    preset(name)
+    if crops is not None:
+        raise ConfigError(
+            f"--preset {name} crops as its recipe does (ADM's centre crop), and --crops gives each image a box",
+            "use one of them: drop --crops, or drop --preset",
+        )
+
+
+def build_preprocessing(
+    mspec,
+    resize: str,
+    jpeg_draft: bool = False,
+    preset_name: str | None = None,
+    token_pixels: int | None = None,
+    image_mean=None,
+    image_std=None,
+) -> Preprocessing:
+    """The Preprocessing extract and plan use: the bucket config's resize and the model's
+    mean/std, or a preset's crop, resize and mean/std (explicit --image-mean/--image-std win),
+    and the DiT token size for an encoder whose patch is not 16 pixels."""
+    token_px = resolve_token_pixels(token_pixels, mspec.patch_size)
+    if preset_name is None:
+        return Preprocessing(mspec.image_mean, mspec.image_std, resize, jpeg_draft, token_pixels=token_px)
+    p = preset(preset_name)
+    if resize != p.resize:
+        log.info("--preset %s crops as its recipe does (resize: %s), not with resize: %s", p.name, p.resize, resize)
+    return Preprocessing(
+        tuple(image_mean or p.image_mean),
+        tuple(image_std or p.image_std),
+        p.resize,
+        jpeg_draft,
+        resample=p.resample,
+        antialias=p.antialias,
+        normalize_first=p.normalize_first,
+        preset=p.name,
+        token_pixels=token_px,
+    )
