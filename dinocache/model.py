@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelLoadError
-from .families import FAMILIES, Family, architectures, family_of_config
+from .families import FAMILIES, Family, architectures, family_of_config, load_official
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
 
@@ -59,7 +59,7 @@ class _TokenForward(torch.nn.Module):
 
 @dataclass
 class LoadedModel:
-    """A DINOv3 ViT ready for inference, with what the manifest must record about it.
+    """A ViT (any family) ready for inference, with what the manifest must record about it.
 
     `model` is the transformers model with its final LayerNorm moved to `final_norm` (the
     model's own is an Identity), so one forward yields the tokens before and after that norm."""
@@ -309,9 +309,7 @@ def resolve_model(
         # transformers initialises every LayerNorm to the identity affine
         weight, bias = torch.ones(config.hidden_size), torch.zeros(config.hidden_size)
     elif spec.endswith((".pth", ".pt")) and Path(spec).is_file():  # an official Meta checkpoint
-        from .official import load_official_model
-
-        preloaded, config, family = load_official_model(spec, torch_dtype)
+        preloaded, config, family = load_official(spec, torch_dtype)
         kind, processor_cfg = "official", {}
         norm = getattr(preloaded, family.norm_attr)
         weight, bias = norm.weight.detach(), norm.bias.detach()

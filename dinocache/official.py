@@ -185,24 +185,6 @@ def official_to_transformers(sd: dict[str, torch.Tensor], layer_prefix: str) -> 
     return out
 
 
-def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(transformers model with the official weights, its config, its family), built in `dtype`:
-    the file is memory-mapped, so the host never holds a float32 copy of a bf16 model. The
-    family whose official layout the tensors have converts them (DINOv3 here, DINOv2 in
-    families/dinov2.py)."""
-    from .families import FAMILIES
-
-    sd = load_official_state_dict(path)
-    family = next((f for f in FAMILIES if f.claims_official(sd)), None)
-    if family is None:
-        raise ModelLoadError(
-            f"{path} does not look like an official DINOv3 or DINOv2 ViT checkpoint",
-            "ConvNeXt checkpoints are not supported; pass a ViT .pth",
-        )
-    model, config = family.official_model(str(path), sd, dtype)
-    return model, config, family
-
-
 def model_from_state_dict(path: str, sd: dict, dtype: torch.dtype):
     """(DINOv3ViTModel, config) from an official DINOv3 state dict."""
     from transformers import DINOv3ViTModel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..official import model_from_state_dict
 from .base import Family, Shape
 
 # Shapes of the released ViTs (official hub/backbones.py; SwiGLU hidden = 2/3 of ffn_ratio * dim,
@@ -75,8 +76,6 @@ class DINOv3(Family):
         return "storage_tokens" in state_dict or "rope_embed.periods" in state_dict
 
     def official_model(self, path: str, state_dict: dict, dtype: torch.dtype):
-        from ..official import model_from_state_dict
-
         return model_from_state_dict(path, state_dict, dtype)
 
     def record(self, config) -> dict:
