@@ -181,7 +181,8 @@ def extract(
       dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
       dinocache extract 'tars/{00000..00099}.tar' -b configs/dit-512.yaml -o out/
       dinocache extract data/images --crops crops.jsonl -o cache/
-      dinocache extract imgs -b configs/dit-256.yaml --model facebook/dinov2-base --preset repa
+      dinocache extract imgs -b configs/dit-256.yaml \\
+          --model facebook/dinov2-base --preset repa
       torchrun --nproc_per_node=8 -m dinocache extract data/images \\
           --buckets configs/dit-1024.yaml -o cache/
     """
@@ -506,7 +507,8 @@ def norm_stats(
 
     \b
     Examples:
-      dinocache norm-stats cache/ --flavour ln_noaffine --export stat.pt --style rae
+      dinocache norm-stats cache/ --flavour ln_noaffine \\
+          --export stat.pt --style rae
       dinocache norm-stats cache/ --export dinov3_sp_stats.pt --style svg
     """
     from .manifest import read_manifest
