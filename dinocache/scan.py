@@ -57,14 +57,7 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
             if key_problem:
                 found.append(SourceFile(key, path, -1, -1, ("bad_filename", f"{key_problem}; rename the file")))
                 continue
-            problem = None
-            if not follow_symlinks and os.path.islink(path):
-                target = os.path.realpath(path)
-                if os.path.commonpath([real_root, target]) != real_root:
-                    problem = (
-                        "outside_source",
-                        f"a symbolic link to {target}, outside the input folder (pass --follow-symlinks to read it)",
-                    )
+            problem = None if follow_symlinks or not os.path.islink(path) else link_out_problem(path, real_root)
             try:
                 st = os.stat(path)
                 found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns, problem))
@@ -72,6 +65,18 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
                 found.append(SourceFile(key, path, -1, -1, problem))
     found.sort(key=lambda s: s.key)
     return found
+
+
+def link_out_problem(path: str, real_root: str, what: str = "the input folder") -> tuple[str, str] | None:
+    """("outside_source", detail) when `path` resolves outside `real_root` (a symbolic link on
+    the way leads out): the one link rule of every local source, lifted by --follow-symlinks."""
+    target = os.path.realpath(path)
+    if os.path.commonpath([real_root, target]) == real_root:
+        return None
+    return (
+        "outside_source",
+        f"a symbolic link to {target}, outside {what} (pass --follow-symlinks to read it)",
+    )
 
 
 def require_images(sources: list[SourceFile], root: str | Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ConfigError, DecodeError, DinocacheError
 from .keys import key_problem
-from .scan import IMAGE_EXTENSIONS, SourceFile, require_images, scan_folder
+from .scan import IMAGE_EXTENSIONS, SourceFile, link_out_problem, require_images, scan_folder
 
 LIST_SUFFIXES = (".parquet", ".jsonl", ".csv")
 PATH_COLUMNS = ("path", "url", "image", "file")
@@ -56,6 +56,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [
         name for option in options for name in expand_braces(pattern[: match.start()] + option + pattern[match.end() :])
     ]
+
+
+def pattern_folder(pattern: str) -> str:
+    """The folder a tar path, glob or brace pattern names before its first wildcard or brace:
+    the tars' source folder, out of which no link is followed (as in a folder source)."""
+    literal = re.split(r"[*?\[{]", pattern, maxsplit=1)[0]
+    return os.path.dirname(literal) or "."
 
 
 def _fsspec():
@@ -136,8 +143,15 @@ class TarSource(Source):
 
     def scan(self) -> list[SourceFile]:
         files: list[SourceFile] = []
+        folder = os.path.realpath(pattern_folder(self.spec))
         for tar in self.tars():
-            files += scan_tar(tar)
+            outside = None
+            if not (self.follow_symlinks or is_url(tar)):
+                outside = link_out_problem(tar, folder, f"the tars' folder {pattern_folder(self.spec)}")
+            if outside:  # as in a folder: a link that leads out is a recorded failure, not read
+                files.append(SourceFile(PurePosixPath(tar).name, tar, -1, -1, outside))
+            else:
+                files += scan_tar(tar)
         files.sort(key=lambda s: s.key)
         require_images(files, self.spec)
         return files
