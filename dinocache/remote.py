@@ -262,6 +262,11 @@ class RemoteShards(LocalShards):
             local.unlink(missing_ok=True)
 
     def delete(self, file: str) -> None:
+        from .manifest import owned_name
+
+        if not owned_name(file):  # a tampered manifest must not make us delete a foreign object
+            log.warning("%s/%s is not a name dinocache gives its files: left in place", self.remote.url, file)
+            return
         self.remote.rm(file)
         self._sizes.pop(file.removeprefix(SHARD_DIR + "/"), None)
 
@@ -326,7 +331,9 @@ class RemoteSession:
                 self.remote.put_file(local, rel)
                 self._uploaded_extras[rel] = digest
         self.remote.put_file(self.mirror / MANIFEST_NAME, MANIFEST_NAME)
-        if old_table:
+        from .manifest import owned_name
+
+        if old_table and owned_name(old_table):
             self.remote.rm(old_table)
 
     def __exit__(self, *exc) -> None:

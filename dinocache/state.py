@@ -37,6 +37,7 @@ from .manifest import (
     STATS_DIR,
     TEMP,
     cache_path,
+    delete_owned,
     load_samples,
     read_manifest,
     settings_of,
@@ -139,12 +140,7 @@ class LocalShards:
         yield self.root / file
 
     def delete(self, file: str) -> None:
-        try:
-            path = cache_path(self.root, file)
-            if path.is_file() and not is_link(path):
-                path.unlink()
-        except (CacheError, OSError):
-            pass
+        delete_owned(self.root, file)
 
 
 class CacheState:
@@ -401,8 +397,7 @@ class CacheState:
         if self.after_commit is not None:  # a remote cache: upload the table, then the manifest
             self.after_commit(list(self.extras) + ([self.index_file] if old != self.index_file else []), old)
         if old and old != self.index_file:
-            with contextlib.suppress(CacheError, OSError):
-                cache_path(self.root, old, INDEX_DIR).unlink(missing_ok=True)
+            delete_owned(self.root, old)
 
 
 def clear_cache(root: Path) -> None:

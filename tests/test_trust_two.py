@@ -2,11 +2,13 @@
 repairs, what a list file is trusted with, and tar members that used to vanish silently."""
 
 import io
+import json
 import os
 import tarfile
 
 import pytest
 
+from dinocache import FeatureCache
 from dinocache.sources import open_source
 
 
@@ -54,3 +56,74 @@ def test_a_link_to_a_tar_inside_the_source_folder_is_read(tmp_path):
     os.symlink(folder / "real" / "a.tar", folder / "alias.tar")
     files = {s.key: s for s in open_source(str(folder / "alias.tar")).scan()}
     assert files["alias.tar/x"].problem is None
+
+
+# ---- 2. deletes by name: only dinocache's own names, named by its records ------------------------
+
+BUCKETS = {"buckets": [[64, 64], [96, 48]]}
+
+
+def run(source, out, model_dir, **kwargs):
+    from dinocache.config import ExtractOptions, parse_bucket_config
+    from dinocache.extract import extract
+
+    kwargs.setdefault("workers", 0)
+    options = ExtractOptions(
+        out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), progress=False, dtype="float32", **kwargs
+    )
+    return extract(source, options)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    from conftest import save_scene
+
+    root = tmp_path / "images"
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (70, 64)]):
+        save_scene(root / f"{i}.png", w, h, seed=i)
+    return root
+
+
+def rename_in_manifest(cache, section, new_name):
+    """A tampered manifest: its first `section` entry now names `new_name` (a user's own file)."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest[section][0]["file"] = new_name
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_naming_a_foreign_file_as_a_shard_never_gets_it_deleted(images, tmp_path, tiny_model_dir):
+    cache = tmp_path / "cache"
+    run(images, cache, tiny_model_dir)
+    (cache / "shards" / "user-notes.txt").write_text("my notes")
+    rename_in_manifest(cache, "shards", "shards/user-notes.txt")
+    result = run(images, cache, tiny_model_dir, repair=True)
+    assert "shards/user-notes.txt" in result.repaired_shards  # its rows were recomputed ...
+    assert (cache / "shards" / "user-notes.txt").read_text() == "my notes"  # ... and the file left alone
+    assert sorted(FeatureCache(cache).keys()) == ["0.png", "1.png", "2.png"]
+
+
+def test_norm_stats_never_deletes_a_foreign_file_a_statistics_entry_names(images, tmp_path, tiny_model_dir):
+    from dinocache.normstats import compute_statistics
+
+    cache = tmp_path / "cache"
+    run(images, cache, tiny_model_dir)
+    compute_statistics(cache)
+    (cache / "stats" / "my-notes.txt").write_text("keep me")
+    rename_in_manifest(cache, "statistics", "stats/my-notes.txt")
+    compute_statistics(cache)  # --recompute: replaces the entry of the same flavour and views
+    assert (cache / "stats" / "my-notes.txt").read_text() == "keep me"
+
+
+def test_a_remote_cache_never_deletes_an_object_with_a_foreign_name(tmp_path):
+    import fsspec
+
+    from dinocache.remote import Remote, RemoteShards
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/bucket/cache/shards/foreign.txt", b"not ours")
+    memory.pipe("/bucket/cache/shards/b000-64x64-0123abcd-00000.safetensors", b"ours")
+    store = RemoteShards(Remote("memory://bucket/cache"), tmp_path / "mirror")
+    store.delete("shards/foreign.txt")
+    store.delete("shards/b000-64x64-0123abcd-00000.safetensors")
+    assert memory.cat("/bucket/cache/shards/foreign.txt") == b"not ours"
+    assert not memory.exists("/bucket/cache/shards/b000-64x64-0123abcd-00000.safetensors")
