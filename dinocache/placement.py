@@ -55,12 +55,10 @@ def probe_source(src: SourceFile, max_pixels: int) -> tuple:
             raise DecodeError("empty", "zero-byte file")
         if src.hint:
             return ("ok", *src.hint)
-        from .sources import is_url, probe_bytes, read_bytes
+        from .sources import open_image
 
-        if src.offset >= 0 or is_url(src.path):  # a tar member or a URL: its bytes, then the header
-            width, height = probe_bytes(read_bytes(src.path, src.offset, src.size), max_pixels)
-        else:
-            width, height = probe(src.path, max_pixels)
+        with open_image(src.path, src.offset, src.size) as fh:  # the header only, whatever the source
+            width, height = probe(fh, max_pixels)
         return ("ok", width, height)
     except DecodeError as exc:
         return ("failed", exc.reason, exc.detail)

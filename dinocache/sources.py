@@ -16,6 +16,7 @@ reading headers, `size`/`mtime_ns` columns let reruns skip asking the store for 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -349,9 +350,12 @@ def open_source(spec: str | Path, exclude=(), follow_symlinks: bool = False) -> 
 # ---- reading ----------------------------------------------------------------------------------------
 
 
-def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
+READ_CHUNK = 64 * 1024 * 1024  # one os.pread returns at most ~2 GiB: larger reads go in a loop
+
+
+def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes | bytearray:
     """A file's bytes, or a tar member's (`offset` >= 0): local, or through fsspec."""
-    try:
+    with _decode_errors():
         if offset < 0:
             if is_url(path):
                 with _fsspec().open(path, "rb") as fh:
@@ -360,10 +364,26 @@ def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
                 return fh.read()
         local = spool(path) if is_url(path) else path
         with open(local, "rb") as fh:
-            data = os.pread(fh.fileno(), size, offset)
-        if len(data) != size:
-            raise DecodeError("corrupt", f"the tar member is cut short ({len(data)} of {size} bytes)")
-        return data
+            return _pread_exact(fh.fileno(), size, offset)
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    """`size` bytes at `offset`, read in chunks into one buffer (a member over 2 GiB included)."""
+    data, done = bytearray(size), 0
+    while done < size:
+        part = os.pread(fd, min(READ_CHUNK, size - done), offset + done)
+        if not part:
+            raise DecodeError("corrupt", f"the tar member is cut short ({done} of {size} bytes)")
+        data[done : done + len(part)] = part
+        done += len(part)
+    return data
+
+
+@contextlib.contextmanager
+def _decode_errors():
+    """OS errors of a read, as the failure reasons a run records."""
+    try:
+        yield
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -372,6 +392,48 @@ def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
         raise DecodeError("unreadable", "no permission to read the file") from None
     except (OSError, ValueError) as exc:
         raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from None
+
+
+class _Member(io.RawIOBase):
+    """Bytes [offset, offset + size) of an open tar, as a file: Pillow reads a member's header
+    through it without the rest of the member being read."""
+
+    def __init__(self, fd: int, offset: int, size: int):
+        self.fd, self.offset, self.size, self.pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, pos + (0, self.pos, self.size)[whence])
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        wanted = min(len(buffer), self.size - self.pos)
+        part = os.pread(self.fd, wanted, self.offset + self.pos) if wanted > 0 else b""
+        buffer[: len(part)] = part
+        self.pos += len(part)
+        return len(part)
+
+
+@contextlib.contextmanager
+def open_image(path: str, offset: int = -1, size: int = -1):
+    """A readable file of one image, for a header probe: a local file, a tar member (a window
+    on the tar, so only the header is read) or a URL (read in small blocks)."""
+    with _decode_errors():
+        if offset < 0 and is_url(path):
+            with _fsspec().open(path, "rb", block_size=1 << 18) as fh:
+                yield fh
+            return
+        local = spool(path) if is_url(path) else path
+        with open(local, "rb") as fh:
+            yield io.BufferedReader(_Member(fh.fileno(), offset, size), 1 << 16) if offset >= 0 else fh
 
 
 def spool_dir() -> Path:
@@ -405,13 +467,6 @@ def _trim_spool(folder: Path, keep: Path) -> None:
         if path != keep:
             total -= path.stat().st_size
             path.unlink(missing_ok=True)
-
-
-def probe_bytes(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of the upright image in `data`, from its header."""
-    from .scan import probe
-
-    return probe(io.BytesIO(data), max_pixels)
 
 
 class SourceReader:

@@ -127,3 +127,34 @@ def test_a_remote_cache_never_deletes_an_object_with_a_foreign_name(tmp_path):
     store.delete("shards/b000-64x64-0123abcd-00000.safetensors")
     assert memory.cat("/bucket/cache/shards/foreign.txt") == b"not ours"
     assert not memory.exists("/bucket/cache/shards/b000-64x64-0123abcd-00000.safetensors")
+
+
+# ---- 3. reads over 2 GiB, and no more than the format needs ----------------------------------------
+
+
+def member_source(tar_path, name):
+    return next(s for s in open_source(str(tar_path)).scan() if s.key.endswith(name))
+
+
+def test_a_member_larger_than_one_pread_is_read_whole(tmp_path, monkeypatch):
+    """One os.pread returns at most ~2 GiB; here at most 1 MiB, so a 3 MiB member needs a loop."""
+    from dinocache import sources
+
+    payload = os.urandom(3 * 1024 * 1024)
+    src = member_source(write_tar(tmp_path / "t.tar", [("big.png", payload)]), "big")
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: real_pread(fd, min(n, 1 << 20), offset))
+    monkeypatch.setattr(sources, "READ_CHUNK", 1 << 30, raising=False)  # as large as the kernel's cap
+    assert bytes(sources.read_bytes(src.path, src.offset, src.size)) == payload
+
+
+def test_the_header_probe_of_a_tar_member_reads_only_its_header(tmp_path, monkeypatch):
+    from dinocache.placement import probe_source
+
+    junk = b"\0" * (8 * 1024 * 1024)  # a picture followed by 8 MiB that no header read needs
+    src = member_source(write_tar(tmp_path / "t.tar", [("pic.png", image_bytes(80, 48) + junk)]), "pic")
+    read = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: read.append(n) or real_pread(fd, n, offset))
+    assert probe_source(src, 10**9)[:3] == ("ok", 80, 48)
+    assert sum(read) < 256 * 1024, sum(read)
