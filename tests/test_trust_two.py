@@ -158,3 +158,35 @@ def test_the_header_probe_of_a_tar_member_reads_only_its_header(tmp_path, monkey
     monkeypatch.setattr(os, "pread", lambda fd, n, offset: read.append(n) or real_pread(fd, n, offset))
     assert probe_source(src, 10**9)[:3] == ("ok", 80, 48)
     assert sum(read) < 256 * 1024, sum(read)
+
+
+# ---- 4. whatever a reader or verify refuses, --repair recomputes ------------------------------------
+
+
+def test_repair_recomputes_a_shard_whose_header_was_altered_with_a_matching_checksum(images, tmp_path, tiny_model_dir):
+    import hashlib
+
+    from dinocache.errors import CacheError
+    from dinocache.verify import verify_cache
+
+    cache = tmp_path / "cache"
+    run(images, cache, tiny_model_dir)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    record = manifest["shards"][0]
+    path = cache / record["file"]
+    data = path.read_bytes()
+    assert data.count(b'"grid":"4x4"') == 1
+    data = data.replace(b'"grid":"4x4"', b'"grid":"4x5"')  # same length; the checksum updated to match
+    path.write_bytes(data)
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="--repair"):
+        reader = FeatureCache(cache)
+        for i in range(len(reader)):
+            reader[i]
+    assert not verify_cache(cache).ok
+    result = run(images, cache, tiny_model_dir, repair=True)
+    assert record["file"] in result.repaired_shards and result.processed >= 1
+    assert verify_cache(cache).ok
+    reader = FeatureCache(cache)
+    assert sorted(reader.keys()) == ["0.png", "1.png", "2.png"] and all(reader[i] for i in range(3))
