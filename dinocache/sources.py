@@ -259,6 +259,7 @@ class ListSource(Source):
     def scan(self) -> list[SourceFile]:
         rows = self.rows()
         base = "" if is_url(self.spec) else str(Path(self.spec).resolve().parent)
+        self._say_what_it_reaches(rows, base)
         files: dict[str, SourceFile] = {}
         for number, row in enumerate(rows, start=1):
             if not isinstance(row, dict):
@@ -291,6 +292,30 @@ class ListSource(Source):
         require_images(out, self.spec)
         return out
 
+    def _say_what_it_reaches(self, rows: list, base: str) -> None:
+        """A list file is trusted input: it decides which files are read and which hosts are
+        contacted. Before anything is read, say how many rows lead outside its folder or to URLs."""
+        import logging
+
+        outside, urls = [], []
+        for row in rows:
+            column = next((c for c in PATH_COLUMNS if isinstance(row, dict) and row.get(c)), None)
+            location = str(row[column]) if column else ""
+            if is_url(location):
+                urls.append(location)
+            elif location and base and _outside(location, base):
+                outside.append(location)
+        if outside or urls:
+            logging.getLogger("dinocache").info(
+                "%s names %d file(s) outside its folder (e.g. %s) and %d URL(s) (e.g. %s): a list file is "
+                "trusted input, dinocache reads and fetches what it names",
+                self.spec,
+                len(outside),
+                outside[0] if outside else "-",
+                len(urls),
+                urls[0] if urls else "-",
+            )
+
 
 def _default_list_key(location: str, base: str) -> str:
     """A list entry's key when it has no `key` column: a URL without its scheme; a local path
@@ -301,10 +326,15 @@ def _default_list_key(location: str, base: str) -> str:
     if not base:
         return location
     absolute = os.path.normpath(os.path.join(base, location))
-    inside = os.path.relpath(absolute, base)
-    if inside != ".." and not inside.startswith(".." + os.sep):
-        return PurePosixPath(Path(inside).as_posix()).as_posix()
+    if not _outside(location, base):
+        return PurePosixPath(Path(os.path.relpath(absolute, base)).as_posix()).as_posix()
     return Path(absolute).as_posix().lstrip("/")
+
+
+def _outside(location: str, base: str) -> bool:
+    """Whether a list row's local path leads outside the list's folder (absolute, or ../)."""
+    inside = os.path.relpath(os.path.normpath(os.path.join(base, location)), base)
+    return inside == ".." or inside.startswith(".." + os.sep)
 
 
 def _int_or(value) -> int | None:

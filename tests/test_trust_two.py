@@ -190,3 +190,21 @@ def test_repair_recomputes_a_shard_whose_header_was_altered_with_a_matching_chec
     assert verify_cache(cache).ok
     reader = FeatureCache(cache)
     assert sorted(reader.keys()) == ["0.png", "1.png", "2.png"] and all(reader[i] for i in range(3))
+
+
+# ---- 5. a list file is trusted input: say what it reaches before reading -----------------------------
+
+
+def test_a_list_file_says_how_many_rows_lead_outside_its_folder_and_to_urls(tmp_path, monkeypatch, caplog):
+    from dinocache import sources
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = ["inside.png", "../elsewhere/a.png", "/abs/b.png", "http://127.0.0.1:9/c.png", "sub/../d.png"]
+    (lists / "list.csv").write_text("path\n" + "".join(r + "\n" for r in rows))
+    said = []
+    monkeypatch.setattr(sources, "_stat", lambda location: said.append(caplog.text) or (-1, -1, ("missing", "-")))
+    with caplog.at_level("INFO", logger="dinocache"):
+        open_source(str(lists / "list.csv")).scan()
+    assert "2 file(s) outside its folder" in caplog.text and "1 URL(s)" in caplog.text
+    assert said and all("outside its folder" in text for text in said)  # said before any file was looked at
