@@ -19,6 +19,25 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+MAX_SOURCE_BYTES = 1 << 62  # what a sample record holds (docs/FORMAT.md)
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def stamp_problem(size, mtime_ns) -> str | None:
+    """Why a size and mtime from untrusted input (a list row, a tar header) cannot be recorded:
+    a record holds a byte count in 0..2^62 and a time in nanoseconds as a 64-bit integer."""
+    if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_SOURCE_BYTES):
+        return f"the size {_shown(size)} is not a byte count in 0..2^62"
+    if not (isinstance(mtime_ns, int) and not isinstance(mtime_ns, bool) and INT64[0] <= mtime_ns <= INT64[1]):
+        return f"the modification time {_shown(mtime_ns)} ns is not a 64-bit integer"
+    return None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class SourceFile:
     key: str  # POSIX path relative to the input folder: the sample's identity in the cache

@@ -27,8 +27,8 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from .errors import ConfigError, DecodeError, DinocacheError
-from .keys import key_problem
-from .scan import IMAGE_EXTENSIONS, SourceFile, link_out_problem, require_images, scan_folder
+from .keys import key_for_file, key_problem
+from .scan import IMAGE_EXTENSIONS, SourceFile, link_out_problem, require_images, scan_folder, stamp_problem
 
 LIST_SUFFIXES = (".parquet", ".jsonl", ".csv")
 PATH_COLUMNS = ("path", "url", "image", "file")
@@ -158,11 +158,18 @@ class TarSource(Source):
         return files
 
 
+# Compressed tars: members are read by offset, which only an uncompressed tar allows.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def scan_tar(tar: str) -> list[SourceFile]:
-    """The image samples of one tar, from its headers. A member cut short, or a tar that ends in
-    the middle, becomes a recorded failure; the members read before it are kept."""
+    """The image samples of one tar, from its headers. Every member with an image extension
+    ends as a sample or a recorded failure (a link, device or sparse member, a name given twice,
+    a header whose numbers are not a size and a time, a member cut short); a tar that ends in
+    the middle keeps the members read before it."""
     name = PurePosixPath(tar).name
     samples: dict[str, SourceFile] = {}
+    names: dict[str, str] = {}  # member name -> its sample key
     failures: list[SourceFile] = []
     try:
         if is_url(tar):
@@ -171,40 +178,29 @@ def scan_tar(tar: str) -> list[SourceFile]:
         else:
             handle = open(tar, "rb")
             size = os.fstat(handle.fileno()).st_size
+        magic = handle.read(6)
+        handle.seek(0)
     except (OSError, ValueError) as exc:
         return [SourceFile(name, tar, -1, -1, ("unreadable", f"cannot open the tar: {exc}"))]
+    compression = next((kind for start, kind in _COMPRESSED.items() if magic.startswith(start)), None)
+    if compression:
+        handle.close()
+        detail = f"the tar is {compression}-compressed; members are read by offset, so decompress it first"
+        return [SourceFile(name, tar, -1, -1, ("unsupported", detail))]
     try:
         with handle, tarfile.open(fileobj=handle, mode="r|") as archive:
             for member in archive:
-                if not member.isfile():
+                record = _member_record(member, name, tar, size)
+                if record is None:
                     continue
-                base = PurePosixPath(member.name)
-                stem, _, ext = base.name.partition(".")
-                if "." + ext.lower().rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+                if member.name in names:  # the same name twice: which one is the picture is ambiguous
+                    detail = f"the tar holds {member.name!r} twice; keep one"
+                    record = SourceFile(record.key, tar, -1, -1, ("duplicate", detail))
+                    samples[names[member.name]] = record
                     continue
-                key = f"{name}/{(base.parent / stem).as_posix()}" if str(base.parent) != "." else f"{name}/{stem}"
-                if key in samples:
-                    continue  # a second image of the same sample (e.g. .jpg and .png): the first wins
-                problem = key_problem(key)
-                record = SourceFile(
-                    key,
-                    tar,
-                    member.size,
-                    int(member.mtime) * 1_000_000_000,
-                    ("bad_filename", f"{problem}; rename the member") if problem else None,
-                    offset=member.offset_data,
-                )
-                if size is not None and member.offset_data + member.size > size:
-                    record = SourceFile(
-                        key,
-                        tar,
-                        member.size,
-                        record.mtime_ns,
-                        ("corrupt", "the tar ends inside this member (truncated tar)"),
-                        offset=member.offset_data,
-                    )
-                samples[key] = record
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                names[member.name] = record.key
+                samples.setdefault(record.key, record)  # a sample's .jpg and .png: the first wins
+    except Exception as exc:  # tarfile on a hostile header may raise anything: the tar ends here
         failures.append(
             SourceFile(
                 f"{name}/.tar-end",
@@ -213,11 +209,54 @@ def scan_tar(tar: str) -> list[SourceFile]:
                 -1,
                 (
                     "corrupt",
-                    f"the tar cannot be read past {len(samples)} sample(s): {type(exc).__name__}: {exc} (truncated?)",
+                    f"the tar cannot be read past {len(samples)} sample(s): {type(exc).__name__}: "
+                    f"{str(exc)[:200]} (truncated?)",
                 ),
             )
         )
     return list(samples.values()) + failures
+
+
+def _member_record(member: tarfile.TarInfo, tar_name: str, tar: str, tar_size: int | None) -> SourceFile | None:
+    """One tar member with an image extension as a sample, or as the failure it is; None for
+    other members (captions, metadata). The header is untrusted: its name, type, size and
+    mtime are checked here, once."""
+    base = PurePosixPath(member.name)
+    stem, _, ext = base.name.partition(".")
+    if "." + ext.lower().rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+        return None
+    key, bad_name = key_for_file(f"{tar_name}/{(base.parent / stem).as_posix()}")
+    size, mtime_ns = member.size, _seconds_to_ns(member.mtime)
+    damaged = stamp_problem(size, mtime_ns)
+    if damaged:
+        size, mtime_ns = -1, -1  # nothing the manifest could not hold is recorded
+    problem = None
+    if bad_name:
+        problem = ("bad_filename", f"{bad_name}; rename the member")
+    elif member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        problem = ("not_a_file", f"a {kind} link member (to {_short(member.linkname)}); only regular members are read")
+    elif member.issparse():
+        problem = ("unsupported", "a GNU sparse member; re-create the tar without --sparse")
+    elif not member.isfile():
+        problem = ("not_a_file", "a folder, device or FIFO member, not a regular file")
+    elif damaged:
+        problem = ("corrupt", f"its tar header is damaged: {damaged}")
+    elif tar_size is not None and member.offset_data + size > tar_size:
+        problem = ("corrupt", "the tar ends inside this member (truncated tar)")
+    return SourceFile(key, tar, size, mtime_ns, problem, offset=member.offset_data)
+
+
+def _seconds_to_ns(seconds) -> int | None:
+    try:
+        return int(seconds) * 1_000_000_000
+    except (TypeError, ValueError, OverflowError):  # NaN, Infinity, garbage
+        return None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ListSource(Source):

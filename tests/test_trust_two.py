@@ -208,3 +208,61 @@ def test_a_list_file_says_how_many_rows_lead_outside_its_folder_and_to_urls(tmp_
         open_source(str(lists / "list.csv")).scan()
     assert "2 file(s) outside its folder" in caplog.text and "1 URL(s)" in caplog.text
     assert said and all("outside its folder" in text for text in said)  # said before any file was looked at
+
+
+# ---- 6. no tar member with an image name vanishes silently ----------------------------------------
+
+
+def special_member(name, kind, **fields):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for field, value in fields.items():
+        setattr(info, field, value)
+    return info
+
+
+def gnu_sparse_header(name, data):
+    """A GNU sparse ('S') member header, as `tar --sparse` writes for a file full of holes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[156:157] = b"S"
+    block[483:495] = b"%011o\0" % len(data)  # realsize
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block[:512])
+    return bytes(block) + data + b"\0" * (-len(data) % 512)
+
+
+def test_links_devices_duplicates_sparse_and_compressed_tars_are_recorded_with_their_reason(tmp_path):
+    import gzip
+
+    png = image_bytes()
+    path = tmp_path / "tars" / "odd.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("good.png", png), ("dup.png", png), ("dup.png", image_bytes(seed=3))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(special_member("sym.png", tarfile.SYMTYPE, linkname="good.png"))
+        tar.addfile(special_member("hard.png", tarfile.LNKTYPE, linkname="good.png"))
+        tar.addfile(special_member("dev.png", tarfile.CHRTYPE, devmajor=1, devminor=5))
+        tar.addfile(special_member("fifo.png", tarfile.FIFOTYPE))
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:  # the sparse member goes before the end-of-archive blocks
+        cut = max(m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers())
+    path.write_bytes(data[:cut] + gnu_sparse_header("holes.png", png) + b"\0" * 1024)
+    (tmp_path / "tars" / "packed.tar").write_bytes(gzip.compress(data))
+    files = {s.key: s.problem for s in open_source(str(tmp_path / "tars" / "*.tar")).scan()}
+    reasons = {key: problem[0] if problem else "ok" for key, problem in files.items()}
+    assert reasons == {
+        "odd.tar/good": "ok",
+        "odd.tar/dup": "duplicate",
+        "odd.tar/sym": "not_a_file",
+        "odd.tar/hard": "not_a_file",
+        "odd.tar/dev": "not_a_file",
+        "odd.tar/fifo": "not_a_file",
+        "odd.tar/holes": "unsupported",
+        "packed.tar": "unsupported",
+    }
+    assert "link" in files["odd.tar/sym"][1] and "gzip" in files["packed.tar"][1]
