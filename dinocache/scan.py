@@ -33,6 +33,18 @@ def stamp_problem(size, mtime_ns) -> str | None:
     return None
 
 
+# An image file holds its pixels (at most 32 bytes each: twice float32 RGBA, the widest Pillow
+# decodes) plus metadata, profiles and further frames (64 MiB). A larger file is a picture plus
+# something else (junk, a hole): it is refused before it is read, so an image's bytes in memory
+# stay bounded by its pixel count, and so by --max-pixels.
+IMAGE_BYTES_SLACK = 64 * 1024 * 1024
+MAX_BYTES_PER_PIXEL = 32
+
+
+def max_image_bytes(width: int, height: int) -> int:
+    return IMAGE_BYTES_SLACK + MAX_BYTES_PER_PIXEL * width * height
+
+
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
