@@ -238,8 +238,11 @@ def scan_tar(tar: str) -> list[SourceFile]:
         detail = f"the tar is {compression}-compressed; members are read by offset, so decompress it first"
         return [SourceFile(name, tar, -1, -1, ("unsupported", detail))]
     try:
-        with handle, tarfile.open(fileobj=handle, mode="r|") as archive:
-            for member in archive:
+        # A local tar is walked by seeking from header to header (its members' data is never
+        # read here); a remote one is streamed. Headers are used once and not kept.
+        with handle, tarfile.open(fileobj=handle, mode="r|" if size is None else "r:") as archive:
+            while (member := archive.next()) is not None:
+                archive.members.clear()
                 record = _member_record(member, name, tar, size)
                 if record is None:
                     continue
@@ -506,13 +509,14 @@ def _stat(location: str) -> tuple[int, int, tuple[str, str] | None]:
 
 def _os_failure(location: str, exc: OSError) -> tuple[str, str]:
     """The recorded failure for an OSError on `location`. fsspec's HTTP store reports a host it
-    cannot reach as a missing file: the connection error behind it makes it `unreachable`."""
-    if is_url(location):
-        cause = exc
-        while cause is not None and isinstance(cause, FileNotFoundError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            return "unreachable", f"cannot reach {location}: {type(cause).__name__}: {str(cause)[:200]}"
+    cannot reach as a missing file: a connection error or timeout behind it makes it
+    `unreachable` (a server that answered 404 leaves it `missing`)."""
+    cause, seen = exc, 0
+    while is_url(location) and cause is not None and seen < 20:  # the chain fsspec raised it from
+        name = type(cause).__name__
+        if isinstance(cause, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            return "unreachable", f"cannot reach {location}: {name}: {str(cause)[:200]}"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     if isinstance(exc, FileNotFoundError):
         return "missing", f"{location} does not exist"
     if isinstance(exc, PermissionError):
