@@ -61,7 +61,7 @@ def expand_braces(pattern: str):
         yield pattern
         return
     body = match.group(1)
-    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    numbers = re.fullmatch(r"(\d{1,18})\.\.(\d{1,18})", body)
     if numbers:
         first, last = numbers.groups()
         width = len(first) if first.startswith("0") else 0
@@ -76,7 +76,7 @@ def _brace_count(pattern: str) -> int:
     """How many names a pattern's brace groups give, from their bounds (nothing expanded)."""
     count = 1
     for body in _BRACES.findall(pattern):
-        numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        numbers = re.fullmatch(r"(\d{1,18})\.\.(\d{1,18})", body)
         count *= max(0, int(numbers[2]) - int(numbers[1]) + 1) if numbers else len(body.split(","))
     return count
 

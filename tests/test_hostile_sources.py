@@ -321,6 +321,9 @@ def test_crop_boxes_of_another_aspect_than_their_size_are_warned_about(tmp_path,
         assert "aspect ratio" not in caplog.text
         load_crops(swapped, config, sources)
     assert "1 of 1 crop(s)" in caplog.text and "[height, width]" in caplog.text
+    plan = runner.invoke(app, ["plan", str(images), "--crops", swapped, "-m", "random:vits16"])
+    assert plan.exit_code == 0 and "outside its --crops box" in plan.output, plan.output
+    assert "aspect ratio change" not in plan.output
 
 
 def test_list_sizes_taken_before_exif_rotation_are_named_and_fixed_by_the_next_run(tmp_path, tiny_model_dir):
@@ -350,3 +353,13 @@ def test_list_sizes_taken_before_exif_rotation_are_named_and_fixed_by_the_next_r
     )
     assert again.processed == 1
     assert FeatureCache(tmp_path / "out").record("images/turned.jpg")["source_size"] == [48, 96]
+
+
+@pytest.mark.parametrize("pattern", ["{0..99999999}.tar", "{1.." + "9" * 5000 + "}.tar", "{a,b}{0..999999}.tar"])
+def test_huge_brace_patterns_are_a_clear_error_at_once(tmp_path, pattern):
+    import time
+
+    began = time.perf_counter()
+    with pytest.raises(DinocacheError):
+        open_source(str(tmp_path / pattern)).scan()
+    assert time.perf_counter() - began < 5
