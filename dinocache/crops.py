@@ -21,6 +21,7 @@ from .config import BucketConfig
 from .errors import ConfigError
 from .keys import key_problem
 from .placement import Crop
+from .stfile import parse_json_bounded
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,9 @@ def read_crops_file(path: str | Path) -> list[CropLine]:
             continue
         where = f"{path} line {number}"
         try:
-            obj = json.loads(raw)
+            obj = parse_json_bounded(raw, where)  # nesting 100k deep, NaN: an error naming the line
         except ValueError as exc:
-            raise ConfigError(
-                f"{where} is not a JSON object: {exc}", f"write one object per line, e.g. {example}"
-            ) from None
+            raise ConfigError(f"{exc}", f"write one object per line, e.g. {example}") from None
         if not isinstance(obj, dict) or set(obj) - {"key", "size", "box"} or not {"key", "size", "box"} <= set(obj):
             raise ConfigError(f"{where} must have exactly the fields key, size and box", f"e.g. {example}")
         key, size, box = obj["key"], obj["size"], obj["box"]
@@ -109,10 +108,8 @@ def buckets_for_crops(path: str | Path, config: BucketConfig | None) -> BucketCo
 
 
 def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[str, Crop]:
-    """key -> Crop for the scanned images. A key with no file, or a box outside its image, is an
-    error naming the line (image sizes are read from headers, no decoding)."""
-    from .placement import probe_source
-
+    """key -> Crop for the scanned images. A key with no file is an error naming the line; a box
+    that does not fit its image is that image's recorded failure (`crop_outside`, placement.py)."""
     if config.resize == "adm":  # ADM's pixels come from its own crop, not from a box
         raise ConfigError(
             f"--crops gives each image a box, and {config.source} says resize: adm (ADM's centre crop)",
@@ -123,24 +120,45 @@ def load_crops(path: str | Path, config: BucketConfig, sources: list) -> dict[st
     buckets = {(b.width, b.height): b.index for b in make_buckets(config.sizes, 16)}
     crops = {}
     for line in lines:
-        src = by_key.get(line.key)
-        if src is None:
+        if line.key not in by_key:
             raise ConfigError(
                 f"{path} line {line.line}: no image {line.key!r} in the input folder",
                 "check the key (a path relative to the folder given to extract) or drop the line",
             )
-        status, width, height = probe_source(src, 1 << 62)
-        if status != "ok":  # the image itself is unusable: extract records it as failed
-            width = height = None
-        if width is not None and (line.box[2] > width or line.box[3] > height):
-            raise ConfigError(
-                f"{path} line {line.line}: box {list(line.box)} lies outside {line.key!r}, which is "
-                f"{width}x{height} upright",
-                "boxes are in pixels of the upright image (EXIF applied)",
-            )
         crops[line.key] = Crop(buckets[line.size], line.box, line.line)
+    _warn_about_stretched(path, lines)
     _warn_about_unlisted(path, config, sources, crops)
     return crops
+
+
+ASPECT_TOLERANCE = 0.05  # a trainer's box is cut to its size's aspect, up to rounding
+
+
+def _warn_about_stretched(path, lines: list[CropLine]) -> None:
+    """A box whose aspect ratio differs from its size's is stretched into it: rare on purpose,
+    common when every size is written [height, width]. Say how many, with the first."""
+    import logging
+    import math
+
+    def off(line: CropLine) -> float:
+        box_aspect = (line.box[2] - line.box[0]) / (line.box[3] - line.box[1])
+        return abs(math.log(box_aspect / (line.size[0] / line.size[1])))
+
+    stretched = [line for line in lines if off(line) > math.log1p(ASPECT_TOLERANCE)]
+    if stretched:
+        first = stretched[0]
+        logging.getLogger("dinocache").warning(
+            "%d of %d crop(s) in %s have a box whose aspect ratio differs from their size's by more than %d%% "
+            "(e.g. line %d: box %s into size %s): they are stretched. Sizes are [width, height]; were they "
+            "written [height, width]?",
+            len(stretched),
+            len(lines),
+            path,
+            round(ASPECT_TOLERANCE * 100),
+            first.line,
+            list(first.box),
+            list(first.size),
+        )
 
 
 def _warn_about_unlisted(path, config: BucketConfig, sources: list, crops: dict) -> None:

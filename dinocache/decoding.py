@@ -14,6 +14,7 @@ from .buckets import Bucket
 from .errors import DecodeError
 from .faults import fault_point
 from .imaging import Preprocessing, model_input, preprocess
+from .scan import max_image_bytes
 from .sources import read_bytes
 
 # Default batch = this many patch tokens: 16 images at 1024x1024 on a GPU. On a CPU large batches
@@ -44,7 +45,7 @@ class DecodeDataset(Dataset):
         bucket = self.buckets[item.bucket]
         fault_point("decode")
         try:
-            data = read_bytes(item.path, item.offset, item.source_bytes)
+            data = read_bytes(item.path, item.offset, item.source_bytes, max_image_bytes(*item.source_size))
             sha256 = hashlib.sha256(data).hexdigest()
             x = model_input(
                 data,
@@ -58,6 +59,13 @@ class DecodeDataset(Dataset):
             )
             return i, x, sha256, None
         except DecodeError as exc:
+            if exc.reason == "changed" and item.hinted:  # placed by the list's size, not the header's
+                width, height = item.source_size
+                detail = (
+                    f"the list file gives {width}x{height}, which is not the upright size (EXIF orientation "
+                    "applied); the next run reads the size from the image's header"
+                )
+                return i, None, None, ("size_hint", detail)
             return i, None, None, (exc.reason, exc.detail)
         except Exception as exc:  # a decoder bug must cost one image, not the run
             return i, None, None, ("decode_error", f"{type(exc).__name__}: {exc}")

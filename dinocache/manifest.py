@@ -10,6 +10,7 @@ docs/FORMAT.md is the spec; keep the two in step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ from .names import (  # noqa: F401
 from .presets import PRESETS
 from .stfile import parse_json_bounded
 
+log = logging.getLogger("dinocache")
 MAX_MANIFEST_BYTES = 1 << 30
 
 # The names dinocache gives its own files: nothing else is ever deleted.
@@ -46,6 +48,34 @@ OWNED = {
     RANK_DIR: re.compile(r"rank-\d{5,}-[0-9a-f]{8}\.json"),
     STATS_DIR: re.compile(r"[a-z_]+-(channel|position)-[0-9a-f]{12}\.safetensors"),  # FLAVOUR-KIND-ID
 }
+
+
+def owned_name(file: object) -> bool:
+    """Whether a cache-relative name (`shards/NAME`, `index/NAME`, ...) is one dinocache gives
+    its own files: the only names it ever deletes, locally or in object storage. A record that
+    names anything else (a tampered manifest) is reported, and the file left alone."""
+    if not isinstance(file, str):
+        return False
+    folder, _, name = file.partition("/")
+    return folder in OWNED and OWNED[folder].fullmatch(name) is not None
+
+
+def delete_owned(root: Path, file: str) -> bool:
+    """Delete the cache file a record names when its name is dinocache's own and it is a regular
+    file reached through no link; returns whether it did (anything else is left alone)."""
+    if not owned_name(file):
+        log.warning("%s is not a file name dinocache gives its own files: it is left in place, not deleted", file)
+        return False
+    try:
+        path = cache_path(root, file, file.split("/", 1)[0])
+        if path.is_file() and not is_link(path):
+            path.unlink()
+            return True
+    except (CacheError, OSError):
+        pass
+    return False
+
+
 TEMP = re.compile(r"\.[^/]+\.tmp(-\d+)?")  # `.NAME.tmp` (shards) and `.NAME.tmp-PID` (atomic writes)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

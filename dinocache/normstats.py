@@ -37,7 +37,7 @@ from .fileio import atomic_write_bytes, is_link
 from .flavours import FLAVOURS
 from .layout import Layout
 from .lock import CacheLock
-from .manifest import STATS_DIR, cache_path, read_manifest, write_manifest
+from .manifest import STATS_DIR, cache_path, delete_owned, read_manifest, write_manifest
 from .stfile import SafetensorsFile
 
 VIEWS = ("plain", "flip", "both")
@@ -228,12 +228,7 @@ def _store(root: Path, result: StatsResult, table_sha: str) -> None:
         manifest["statistics"] = kept
         write_manifest(root, manifest)
         for entry in replaced:
-            try:
-                path = cache_path(root, entry["file"], STATS_DIR)
-                if path.is_file() and not is_link(path):
-                    path.unlink()
-            except CacheError:
-                pass
+            delete_owned(root, entry["file"])
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .buckets import Bucket, assign_bucket, crop_box
 from .errors import DecodeError
-from .scan import SourceFile, probe
+from .scan import SourceFile, max_image_bytes, probe
 
 BY_RULE, BY_CROPS = 0, 1  # the sample table's `placement` column
 
@@ -54,13 +54,22 @@ def probe_source(src: SourceFile, max_pixels: int) -> tuple:
         if src.size == 0:
             raise DecodeError("empty", "zero-byte file")
         if src.hint:
-            return ("ok", *src.hint)
-        from .sources import is_url, probe_bytes, read_bytes
-
-        if src.offset >= 0 or is_url(src.path):  # a tar member or a URL: its bytes, then the header
-            width, height = probe_bytes(read_bytes(src.path, src.offset, src.size), max_pixels)
+            width, height = src.hint
+            if width * height > max_pixels:
+                raise DecodeError("too_large", f"the list gives {width}x{height}, over --max-pixels {max_pixels}")
         else:
-            width, height = probe(src.path, max_pixels)
+            from .sources import open_image
+
+            # The header only, whatever the source; a file larger than any image within
+            # --max-pixels can need is refused unread.
+            with open_image(src.path, src.offset, src.size, max_image_bytes(max_pixels, 1)) as fh:
+                width, height = probe(fh, max_pixels)
+        if src.size > max_image_bytes(width, height):
+            raise DecodeError(
+                "too_large",
+                f"the file is {src.size} bytes, more than a {width}x{height} image can need "
+                f"({max_image_bytes(width, height)}): a picture followed by junk or a hole is not read",
+            )
         return ("ok", width, height)
     except DecodeError as exc:
         return ("failed", exc.reason, exc.detail)

@@ -74,6 +74,7 @@ class PlanReport:
     mean_distortion: float = 0.0  # stretch: aspect change; crop: share of the picture cut away
     worst_distortion: float = 0.0
     worst_key: str | None = None
+    by_crops: int = 0  # images placed by a --crops box: their distortion is the share outside it
     upscaled: int = 0
     upscaled_files: list[str] = field(default_factory=list)
     projected_bytes: int = 0  # the shard files extract would write (safetensors headers included)
@@ -147,6 +148,7 @@ def plan_extraction(
                 "placement": where.placement,
             }
         )
+        report.by_crops += bool(where.placement)
         if prep.resize in ("crop", "adm") or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
@@ -267,7 +269,12 @@ def format_plan(report: PlanReport, config: BucketConfig, model: str, storage_dt
             + (f" {b['stored_grid']:>7}" if pooled else "")
             + f" {b['images']:>8} {b['share'] * 100:>6.1f}% {human_bytes(b['bytes']):>10}"
         )
-    kind = "share of the picture cropped away" if report.resize in ("crop", "adm") else "aspect ratio change"
+    if report.by_crops:
+        kind = "share of the picture outside its --crops box" + (
+            ", else aspect ratio change" if report.by_crops < report.images else ""
+        )
+    else:
+        kind = "share of the picture cropped away" if report.resize in ("crop", "adm") else "aspect ratio change"
     lines += [
         "",
         f"images        {report.images} usable"

@@ -106,13 +106,6 @@ class Remote:
             return {}
         return {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
 
-    def sha256(self, rel: str) -> str:
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(rel), "rb", block_size=16 * 1024 * 1024) as fh:
-            while block := fh.read(16 * 1024 * 1024):
-                digest.update(block)
-        return digest.hexdigest()
-
     def download(self, rel: str, local: Path, sha256: str | None = None) -> Path:
         """`rel` into `local` (via a temp name), checked against `sha256` when given."""
         tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
@@ -230,7 +223,7 @@ def local_view(root: str | Path) -> Path:
 
 class RemoteShards(LocalShards):
     """The shards of a remote cache, for repair, adoption and --overwrite: sizes from one
-    listing, checksums streamed, orphans checked on a downloaded copy, deletes remote."""
+    listing, deep checks (--repair) and orphans on a downloaded copy, deletes remote."""
 
     def __init__(self, remote: Remote, mirror: Path):
         super().__init__(mirror)
@@ -239,9 +232,6 @@ class RemoteShards(LocalShards):
 
     def size(self, file: str) -> int | None:
         return self._sizes.get(file.removeprefix(SHARD_DIR + "/"))
-
-    def sha256(self, file: str) -> str:
-        return self.remote.sha256(file)
 
     def orphans(self, known: set[str]) -> list[str]:
         from .manifest import OWNED
@@ -262,6 +252,11 @@ class RemoteShards(LocalShards):
             local.unlink(missing_ok=True)
 
     def delete(self, file: str) -> None:
+        from .manifest import owned_name
+
+        if not owned_name(file):  # a tampered manifest must not make us delete a foreign object
+            log.warning("%s/%s is not a name dinocache gives its files: left in place", self.remote.url, file)
+            return
         self.remote.rm(file)
         self._sizes.pop(file.removeprefix(SHARD_DIR + "/"), None)
 
@@ -326,7 +321,9 @@ class RemoteSession:
                 self.remote.put_file(local, rel)
                 self._uploaded_extras[rel] = digest
         self.remote.put_file(self.mirror / MANIFEST_NAME, MANIFEST_NAME)
-        if old_table:
+        from .manifest import owned_name
+
+        if old_table and owned_name(old_table):
             self.remote.rm(old_table)
 
     def __exit__(self, *exc) -> None:

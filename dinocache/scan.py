@@ -19,6 +19,37 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+MAX_SOURCE_BYTES = 1 << 62  # what a sample record holds (docs/FORMAT.md)
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def stamp_problem(size, mtime_ns) -> str | None:
+    """Why a size and mtime from untrusted input (a list row, a tar header) cannot be recorded:
+    a record holds a byte count in 0..2^62 and a time in nanoseconds as a 64-bit integer."""
+    if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_SOURCE_BYTES):
+        return f"the size {_shown(size)} is not a byte count in 0..2^62"
+    if not (isinstance(mtime_ns, int) and not isinstance(mtime_ns, bool) and INT64[0] <= mtime_ns <= INT64[1]):
+        return f"the modification time {_shown(mtime_ns)} ns is not a 64-bit integer"
+    return None
+
+
+# An image file holds its pixels (at most 32 bytes each: twice float32 RGBA, the widest Pillow
+# decodes) plus metadata, profiles and further frames (64 MiB). A larger file is a picture plus
+# something else (junk, a hole): it is refused before it is read, so an image's bytes in memory
+# stay bounded by its pixel count, and so by --max-pixels.
+IMAGE_BYTES_SLACK = 64 * 1024 * 1024
+MAX_BYTES_PER_PIXEL = 32
+
+
+def max_image_bytes(width: int, height: int) -> int:
+    return IMAGE_BYTES_SLACK + MAX_BYTES_PER_PIXEL * width * height
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class SourceFile:
     key: str  # POSIX path relative to the input folder: the sample's identity in the cache
@@ -57,14 +88,7 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
             if key_problem:
                 found.append(SourceFile(key, path, -1, -1, ("bad_filename", f"{key_problem}; rename the file")))
                 continue
-            problem = None
-            if not follow_symlinks and os.path.islink(path):
-                target = os.path.realpath(path)
-                if os.path.commonpath([real_root, target]) != real_root:
-                    problem = (
-                        "outside_source",
-                        f"a symbolic link to {target}, outside the input folder (pass --follow-symlinks to read it)",
-                    )
+            problem = None if follow_symlinks or not os.path.islink(path) else link_out_problem(path, real_root)
             try:
                 st = os.stat(path)
                 found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns, problem))
@@ -72,6 +96,18 @@ def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlink
                 found.append(SourceFile(key, path, -1, -1, problem))
     found.sort(key=lambda s: s.key)
     return found
+
+
+def link_out_problem(path: str, real_root: str, what: str = "the input folder") -> tuple[str, str] | None:
+    """("outside_source", detail) when `path` resolves outside `real_root` (a symbolic link on
+    the way leads out): the one link rule of every local source, lifted by --follow-symlinks."""
+    target = os.path.realpath(path)
+    if os.path.commonpath([real_root, target]) == real_root:
+        return None
+    return (
+        "outside_source",
+        f"a symbolic link to {target}, outside {what} (pass --follow-symlinks to read it)",
+    )
 
 
 def require_images(sources: list[SourceFile], root: str | Path) -> None:

@@ -54,7 +54,7 @@ def render(
     bucket = cache.manifest["buckets"][record["bucket"]]
     size = (bucket["input_width"], bucket["input_height"])
     try:
-        data = SourceReader(source_dir, follow_symlinks).read(key)
+        data = SourceReader(source_dir, follow_symlinks).read(key, tuple(record["source_size"]))
         pixels = model_input(
             data,
             tuple(record["source_size"]),

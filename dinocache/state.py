@@ -37,6 +37,7 @@ from .manifest import (
     STATS_DIR,
     TEMP,
     cache_path,
+    delete_owned,
     load_samples,
     read_manifest,
     settings_of,
@@ -121,9 +122,6 @@ class LocalShards:
         except (CacheError, OSError):
             return None
 
-    def sha256(self, file: str) -> str:
-        return sha256_file(cache_path(self.root, file))
-
     def orphans(self, known: set[str]) -> list[str]:
         folder = self.root / SHARD_DIR
         if not folder.is_dir() or is_link(folder):
@@ -139,12 +137,7 @@ class LocalShards:
         yield self.root / file
 
     def delete(self, file: str) -> None:
-        try:
-            path = cache_path(self.root, file)
-            if path.is_file() and not is_link(path):
-                path.unlink()
-        except (CacheError, OSError):
-            pass
+        delete_owned(self.root, file)
 
 
 class CacheState:
@@ -237,11 +230,17 @@ class CacheState:
 
     # ---- damaged shards ---------------------------------------------------------------------
     def find_damage(self, deep: bool = False) -> Damage:
-        """Shards the table relies on that are missing, of the wrong size, or (with `deep`) fail
-        their sha256: cheap (one stat per shard) unless `deep`."""
+        """Shards the table relies on that are missing or of the wrong size: cheap (one stat per
+        shard). With `deep` (--repair), each one also gets verify's own check of a listed shard
+        (sha256, header, layout, metadata, finite values): whatever verify or a reader would
+        refuse is recomputed."""
         import numpy as np
 
+        from .verify import _listed_shard_findings
+
         damage = Damage(hashed=deep)
+        manifest = {**self.settings, "format_version": FORMAT_VERSION}
+        remote = None if type(self.store) is LocalShards else self.store
         live = set(np.unique(np.asarray(self.table.columns["shard"])).tolist()) if len(self.table) else set()
         for index in sorted(live):
             if not 0 <= index < len(self.shards):
@@ -253,8 +252,10 @@ class CacheState:
                 damage.shards[index] = "missing"
             elif size != shard["bytes"]:
                 damage.shards[index] = f"{size} bytes, the manifest says {shard['bytes']}"
-            elif deep and self.store.sha256(shard["file"]) != shard["sha256"]:
-                damage.shards[index] = "fails its sha256 checksum"
+            elif deep:
+                problems, _ = _listed_shard_findings(self.root, index, shard, manifest, self.layout, True, remote)
+                if problems:
+                    damage.shards[index] = problems[0].message
         if damage.shards:
             shard_col = np.asarray(self.table.columns["shard"])
             rows = np.flatnonzero(np.isin(shard_col, list(damage.shards)))
@@ -401,8 +402,7 @@ class CacheState:
         if self.after_commit is not None:  # a remote cache: upload the table, then the manifest
             self.after_commit(list(self.extras) + ([self.index_file] if old != self.index_file else []), old)
         if old and old != self.index_file:
-            with contextlib.suppress(CacheError, OSError):
-                cache_path(self.root, old, INDEX_DIR).unlink(missing_ok=True)
+            delete_owned(self.root, old)
 
 
 def clear_cache(root: Path) -> None:

@@ -684,7 +684,7 @@ def _recompute(
         record = table.record(i)
         key = record["key"]
         try:
-            data = reader.read(key)
+            data = reader.read(key, tuple(record["source_size"]))
         except DecodeError as exc:
             report.add("recompute", f"{key}: cannot recompute, {exc.detail}", key=key)
             continue
@@ -804,9 +804,8 @@ def _check_v1_tensors(name: str, header: SafetensorsFile, meta, report: VerifyRe
 def _check_records_against_source(
     source: Path, records: list[dict], name: str, report: VerifyReport, follow_symlinks: bool
 ) -> None:
-    import hashlib
 
-    from .sources import SourceReader, read_bytes
+    from .sources import SourceReader, sha256_source
 
     reader = SourceReader(source, follow_symlinks)
     for record in records:
@@ -821,7 +820,7 @@ def _check_records_against_source(
         try:
             same = (
                 bool(record["source_sha256"])
-                and hashlib.sha256(read_bytes(src.path, src.offset, src.size)).hexdigest() == record["source_sha256"]
+                and sha256_source(src.path, src.offset, src.size) == record["source_sha256"]
             )
         except DecodeError:
             same = False

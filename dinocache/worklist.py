@@ -3,11 +3,10 @@ committed state. It returns a value; the caller applies it to the state (no hidd
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .buckets import Bucket
 from .distributed import RankContext
-from .fileio import sha256_file
 from .placement import BY_CROPS, Crop, place, probe_source
 from .scan import SourceFile
 
@@ -23,6 +22,7 @@ class WorkItem:  # one per image to extract: kept small, a run may have millions
     source_size: tuple[int, int]
     placement: int
     offset: int = -1  # a tar member's data offset (sources.read_bytes)
+    hinted: bool = False  # placed from a list file's width/height, not from the header
 
     def record(self, sha256: str) -> dict:
         return {
@@ -58,7 +58,9 @@ def _placement_changed(cached: dict, crop: Crop | None) -> bool:
 # Failures whose cause may have gone without the file changing: a raised --max-pixels, a new
 # --follow-symlinks, a permission fixed, a crops file edited. They are tried again every run
 # (a header read at most); the others only once their file changes, or with --retry-failed.
-RETRIED_EVERY_RUN = frozenset({"too_large", "outside_source", "unreadable", "missing", "crop_outside", "lost"})
+RETRIED_EVERY_RUN = frozenset(
+    {"too_large", "outside_source", "unreadable", "missing", "unreachable", "crop_outside", "lost", "size_hint"}
+)
 
 
 def select_work(
@@ -90,6 +92,8 @@ def select_work(
             and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
         )
         retry = not cached and previous is not None and (retry_failed or previous.get("reason") in RETRIED_EVERY_RUN)
+        if retry and previous.get("reason") == "size_hint":
+            src = replace(src, hint=None)  # the list's width/height were wrong: read the header this time
         if cached and _placement_changed(cached, crop):
             todo.append(src)
         elif same_stamp and not (rehash and cached) and not retry:
@@ -122,7 +126,16 @@ def select_work(
             continue
         out.work.append(
             WorkItem(
-                src.key, src.path, where.bucket, where.box, src.size, src.mtime_ns, (a, b), where.placement, src.offset
+                src.key,
+                src.path,
+                where.bucket,
+                where.box,
+                src.size,
+                src.mtime_ns,
+                (a, b),
+                where.placement,
+                src.offset,
+                src.hint is not None,
             )
         )
     out.work.sort(key=lambda w: (w.bucket, w.key))
@@ -146,13 +159,9 @@ def same_content(src: SourceFile, recorded_bytes: int | None, recorded_sha256: s
 
 def source_sha256_or_none(src: SourceFile) -> str | None:
     from .errors import DecodeError
-    from .sources import is_url, read_bytes
+    from .sources import sha256_source
 
     try:
-        if src.offset >= 0 or is_url(src.path):
-            import hashlib
-
-            return hashlib.sha256(read_bytes(src.path, src.offset, src.size)).hexdigest()
-        return sha256_file(src.path)
-    except (OSError, DecodeError):
+        return sha256_source(src.path, src.offset, src.size)
+    except DecodeError:
         return None

@@ -107,13 +107,13 @@ def test_export_then_import_reproduces_the_features_bit_for_bit(images, tmp_path
 @pytest.mark.parametrize(
     "line, words",
     [
-        ({"key": "a.png", "size": [96, 64], "box": [0, 0, 301, 200]}, ["line 2", "outside", "300x200"]),
         ({"key": "a.png", "size": [100, 64], "box": [0, 0, 300, 200]}, ["line 2", "not a bucket"]),
         ({"key": "b.png", "size": [96, 64], "box": [0, 0, 10, 10]}, ["line 2", "listed twice", "line 1"]),
         ({"key": "nope.png", "size": [96, 64], "box": [0, 0, 10, 10]}, ["line 2", "no image 'nope.png'"]),
         ({"key": "../a.png", "size": [96, 64], "box": [0, 0, 10, 10]}, ["line 2", "not a path relative"]),
         ({"key": "a.png", "size": [96, 64], "box": [5, 0, 5, 10]}, ["line 2", "left < right"]),
-        ("{not json", ["line 2", "not a JSON object"]),
+        ("{not json", ["line 2", "not valid JSON"]),
+        ("[" * 100_000 + "]" * 100_000, ["line 2", "nested too deeply"]),
     ],
 )
 def test_a_bad_crops_line_is_named_before_anything_runs(images, tmp_path, tiny_model_dir, line, words):
