@@ -484,17 +484,18 @@ def norm_stats(
     per_position: Optional[bool] = typer.Option(
         None,
         "--per-position/--per-channel",
-        help="Per position (one grid only) or per channel. Default: the --style's recipe (RAE per position), "
-        "else per channel.",
+        help="Per position (one grid only) or per channel. Default: with --export, the --style's recipe "
+        "(rae: per position, svg: per channel); else per channel.",
     ),
     eps: Optional[float] = typer.Option(
         None,
         "--eps",
-        help="What normalize=True adds to the variance. Default: the --style's recipe (RAE 1e-5, SVG 0), else 1e-6.",
+        help="What normalize= adds to the variance. Default: with --export, the --style's recipe "
+        "(rae 1e-5, svg 0); else 1e-6, or what was recorded.",
     ),
     recompute: bool = typer.Option(False, "--recompute", help="Recompute even if fresh ones are stored."),
     export: Optional[Path] = typer.Option(None, "--export", metavar="FILE", help="Also write them for a trainer."),
-    style: str = typer.Option("rae", metavar="STYLE", help="--export shape: rae, svg or json."),
+    style: str = typer.Option("rae", metavar="STYLE", help="--export format: rae (stat.pt), svg or json."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Dataset mean and variance of the cached tokens, stored in the cache.
@@ -526,8 +527,9 @@ def norm_stats(
         require_local(out)
         if export is not None:
             check_export_target(export, style)
-        eps_chosen = eps is not None or export is not None  # else a fresh entry keeps its eps
-        per_position, eps = resolve_style_defaults(style if export is not None else None, per_position, eps)
+        recipe = style if export is not None and style != "json" else None  # RAE's or SVG's own defaults
+        eps_chosen = eps is not None or recipe is not None  # else a fresh entry keeps its eps
+        per_position, eps = resolve_style_defaults(recipe, per_position, eps)
         manifest = read_manifest(out)
         fresh = [
             e
@@ -572,6 +574,7 @@ def crops(
     from .crops import crop_lines, export_crops
 
     try:
+        _warn_if_crops_do_not_reproduce(out)
         if str(output) == "-":
             lines = crop_lines(out)
             sys.stdout.write("".join(lines))
@@ -583,6 +586,21 @@ def crops(
     except OSError as exc:
         _fail(DinocacheError(f"cannot write {output}: {exc.strerror or exc}", "pass a writable --output"))
     typer.echo(f"wrote {count} crop(s) to {output}")
+
+
+def _warn_if_crops_do_not_reproduce(out: str) -> None:
+    """Boxes reproduce a cache's pixels only where its pixels come from a box (stretch, crop)."""
+    from .manifest import read_manifest
+    from .remote import local_view
+
+    prep = read_manifest(local_view(out))["preprocessing"]
+    if prep.get("resize") == "adm":
+        typer.echo(
+            "warning: this cache uses ADM's centre crop (resize: adm); these boxes are the regions it "
+            "covers, rounded to pixels. `extract --crops` with them resizes bilinearly and gives other "
+            "features; rebuild such a cache with resize: adm instead",
+            err=True,
+        )
 
 
 @app.command()

@@ -149,7 +149,7 @@ def parse_bucket_config(data: Any, source: str = "<inline>") -> BucketConfig:
     if resize not in RESIZE_MODES:
         raise ConfigError(
             f"{source}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}",
-            "use 'stretch' (whole image, no crop) or 'crop' (cover + centre crop)",
+            "use 'stretch' (whole image, no crop), 'crop' (cover + centre crop) or 'adm' (ADM's centre crop)",
         )
     batch_size = data.get("batch_size")
     if batch_size is not None:

@@ -46,7 +46,7 @@ from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
-from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, load_weights, resolve_model
+from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
@@ -234,6 +234,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         )
     )
     check_layers(options.layers, mspec)
+    check_registers(options.keep_registers, mspec)
     prep = preprocessing(mspec, options)
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size, prep.token_pixels)
     _warn_about_partial_pool_windows(buckets, options.pool)

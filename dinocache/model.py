@@ -198,10 +198,17 @@ def check_model_spec(spec: str) -> None:
                 f"unknown architecture {arch!r} in random:{arch}",
                 f"use one of: {', '.join('random:' + a for a in ARCHITECTURES)}",
             )
-    elif spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():  # a path, never a Hub id
+    elif (spec.startswith((".", "/", "~")) or spec.endswith((".pth", ".pt"))) and not Path(
+        spec
+    ).expanduser().exists():  # a path (or a checkpoint file name), never a Hub id
         raise ModelLoadError(
             f"model path {spec} does not exist",
             "pass the folder save_pretrained wrote, a Hub id (owner/name), an official .pth, or random:vits16",
+        )
+    elif Path(spec).is_file() and not spec.endswith((".pth", ".pt")):  # e.g. my_model/config.json
+        raise ModelLoadError(
+            f"--model {spec} is a file; a transformers checkpoint is the folder that holds config.json and the weights",
+            f"pass the folder: --model {Path(spec).parent}",
         )
 
 
@@ -496,6 +503,14 @@ def check_layers(layers, mspec: ModelSpec) -> None:
         raise ConfigError(
             f"--layers {','.join(map(str, bad))}: this model has blocks 1..{mspec.num_layers}",
             "pick block numbers in that range",
+        )
+
+
+def check_registers(keep_registers: bool, mspec: ModelSpec) -> None:
+    if keep_registers and mspec.num_registers == 0:
+        raise ConfigError(
+            f"--keep-registers: {mspec.id} has no register tokens (a DINOv2 without registers)",
+            "drop --keep-registers, or use a model with registers (e.g. facebook/dinov2-with-registers-base)",
         )
 
 

@@ -275,6 +275,18 @@ def load_statistics(
     ]
     kind = "per-position" if per_position else "per-channel"
     if not entries:
+        other = [
+            e
+            for e in manifest.get("statistics", [])
+            if e.get("flavour") == flavour and bool(e.get("per_position")) != per_position
+        ]
+        if other and views is None:  # e.g. RAE's per-position statistics, read with normalize=True
+            have, use = ("per-position", '"position"') if not per_position else ("per-channel", "True")
+            raise CacheError(
+                f"{root} has {have} statistics for the {flavour} flavour, not {kind} ones",
+                f"read them with normalize={use}, or run `dinocache norm-stats {root} --flavour {flavour} "
+                f"{'--per-position' if per_position else '--per-channel'}`",
+            )
         which = f" over the {views} view(s)" if views else ""
         raise CacheError(
             f"{root} has no {kind} statistics{which} for the {flavour} flavour",
@@ -309,9 +321,15 @@ def check_export_target(output: Path, style: str) -> None:
     if style in ("rae", "svg") and output.suffix not in TORCH_SUFFIXES:
         name = {"rae": "stat.pt", "svg": "dinov3_sp_stats.pt"}[style]
         raise ConfigError(
-            f"--style {style} writes what {style.upper()}'s code reads with torch.load, and {output.name} "
-            "does not end in .pt",
-            f"name the export like the recipe does, e.g. --export {output.with_name(name)}",
+            f"--style {style}{' (the default)' if style == 'rae' else ''} writes what {style.upper()}'s code "
+            f"reads with torch.load, and {output.name} does not end in .pt",
+            f"name the export like the recipe does, e.g. --export {output.with_name(name)}; "
+            "for the numbers as JSON, pass --style json",
+        )
+    if style == "json" and output.suffix != ".json":
+        raise ConfigError(
+            f"--style json writes JSON, and {output.name} does not end in .json",
+            f"pass --export {output.with_suffix('.json')}, or --style rae / svg for a torch.load file",
         )
 
 

@@ -16,7 +16,7 @@ from .config import BucketConfig
 from .errors import ConfigError, DinocacheError
 from .families import FAMILIES, Shape
 from .layout import Layout, encode_json, rows_per_shard, shard_file_bytes, shard_metadata
-from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, resolve_model
+from .model import ARCHITECTURES, RANDOM_PREFIX, ModelSpec, check_layers, check_registers, resolve_model
 from .placement import place, probe_source
 from .presets import build_preprocessing
 from .sources import open_source
@@ -109,6 +109,7 @@ def plan_extraction(
     layout = layout or Layout()
     mspec = plan_model(model)
     check_layers(layout.layers, mspec)
+    check_registers(layout.registers, mspec)
     prep = build_preprocessing(mspec, config.resize, jpeg_draft, preset, token_pixels)
     buckets = make_buckets(config.sizes, mspec.patch_size, prep.token_pixels)
     settings = cache_settings(mspec, prep, layout, buckets)

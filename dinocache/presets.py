@@ -80,6 +80,8 @@ def build_preprocessing(
     p = preset(preset_name)
     if resize != p.resize:
         log.info("--preset %s crops as its recipe does (resize: %s), not with resize: %s", p.name, p.resize, resize)
+    if p.name == "rae" and mspec.num_registers == 0:
+        log.warning("--preset rae: RAE's encoder is a DINOv2 with registers; %s has none", mspec.id)
     return Preprocessing(
         tuple(image_mean or p.image_mean),
         tuple(image_std or p.image_std),

@@ -77,6 +77,8 @@ def _names(items: list) -> list | None:
 
 
 def _brief(value) -> str:
+    if value is None:
+        return "(not set)"
     if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
         return (
             f"{len(value)} buckets ({', '.join(str(v['name']) for v in value[:6])}{', ...' if len(value) > 6 else ''})"

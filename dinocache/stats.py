@@ -9,6 +9,7 @@ import numpy as np
 
 from .layout import Layout
 from .manifest import MANIFEST_NAME, load_samples, read_manifest, shard_path
+from .normstats import recorded_eps
 
 
 def cache_stats(root: str | Path) -> dict:
@@ -77,6 +78,9 @@ def cache_stats(root: str | Path) -> dict:
                 "flavour": e.get("flavour"),
                 "file": e["file"],
                 "samples": e.get("samples"),
+                "per_position": bool(e.get("per_position")),
+                "views": e.get("views"),
+                "eps": recorded_eps(e),
                 "stale": e.get("samples_sha256") != manifest["samples"]["sha256"],
             }
             for e in manifest.get("statistics", [])
@@ -164,9 +168,11 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         for h in stats["aspect_histogram"]:
             lines.append(f"  {h['aspect']:>11} {h['images']:>8}  " + "#" * round(40 * h["images"] / peak))
     for entry in stats["statistics"]:
+        kind, read_as = ("per position", 'normalize="position"') if entry["per_position"] else ("per channel", "")
         lines += [
             "",
-            f"statistics {entry['flavour']} over {entry['samples']} samples"
+            f"statistics {entry['flavour']}, {kind}, {entry['views']} views, over {entry['samples']} samples, "
+            f"eps {entry['eps']:g} ({read_as or 'normalize=True'})"
             + (" -- STALE: the cache changed since; rerun `dinocache norm-stats`" if entry["stale"] else ""),
         ]
     if stats["runs"]:

@@ -99,3 +99,13 @@ def test_random_models_are_built_in_their_compute_dtype_and_recorded_as_such():
     again = load_model("random:vits16", device="cpu", dtype="bfloat16", seed=3)
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(loaded.forward(x), again.forward(x))  # the seed decides
+
+
+def test_model_paths_a_user_gets_wrong_are_named(tmp_path, tiny_model_dir):
+    """From a newcomer trial: the config.json inside a checkpoint folder (a pickle-loading
+    traceback before), and a .pth that is not there (a Hub round trip before)."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tiny_model_dir / "config.json"), device="cpu")
+    assert "is a file" in str(info.value) and str(tiny_model_dir) in info.value.hint
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("missing_dinov2_vitb14_pretrain.pth", device="cpu")

@@ -127,3 +127,16 @@ def test_token_pixels_sets_the_encoder_input_and_is_recorded(tmp_path, dinov2_di
     assert native["buckets"][0]["input"] == "252x252" and native["buckets"][0]["grid"] == "18x18"
     refused = runner.invoke(app, [*base[:-1], "--preset", "nope"])
     assert refused.exit_code == 2 and "unknown --preset" in refused.output
+
+
+def test_options_a_model_cannot_serve_are_refused(tmp_path, dinov2_dir):
+    images = tmp_path / "imgs"
+    save_scene(images / "a.png", 300, 300, seed=1)
+    config = tmp_path / "b.yaml"
+    config.write_text("buckets: [[256, 256]]\nresize: adm\n")
+    args = ["extract", str(images), "-b", str(config), "--model", str(dinov2_dir), "-o", str(tmp_path / "c")]
+    result = runner.invoke(app, [*args, "--keep-registers"])
+    assert result.exit_code == 2 and "has no register tokens" in result.output
+    assert runner.invoke(app, [*args, "--workers", "0", "--no-progress"]).exit_code == 0
+    crops = runner.invoke(app, ["crops", str(tmp_path / "c"), "-o", str(tmp_path / "crops.jsonl")])
+    assert crops.exit_code == 0 and "resize: adm" in crops.output  # its boxes only approximate ADM's crop

@@ -122,3 +122,27 @@ def test_eps_is_recorded_and_applied(flipped_cache):
     again = runner.invoke(app, ["norm-stats", str(flipped_cache), "--no-progress"])  # no --eps: keeps 0.5
     assert "up to date" in again.output
     assert load_statistics(flipped_cache, read_manifest(flipped_cache), "normed").eps == 0.5
+
+
+def test_newcomer_slips_with_statistics_get_a_fix(flipped_cache, tmp_path):
+    """From a newcomer trial: a JSON export named .pt, a JSON export resetting the recipe's eps,
+    and normalize=True on a cache that has only per-position statistics."""
+    from dinocache.errors import CacheError
+
+    json_as_pt = runner.invoke(
+        app, ["norm-stats", str(flipped_cache), "--export", str(tmp_path / "s.pt"), "--style", "json"]
+    )
+    assert json_as_pt.exit_code == 2 and "does not end in .json" in json_as_pt.output
+    svg = ["norm-stats", str(flipped_cache), "--export", str(tmp_path / "dinov3_sp_stats.pt"), "--style", "svg"]
+    assert runner.invoke(app, [*svg, "--no-progress"]).exit_code == 0
+    look = ["norm-stats", str(flipped_cache), "--export", str(tmp_path / "look.json"), "--style", "json"]
+    assert runner.invoke(app, look).exit_code == 0
+    from dinocache.manifest import read_manifest
+    from dinocache.normstats import load_statistics
+
+    assert load_statistics(flipped_cache, read_manifest(flipped_cache), "normed").eps == 0.0  # still SVG's
+    rae = ["norm-stats", str(flipped_cache), "--flavour", "prenorm", "--per-position", "--no-progress"]
+    assert runner.invoke(app, rae).exit_code == 0
+    with pytest.raises(CacheError) as info:
+        FeatureCache(flipped_cache, flavour="prenorm", normalize=True)
+    assert "per-position statistics" in str(info.value) and 'normalize="position"' in info.value.hint
