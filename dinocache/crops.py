@@ -51,6 +51,11 @@ def read_crops_file(path: str | Path) -> list[CropLine]:
             obj = parse_json_bounded(raw, where)  # nesting 100k deep, NaN: an error naming the line
         except ValueError as exc:
             raise ConfigError(f"{exc}", f"write one object per line, e.g. {example}") from None
+        if isinstance(obj, list):  # a JSON array of crops, not JSON Lines
+            raise ConfigError(
+                f"{where} is a JSON array; a crops file is JSON Lines: one object per line, no [ ]",
+                f"write each crop on a line of its own, e.g. {example}",
+            )
         if not isinstance(obj, dict) or set(obj) - {"key", "size", "box"} or not {"key", "size", "box"} <= set(obj):
             raise ConfigError(f"{where} must have exactly the fields key, size and box", f"e.g. {example}")
         key, size, box = obj["key"], obj["size"], obj["box"]

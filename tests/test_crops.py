@@ -151,3 +151,14 @@ def test_changing_a_key_crop_recomputes_that_key_only(images, tmp_path, tiny_mod
     )
     assert code == 0 and "1 extracted" in output, output
     assert FeatureCache(tmp_path / "out").record("a.png")["placement"] == 0
+
+
+def test_a_json_array_of_crops_is_named_as_such(tmp_path):
+    """From a newcomer trial: `[{...}]` was called a line without the right fields."""
+    from dinocache.crops import read_crops_file
+    from dinocache.errors import ConfigError
+
+    path = tmp_path / "crops.jsonl"
+    path.write_text('[{"key": "a.png", "size": [64, 64], "box": [0, 0, 64, 64]}]\n')
+    with pytest.raises(ConfigError, match="JSON array"):
+        read_crops_file(path)
