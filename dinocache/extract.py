@@ -45,7 +45,7 @@ from .features import stored_features
 from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
+from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .runlog import CommitPacer, RunRecord, StageTimer
@@ -692,6 +692,9 @@ def _finish(
             "shards": written,
             "failures": list(state.failures.values()),
         }
+        problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
+        if problems:
+            raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
         (state.root / RANK_DIR).mkdir(exist_ok=True)
         name = f"rank-{ctx.rank:05d}-{run_id or uuid.uuid4().hex[:8]}.json"
         atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())

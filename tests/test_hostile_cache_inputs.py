@@ -1,0 +1,201 @@
+"""Issue 21, the cache side: rank reports, locks, statistics files, remote manifests and the
+model's identity are untrusted input too. Every malformed value ends as dinocache's own error
+(exit 2, no traceback) or a verify finding; nothing extract or merge writes ever fails the
+manifest schema; nothing is written outside OUT; nothing is fetched that the command line did
+not name."""
+
+import copy
+import json
+import random
+import shutil
+
+import pytest
+from conftest import save_scene
+from test_untrusted_manifest import JUNK, paths, set_path
+from typer.testing import CliRunner
+
+from dinocache.cli import app
+from dinocache.config import ExtractOptions, parse_bucket_config
+from dinocache.errors import CacheError, DinocacheError
+from dinocache.extract import extract
+from dinocache.manifest import read_manifest, write_manifest
+from dinocache.state import CacheState, merge_cache
+
+BUCKETS = {"buckets": [[64, 64], [96, 48]]}
+runner = CliRunner()
+
+
+def run(images, out, model_dir, **kwargs):
+    kwargs.setdefault("workers", 0)
+    options = ExtractOptions(
+        out=out, buckets=parse_bucket_config(BUCKETS), model=str(model_dir), progress=False, dtype="float32", **kwargs
+    )
+    return extract(images, options)
+
+
+def make_images(root):
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (70, 64)]):
+        save_scene(root / f"{i}.png", w, h, seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory, tiny_model_dir):
+    """A cache written by two ranks without a process group: shards and rank reports, no manifest."""
+    root = tmp_path_factory.mktemp("ranked")
+    images = make_images(root / "images")
+    for rank in (0, 1):
+        run(images, root / "out", tiny_model_dir, rank=rank, world_size=2)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("plain")
+    run(make_images(root / "images"), root / "out", tiny_model_dir)
+    return root / "out"
+
+
+def copy_of(cache, tmp_path, name="work"):
+    work = tmp_path / name
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(cache, work, symlinks=True)
+    return work
+
+
+def clean_exit(result):
+    """Exit 0, 1 or 2 with no traceback: our own outcome, whatever it is."""
+    assert result.exit_code in (0, 1, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+
+
+# ---- class 1: nothing extract or merge writes fails its own schema ------------------------------
+
+
+def test_a_failure_with_impossible_hints_is_recorded_cleanly(cache, tmp_path):
+    """A list row's `size: -7` / `1e20` or `mtime_ns: 1e30` (or a tar's negative PAX mtime) reached
+    the manifest as is, and every later command called the cache "not a valid manifest"."""
+    work = copy_of(cache, tmp_path)
+    settings = {k: read_manifest(work)[k] for k in ("model", "preprocessing", "storage", "buckets")}
+    state = CacheState.open(work, settings, overwrite=False)
+    for i, (size, mtime) in enumerate([(-7, 1), (1e20, 1), (5, 1e30), (5, -(10**30)), (True, "x")]):
+        state.add_failure(f"bad-{i}.png", size, mtime, "missing", "x" * 5000)
+    state.commit()
+    manifest = read_manifest(work)  # readable: the good samples stay reachable
+    recorded = {f["key"]: f for f in manifest["failures"]}
+    assert recorded["bad-0.png"]["source_bytes"] == -1 and recorded["bad-1.png"]["source_bytes"] == -1
+    assert recorded["bad-2.png"]["source_mtime_ns"] == "-1" and recorded["bad-3.png"]["source_mtime_ns"] == "-1"
+    assert len(recorded["bad-0.png"]["detail"]) <= 1000
+    assert manifest["samples"]["count"] == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["failures"].append({"key": "k", "reason": "r", "detail": "", "source_bytes": -7}),
+        lambda m: m["runs"].append({"processed": float("nan")}),
+        lambda m: m["runs"].append({"stage_seconds": "x"}),
+        lambda m: m["model"].update(extra=float("inf")),
+    ],
+)
+def test_a_manifest_that_fails_the_schema_is_never_written(cache, tmp_path, change):
+    work = copy_of(cache, tmp_path)
+    before = (work / "manifest.json").read_bytes()
+    manifest = read_manifest(work)
+    change(manifest)
+    with pytest.raises(CacheError, match="not writing"):
+        write_manifest(work, manifest)
+    assert (work / "manifest.json").read_bytes() == before
+
+
+def test_the_commit_path_checks_the_manifest_before_writing(cache, tmp_path):
+    work = copy_of(cache, tmp_path)
+    before = (work / "manifest.json").read_bytes()
+    settings = {k: read_manifest(work)[k] for k in ("model", "preprocessing", "storage", "buckets")}
+    state = CacheState.open(work, settings, overwrite=False)
+    state.failures["x"] = {"key": "x", "reason": "r", "detail": "", "source_bytes": 1e20, "source_mtime_ns": "1"}
+    with pytest.raises(CacheError, match="not writing"):
+        state.commit()
+    assert (work / "manifest.json").read_bytes() == before
+
+
+def rank_reports(out):
+    return sorted((out / "ranks").glob("rank-*.json"))
+
+
+MALFORMED_REPORTS = [
+    ("failures", [{"key": "zz.png", "reason": "x", "detail": "d", "source_bytes": -7, "source_mtime_ns": "1"}]),
+    ("failures", [{"key": "zz.png", "reason": "x", "detail": "d", "source_bytes": 1e20, "source_mtime_ns": "1"}]),
+    ("failures", [{"key": "zz.png", "reason": "x", "source_bytes": 1, "source_mtime_ns": "1e30"}]),
+    ("failures", "x"),
+    ("run", {"processed": "many"}),
+    ("run", {"processed": 1, "stage_seconds": "x"}),
+    ("run", []),
+    ("settings", {}),
+    ("settings", {"model": [], "preprocessing": 1, "storage": None, "buckets": {}}),
+    ("settings", []),
+    ("shards", [{"file": "../../x"}]),
+    ("rank", "zero"),
+]
+
+
+@pytest.mark.parametrize("field,value", MALFORMED_REPORTS)
+def test_merge_refuses_a_malformed_rank_report_and_the_cache_stays_readable(ranked, tmp_path, field, value):
+    work = copy_of(ranked, tmp_path)
+    bad = rank_reports(work)[0]
+    report = json.loads(bad.read_text())
+    report[field] = value
+    bad.write_text(json.dumps(report))
+    result = runner.invoke(app, ["merge", str(work)])
+    clean_exit(result)
+    assert result.exit_code == 0  # the other rank's report and every shard are merged
+    manifest = read_manifest(work)
+    assert manifest["samples"]["count"] == 3  # shards are adopted on their own merits
+    assert bad.exists()  # left for the user to see, never used
+    assert not any(f["key"] == "zz.png" for f in manifest["failures"])
+
+
+def test_merge_with_only_malformed_reports_says_so(ranked, tmp_path):
+    work = copy_of(ranked, tmp_path)
+    for path in rank_reports(work):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": {}}))
+    result = runner.invoke(app, ["merge", str(work)])
+    clean_exit(result)
+    assert result.exit_code == 2 and "malformed" in result.output
+
+
+def test_fuzzed_rank_reports_never_brick_the_cache(ranked, tmp_path):
+    original = json.loads(rank_reports(ranked)[0].read_text())
+    all_paths = [p for p in paths(original) if p]
+    rng = random.Random(21)
+    for _trial in range(25):
+        work = copy_of(ranked, tmp_path)
+        doc = copy.deepcopy(original)
+        for _ in range(rng.randint(1, 3)):
+            try:
+                doc = set_path(doc, rng.choice(all_paths), rng.choice(JUNK))
+            except (TypeError, KeyError, IndexError):
+                pass
+        rank_reports(work)[0].write_text(json.dumps(doc))
+        clean_exit(runner.invoke(app, ["merge", str(work)]))
+        if (work / "manifest.json").exists():
+            read_manifest(work)  # whatever merge wrote, it reads back
+
+
+# ---- class 2: --rank/--world-size writes nothing through a link -----------------------------------
+
+
+@pytest.mark.parametrize("linked", ["shards", "ranks"])
+def test_a_rank_refuses_a_linked_cache_folder(tmp_path, tiny_model_dir, linked):
+    images = make_images(tmp_path / "images")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / linked).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(DinocacheError, match="symbolic link"):
+        run(images, out, tiny_model_dir, rank=0, world_size=2)
+    assert list(elsewhere.iterdir()) == []
+    with pytest.raises(DinocacheError, match="symbolic link"):
+        merge_cache(out)
