@@ -434,3 +434,24 @@ def recorded_source(manifest: dict[str, Any]) -> str | None:
         if isinstance(run, dict) and isinstance(run.get("input_dir"), str):
             return run["input_dir"]
     return None
+
+
+def implicit_source(manifest: dict[str, Any]) -> str:
+    """The recorded input, for a command that reopens it without being told (`show`, `verify
+    --recompute`): only a local folder or local tar shards. A URL, or a list file (whose rows may
+    be URLs), is refused: a cache must never choose a host for dinocache to contact."""
+    from .sources import LIST_SUFFIXES, is_url
+
+    found = recorded_source(manifest)
+    if found is None:
+        raise CacheError("this cache does not record where its images came from", "pass --source DIR")
+    if is_url(found) or found.split("?", 1)[0].lower().endswith(LIST_SUFFIXES):
+        from .errors import untrusted
+
+        raise CacheError(
+            f"this cache's images came from {untrusted(found)}, "
+            + ("a URL" if is_url(found) else "a list file (its rows may be URLs)")
+            + ": dinocache contacts only hosts named on the command line",
+            "pass --source with that location (or a local copy of the images) to read them",
+        )
+    return found

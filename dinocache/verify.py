@@ -33,9 +33,9 @@ from .manifest import (
     SHARD_SUFFIX,
     STATS_DIR,
     cache_path,
+    implicit_source,
     load_samples,
     read_manifest,
-    recorded_source,
     settings_of,
     shard_path,
 )
@@ -270,12 +270,13 @@ def _name_cache(problems: list[Problem], cache: str) -> None:
 
 
 def _source_of(root: Path) -> str | None:
-    """The folder a cache was built from, when it still exists here."""
+    """The folder a cache was built from, when it still exists here (never a URL or a list file:
+    `implicit_source`)."""
     try:
-        found = recorded_source(read_manifest(root))
+        found = implicit_source(read_manifest(root))
     except DinocacheError:
-        return None  # the manifest's own problems are verify's to report
-    return found if found is not None and Path(found).is_dir() else None
+        return None  # the manifest's own problems are verify's to report; --source names the rest
+    return found if Path(found).is_dir() else None
 
 
 def _not_a_shard(path: Path) -> str | None:

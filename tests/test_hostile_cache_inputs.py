@@ -199,3 +199,56 @@ def test_a_rank_refuses_a_linked_cache_folder(tmp_path, tiny_model_dir, linked):
     assert list(elsewhere.iterdir()) == []
     with pytest.raises(DinocacheError, match="symbolic link"):
         merge_cache(out)
+
+
+# ---- class 3: no network request that the command line did not name -------------------------------
+
+
+@pytest.fixture()
+def listening():
+    """A local HTTP server that records every request it gets."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def record_input(work, input_dir):
+    manifest = read_manifest(work)
+    for run_record in manifest["runs"]:
+        run_record["input_dir"] = input_dir
+    (work / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["url", "list file of urls"])
+def test_a_recorded_input_is_never_fetched(cache, tmp_path, listening, kind):
+    url, hits = listening
+    work = copy_of(cache, tmp_path)
+    if kind == "url":
+        record_input(work, f"{url}/list.jsonl")
+    else:  # a list file shipped inside the cache, naming a host
+        (work / "list.jsonl").write_text(json.dumps({"url": f"{url}/0.png", "key": "0.png"}) + "\n")
+        record_input(work, str(work / "list.jsonl"))
+    shown = runner.invoke(app, ["show", str(work), "0.png", "-o", str(tmp_path / "x.png")])
+    clean_exit(shown)
+    assert shown.exit_code == 2 and "--source" in shown.output
+    verified = runner.invoke(app, ["verify", str(work), "--recompute", "1"])
+    clean_exit(verified)
+    assert verified.exit_code == 2 and "--source" in verified.output
+    assert hits == []
