@@ -231,31 +231,102 @@ class Statistics:
         return ((value.double() - mean) / torch.sqrt(var + self.eps)).float()
 
 
-def load_statistics(root: Path, manifest: dict, flavour: str, per_position: bool = False) -> Statistics:
+STATISTICS_TENSORS = ("patches_mean", "patches_var", "cls_mean", "cls_var")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # no feature is larger, so no mean; no variance past its square
+
+
+def read_statistics_file(root: Path, manifest: dict, entry: dict) -> dict[str, torch.Tensor]:
+    """The one check of a statistics file (`verify` and `FeatureCache(normalize=True)` both use
+    it), as strict as a shard's: inside the cache, no link, its recorded size and sha256, exactly
+    the four float64 tensors, shaped [D] (or [rows, cols, D] per position, a stored grid of the
+    cache), and values a dataset can have: finite, |mean| <= float32 max, 0 <= var <= its square.
+    CacheError says what is wrong."""
+    from .fileio import read_limited
+    from .stfile import SafetensorsError
+
+    name = entry["file"]
+    fix = f"rerun `dinocache norm-stats --recompute{' --per-position' if entry.get('per_position') else ''}`"
+    path = cache_path(root, name, STATS_DIR)
+    try:
+        data = read_limited(path, entry["bytes"])
+    except FileNotFoundError:
+        raise CacheError(f"the statistics file {name} is missing", fix) from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise CacheError(f"cannot read the statistics file {name}: {why}", fix) from None
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CacheError(f"the statistics file {name} fails its size or sha256 checksum", fix)
+    try:
+        file = SafetensorsFile(path)
+    except SafetensorsError as exc:
+        raise CacheError(f"the statistics file {name} is not a safetensors file: {exc}", fix) from None
+    problems = []
+    if set(file.entries) != set(STATISTICS_TENSORS):
+        problems.append(f"it holds {sorted(file.entries)}, not {list(STATISTICS_TENSORS)}")
+    meta = file.metadata
+    if meta.get("format") != "dinocache-statistics" or meta.get("flavour") != entry.get("flavour"):
+        problems.append("its metadata does not say dinocache-statistics of the flavour the manifest names")
+    dim = manifest["model"]["hidden_size"]
+    grids = {tuple(b.get("stored_grid", b["grid"])) for b in manifest["buckets"]}
+    tensors = {}
+    for tensor in STATISTICS_TENSORS:
+        info = file.entries.get(tensor)
+        if info is None:
+            continue
+        shape = tuple(info.shape)
+        per_position = tensor.startswith("patches") and entry.get("per_position")
+        if info.dtype != "F64":
+            problems.append(f"{tensor} is {info.dtype}, not F64")
+        elif shape[-1:] != (dim,) or (shape[:-1] not in grids if per_position else len(shape) != 1):
+            wanted = "[rows, cols, D] of a bucket's stored grid" if per_position else f"[{dim}]"
+            problems.append(f"{tensor} has shape {list(shape)}, not {wanted}")
+        else:
+            value = file.tensor(tensor)
+            bad = not bool(torch.isfinite(value).all())
+            if tensor.endswith("_var"):
+                bad = bad or bool((value < 0).any()) or bool((value > FLOAT32_MAX**2).any())
+            else:
+                bad = bad or bool((value.abs() > FLOAT32_MAX).any())
+            if bad:
+                kind = "variances (NaN, negative or past float32's square)" if tensor.endswith("_var") else "means"
+                problems.append(f"{tensor} holds impossible {kind}")
+            tensors[tensor] = value
+    if problems:
+        raise CacheError(f"the statistics file {name} is not valid: " + "; ".join(problems[:3]), fix)
+    return tensors
+
+
+def load_statistics(
+    root: Path, manifest: dict, flavour: str, per_position: bool = False, name: str | None = None
+) -> Statistics:
+    """The statistics `normalize` applies, checked. `name` is the cache as the user named it (a
+    URL for a cache in object storage, whose `root` is the local mirror)."""
+    name = name or str(root)
     entries = [
         e
         for e in manifest.get("statistics", [])
         if e.get("flavour") == flavour and bool(e.get("per_position")) == per_position
     ]
     kind = "per-position" if per_position else "per-channel"
-    if not entries:
-        raise CacheError(
-            f"{root} has no {kind} statistics for the {flavour} flavour",
-            f"run `dinocache norm-stats {root} --flavour {flavour}{' --per-position' if per_position else ''}`",
+    command = f"dinocache norm-stats {name} --flavour {flavour}{' --per-position' if per_position else ''}"
+    from .sources import is_url
+
+    if is_url(name):  # norm-stats needs a local cache
+        command = (
+            f"copy {name} to this machine, run `{command.replace(name, 'LOCAL_COPY')}`, "
+            "then copy its stats/ and manifest.json back"
         )
+    else:
+        command = f"run `{command}`"
+    if not entries:
+        raise CacheError(f"{name} has no {kind} statistics for the {flavour} flavour", command)
     entry = next((e for e in entries if e.get("views") == "both"), entries[0])
     if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
         raise CacheError(
-            f"the {flavour} statistics of {root} are stale: the cache changed since they were computed",
-            f"rerun `dinocache norm-stats {root} --flavour {flavour}`",
+            f"the {flavour} statistics of {name} are stale: the cache changed since they were computed",
+            command.replace("norm-stats", "norm-stats --recompute", 1),
         )
-    path = cache_path(root, entry["file"], STATS_DIR)
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CacheError(f"{entry['file']} fails its sha256 checksum", "rerun `dinocache norm-stats`")
-    file = SafetensorsFile(path)
-    tensors = {name: file.tensor(name) for name in ("patches_mean", "patches_var", "cls_mean", "cls_var")}
-    return Statistics(entry, tensors)
+    return Statistics(entry, read_statistics_file(root, manifest, entry))
 
 
 def check_export_target(output: Path, style: str) -> None:

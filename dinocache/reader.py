@@ -115,7 +115,9 @@ class FeatureCache(Dataset):
 
             if normalize not in (True, "channel", "position"):
                 raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
-            self.statistics = load_statistics(self.root, self.manifest, flavour, per_position=normalize == "position")
+            self.statistics = load_statistics(
+                self.root, self.manifest, flavour, per_position=normalize == "position", name=self.url
+            )
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
 

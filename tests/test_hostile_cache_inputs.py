@@ -252,3 +252,90 @@ def test_a_recorded_input_is_never_fetched(cache, tmp_path, listening, kind):
     clean_exit(verified)
     assert verified.exit_code == 2 and "--source" in verified.output
     assert hits == []
+
+
+# ---- classes 4 and 6: statistics files are checked like shards ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_stats(cache, tmp_path_factory):
+    from dinocache.normstats import compute_statistics
+
+    out = tmp_path_factory.mktemp("stats") / "out"
+    shutil.copytree(cache, out)
+    compute_statistics(out)
+    return out
+
+
+def replace_statistics(work, data=None, tensors=None, metadata=None, file=None):
+    """Swap the statistics file for other bytes and re-record its size and sha256, as an
+    attacker (or a careless edit) would, so only the content checks can catch it."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save
+
+    manifest = read_manifest(work)
+    entry = manifest["statistics"][0]
+    if tensors is not None:
+        from dinocache.stfile import SafetensorsFile
+
+        original = SafetensorsFile(work / entry["file"])
+        base = {name: original.tensor(name) for name in original.entries}
+        base.update(tensors)
+        base = {k: v for k, v in base.items() if v is not None}
+        data = save({k: v.contiguous() for k, v in base.items()}, metadata=metadata or original.metadata)
+    (work / entry["file"]).unlink()
+    if file is not None:
+        entry["file"] = file
+    if data is not None:
+        (work / entry["file"]).write_bytes(data)
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    del torch
+
+
+def _pickle_bytes():
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"patches_mean": torch.zeros(64)}, buffer)
+    return buffer.getvalue()
+
+
+def _statistics_cases():
+    import torch
+
+    d = 64
+    return {
+        "nan variance": dict(tensors={"patches_var": torch.full((d,), float("nan"), dtype=torch.float64)}),
+        "negative variance": dict(tensors={"cls_var": -torch.ones(d, dtype=torch.float64)}),
+        "1e308 variance": dict(tensors={"patches_var": torch.full((d,), 1e308, dtype=torch.float64)}),
+        "[1]-shaped mean": dict(tensors={"patches_mean": torch.zeros(1, dtype=torch.float64)}),
+        "float32 mean": dict(tensors={"cls_mean": torch.zeros(d)}),
+        "a tensor missing": dict(tensors={"cls_var": None}),
+        "an extra tensor": dict(tensors={"key": torch.zeros(3, dtype=torch.float64)}),
+        "another flavour": dict(tensors={}, metadata={"format": "dinocache-statistics", "flavour": "prenorm"}),
+        "garbage bytes": dict(data=b"\x00garbage" * 100),
+        "a pickle": dict(data=_pickle_bytes()),
+        "an entry naming a .pt": dict(data=_pickle_bytes(), file="stats/normed-channel-000000000000.pt"),
+        "deleted": dict(),
+    }
+
+
+@pytest.mark.parametrize("case", list(_statistics_cases()))
+def test_bad_statistics_are_a_verify_finding_and_a_clear_reader_error(with_stats, tmp_path, case):
+    from dinocache import FeatureCache
+
+    work = copy_of(with_stats, tmp_path)
+    FeatureCache(work, normalize=True)[0]  # the good file is accepted
+    replace_statistics(work, **_statistics_cases()[case])
+    verified = runner.invoke(app, ["verify", str(work)])
+    clean_exit(verified)
+    assert verified.exit_code == 1 and "statistics" in verified.output
+    with pytest.raises(CacheError, match="statistics"):
+        FeatureCache(work, normalize=True)
+    clean_exit(runner.invoke(app, ["norm-stats", str(work), "--export", str(tmp_path / "s.json"), "--style", "json"]))
+    clean_exit(runner.invoke(app, ["stats", str(work)]))
