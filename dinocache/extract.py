@@ -85,6 +85,13 @@ class ExtractResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stale_statistics: list[str] = field(default_factory=list)  # flavours whose norm-stats no longer match
 
+    @property
+    def extracted_nothing(self) -> bool:
+        """Images were tried and every one failed (a list of paths relative to the wrong folder):
+        the CLI exits 1, so a pipeline does not ship an empty cache as a success."""
+        processed = self.job_processed if self.job_processed is not None else self.processed
+        return processed == 0 and self.failed_this_run > 0
+
 
 class Interrupted(DinocacheError):
     """SIGINT or SIGTERM stopped the run after committing what was done."""

@@ -382,6 +382,14 @@ def _verify_cache(
         report.problems += problems
         report.bytes_read += read
     report.samples += manifest["samples"]["count"]
+    if manifest["samples"]["count"] == 0:  # intact, but nothing a trainer can use: never a plain OK
+        failed = len(manifest["failures"])
+        report.add(
+            "empty",
+            "the cache holds no samples"
+            + (f": all {failed} image(s) failed (`dinocache keys --failed` lists why)" if failed else ""),
+            str(root / MANIFEST_NAME),
+        )
     table_ok = _check_samples(root, manifest, report)
     _check_extra_files(root, manifest, report)
     if source is not None and table_ok and report.ok:

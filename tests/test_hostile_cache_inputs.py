@@ -339,3 +339,62 @@ def test_bad_statistics_are_a_verify_finding_and_a_clear_reader_error(with_stats
         FeatureCache(work, normalize=True)
     clean_exit(runner.invoke(app, ["norm-stats", str(work), "--export", str(tmp_path / "s.json"), "--style", "json"]))
     clean_exit(runner.invoke(app, ["stats", str(work)]))
+
+
+# ---- class 8: a run that cached nothing never says OK -------------------------------------------
+
+
+def extract_args(source, out, model_dir):
+    return [
+        "extract",
+        str(source),
+        "-o",
+        str(out),
+        "-m",
+        str(model_dir),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--dtype",
+        "float32",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["broken images", "list relative to another folder"])
+def test_a_run_where_every_image_failed_exits_1_and_verify_says_empty(tmp_path, tiny_model_dir, kind):
+    import yaml
+
+    config = tmp_path / "b.yaml"
+    config.write_text(yaml.safe_dump(BUCKETS))
+    if kind == "broken images":
+        source = tmp_path / "images"
+        source.mkdir()
+        for i in range(3):
+            (source / f"{i}.png").write_bytes(b"not a picture " * i)
+    else:
+        make_images(tmp_path / "data" / "images")
+        source = tmp_path / "lists" / "list.jsonl"  # paths written relative to data/, not to the list
+        source.parent.mkdir()
+        source.write_text("".join(json.dumps({"path": f"images/{i}.png"}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*extract_args(source, out, tiny_model_dir), "-b", str(config)])
+    clean_exit(result)
+    assert result.exit_code == 1 and "0 extracted" in result.output and "no image was extracted" in result.output
+    assert len(read_manifest(out)["failures"]) == 3  # the failures are recorded all the same
+    verified = runner.invoke(app, ["verify", str(out)])
+    clean_exit(verified)
+    assert verified.exit_code == 1 and "no samples" in verified.output and "OK" not in verified.output
+    as_json = json.loads(runner.invoke(app, ["verify", str(out), "--json"]).stdout)
+    assert not as_json["ok"] and [p["kind"] for p in as_json["problems"]] == ["empty"]
+
+
+def test_a_rerun_with_nothing_new_still_exits_0(cache, tmp_path, tiny_model_dir):
+    import yaml
+
+    config = tmp_path / "b.yaml"
+    config.write_text(yaml.safe_dump(BUCKETS))
+    work = copy_of(cache, tmp_path)
+    images = make_images(tmp_path / "images")
+    result = runner.invoke(app, [*extract_args(images, work, tiny_model_dir), "-b", str(config), "--new-source"])
+    clean_exit(result)
+    assert result.exit_code == 0
