@@ -39,7 +39,7 @@ from .decoding import (
     resize_on,
 )
 from .distributed import RankContext, split_by_cost
-from .errors import CacheError, ConfigError, DinocacheError
+from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
 from .features import stored_features
 from .fileio import atomic_write_bytes
@@ -197,7 +197,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             "a cache in object storage is written by one process",
             "write to a shared filesystem with several ranks (then copy it up), or use one process",
         )
-    root = remote.mirror() if remote is not None else Path(options.out)
+    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
@@ -331,15 +331,24 @@ def _apply_selection(
 
 def _check_same_model(root: Path, options: ExtractOptions) -> None:
     """A cache holds one model's features. Another model is refused before it is looked up, so a
-    rerun that forgot --model hears about the cache, not about the default model's Hub repo."""
+    rerun that forgot --model hears about the cache, not about the default model's Hub repo. A
+    local checkpoint is compared by content once resolved (CacheState.open), so another spelling
+    of its path, or a copy of the folder, is the same model."""
+    from .state import same_model_name
+
     check_model_spec(options.model)  # a typo is named as one, not as "another model"
     recorded = None if options.overwrite else recorded_model(root)
-    if recorded is not None and recorded[0] != options.model:
-        raise CacheError(
-            f"{root} was built with --model {recorded[0]}; this run asks for {options.model}"
-            + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
-            f"pass --model {recorded[0]} to add to it, another --out for the other model, or --overwrite to rebuild it",
-        )
+    if recorded is None or same_model_name(recorded, {"id": options.model, "revision": options.revision}):
+        return
+    if recorded.get("weights_fingerprint") and Path(options.model).expanduser().exists():
+        return  # a local checkpoint: its weights decide
+    shown = untrusted(recorded.get("id"))
+    raise CacheError(
+        f"{root} was built with --model {shown}; this run asks for {options.model}"
+        + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
+        f"pass --model with the checkpoint the cache was built with ({shown}), another --out for the other "
+        "model, or --overwrite to rebuild it",
+    )
 
 
 def _check_same_source(state: CacheState, source: str, options: ExtractOptions) -> None:

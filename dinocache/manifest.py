@@ -253,6 +253,8 @@ def _model_problems(model: dict) -> list[str]:
             problems.append(f"model.{key} must be an integer in {low}..{high}")
     if not isinstance(model.get("id"), str):
         problems.append("model.id must be a string")
+    if not isinstance(model.get("weights_fingerprint", ""), str):
+        problems.append("model.weights_fingerprint must be a string")
     if model.get("revision") is not None and not isinstance(model.get("revision"), str):
         problems.append("model.revision must be a string or null")
     if model.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
@@ -412,8 +414,8 @@ def load_samples(root: Path, manifest: dict):
     return table
 
 
-def recorded_model(root: str | Path) -> tuple[str, str | None] | None:
-    """The model (id, revision) an existing local cache was built with; None when there is no
+def recorded_model(root: str | Path) -> dict | None:
+    """The `model` record an existing local cache was built with; None when there is no
     readable local cache there."""
     from .remote import is_remote
 
@@ -425,7 +427,7 @@ def recorded_model(root: str | Path) -> tuple[str, str | None] | None:
         return None  # the run itself reports what is wrong with the cache
     if manifest["format_version"] != FORMAT_VERSION:
         return None  # an older format is refused for that first
-    return manifest["model"]["id"], manifest["model"].get("revision")
+    return manifest["model"]
 
 
 def recorded_source(manifest: dict[str, Any]) -> str | None:

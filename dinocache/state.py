@@ -82,6 +82,55 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
     return []
 
 
+MODEL_NAMES = ("id", "revision", "weights_fingerprint")  # how a model was named: compared by `model_differences`
+
+
+def model_differences(old, new) -> list[str]:
+    """How two manifest `model` records differ as models. Everything that shapes the features
+    must be equal; the model itself is the same when its weights' fingerprints are (however its
+    path was spelled, wherever the folder is). A record without a fingerprint (a Hub id, random
+    weights, a cache from dinocache < 0.3) is matched by its id and revision, a local path by
+    the folder it resolves to."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return settings_differences(old, new, "model")
+    diffs = settings_differences(
+        {k: v for k, v in old.items() if k not in MODEL_NAMES},
+        {k: v for k, v in new.items() if k not in MODEL_NAMES},
+        "model",
+    )
+    if old.get("weights_fingerprint") and new.get("weights_fingerprint"):
+        if old["weights_fingerprint"] != new["weights_fingerprint"]:
+            diffs.append(
+                f"model: the cache holds features of {_brief(old.get('id'))}, and {_brief(new.get('id'))} "
+                "has other weights (fingerprint differs)"
+            )
+    elif not same_model_name(old, new):
+        diffs.append(f"model.id: cache has {_brief(old.get('id'))}, this run has {_brief(new.get('id'))}")
+    return diffs
+
+
+def same_model_name(old: dict, new: dict) -> bool:
+    """The same id and revision, or two spellings of one existing local folder or file."""
+    if old.get("revision") != new.get("revision"):
+        return False
+    a, b = old.get("id"), new.get("id")
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def cache_settings_differences(old: dict, new: dict) -> list[str]:
+    """`settings_differences` of two settings (model, preprocessing, storage, buckets), the model
+    compared as a model (`model_differences`)."""
+    rest = sorted((set(old) | set(new)) - {"model"})
+    return model_differences(old.get("model"), new.get("model")) + settings_differences(
+        {k: old.get(k) for k in rest}, {k: new.get(k) for k in rest}
+    )
+
+
 def _names(items: list) -> list | None:
     return [v.get("name") if isinstance(v, dict) else None for v in items]
 
@@ -207,13 +256,16 @@ class CacheState:
                     f"this one writes format {FORMAT_VERSION} and reads the old one, but does not add to it",
                     "rebuild it with --overwrite, or extract into another --out",
                 )
-            diffs = settings_differences(settings_of(manifest), settings)
+            diffs = cache_settings_differences(settings_of(manifest), settings)
             if diffs:
                 shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
                 raise CacheError(
                     f"{root} was built with different settings:\n    " + "\n    ".join(shown),
                     "use the same options as before, another --out, or --overwrite to rebuild it",
                 )
+            # The same model under another name: the cache keeps its record, so every shard's
+            # settings stay the same and an older cache keeps the identity it was written with.
+            state.settings = {**settings, "model": manifest["model"]}
             state.created = manifest.get("created", state.created)
             state.shards = manifest["shards"]
             state.runs = manifest.get("runs", [])
@@ -321,7 +373,7 @@ class CacheState:
         meta = parse_shard_metadata(st.metadata)
         if meta.version != FORMAT_VERSION:
             raise ValueError(f"it was written in format {meta.version}")
-        diffs = settings_differences(
+        diffs = settings_differences(  # exactly: a shard's settings are those of the manifest
             {k: meta.settings[k] for k in ("model", "preprocessing", "storage")},
             {k: self.settings[k] for k in ("model", "preprocessing", "storage")},
         )
