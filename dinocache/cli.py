@@ -663,7 +663,8 @@ def _quiet_hub() -> None:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     warnings.filterwarnings("ignore", module="huggingface_hub")
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+    # botocore and s3fs log where they found credentials at INFO on every S3 command
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -520,3 +520,87 @@ def test_untrusted_text_is_escaped_and_cut():
 
     shown = untrusted("\x1b[31m" + "y" * 500)
     assert "\x1b" not in shown and shown.startswith("\\x1b[31m") and len(shown) < 260 and "more characters" in shown
+
+
+# ---- object storage: the remote is the truth, its manifest is capped, the logs are quiet ----------
+
+URL = "s3://hostile/cache"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto_server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture()
+def s3(s3_endpoint, tmp_path, monkeypatch):
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DINOCACHE_REMOTE_CACHE": str(tmp_path / "mirror"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if fs.exists("hostile"):
+        fs.rm("hostile", recursive=True)
+    fs.mkdir("hostile")
+    yield fs, env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_recreated_bucket_is_not_judged_by_the_old_mirror(s3, tmp_path, tiny_model_dir):
+    fs, _ = s3
+    images = make_images(tmp_path / "images")
+    assert run(images, URL, tiny_model_dir).processed == 3
+    fs.rm("hostile", recursive=True)  # the bucket is emptied and made again
+    fs.mkdir("hostile")
+    result = run(images, URL, "random:vits16", storage_dtype="float16")  # another model: a new cache
+    assert result.processed == 3
+    from dinocache import FeatureCache
+
+    cache = FeatureCache(URL)
+    assert cache.manifest["model"]["id"] == "random:vits16" and cache.manifest["storage"]["dtype"] == "float16"
+
+
+def test_a_huge_remote_manifest_is_refused_unread(s3, monkeypatch):
+    import dinocache.manifest
+
+    fs, _ = s3
+    monkeypatch.setattr(dinocache.manifest, "MAX_MANIFEST_BYTES", 10_000)
+    fs.pipe_file(f"{URL}/manifest.json", b"[" + b" " * 50_000 + b"]")
+    for args in (["stats", URL], ["verify", URL], ["keys", URL]):
+        result = runner.invoke(app, args)
+        clean_exit(result)
+        assert result.exit_code in (1, 2) and "larger than 10000 bytes" in result.output
+
+
+def test_normalize_without_statistics_names_the_remote_cache(s3, tmp_path, tiny_model_dir):
+    from dinocache import FeatureCache
+
+    run(make_images(tmp_path / "images"), URL, tiny_model_dir)
+    with pytest.raises(CacheError) as caught:
+        FeatureCache(URL, normalize=True)
+    assert URL in str(caught.value) and str(tmp_path / "mirror") not in str(caught.value)
+
+
+def test_s3_commands_print_no_botocore_info_lines(s3, tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    _, env = s3
+    run(make_images(tmp_path / "images"), URL, tiny_model_dir)
+    stats = subprocess.run(
+        [sys.executable, "-m", "dinocache", "stats", URL], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert stats.returncode == 0, stats.stderr[-2000:]
+    assert "botocore" not in stats.stderr and "credentials" not in stats.stderr.lower(), stats.stderr
