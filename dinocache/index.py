@@ -43,6 +43,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...]]] = {
 OPTIONAL_COLUMNS = {"placement": 0}  # absent from version-1 tables: filled with this value
 PLACEMENTS = ("rule", "crops")  # placement code -> meaning
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+ORDER_BLOCK = 16384  # rows per block of the order check: at most 16384 x 4096 bytes
 
 
 def _column_value(name: str, value):
@@ -127,6 +128,34 @@ class SampleTable:
                 f"the sample table holds the key {shown.decode('utf-8', 'backslashreplace')!r}: {problem}",
                 "the cache was edited or is corrupt; rebuild it with extract --overwrite",
             )
+
+    def order_problem(self) -> str | None:
+        """Why binary search cannot be trusted on this table, or None: keys must be strictly
+        increasing (sorted, no key twice) and no two rows may share a (shard, row). Keys are
+        compared as NUL-padded fixed-width byte strings (a key holds no NUL, so the order is
+        the same), a block of rows at a time: ~0.1 s for a million keys, memory bounded."""
+        n = len(self)
+        data = np.asarray(self.key_bytes)
+        offsets = np.asarray(self.key_offsets, dtype=np.int64)
+        for first in range(0, max(0, n - 1), ORDER_BLOCK):
+            last = min(n, first + ORDER_BLOCK + 1)  # rows first..last-1, overlapping the next block by one
+            starts, lengths = offsets[first:last], np.diff(offsets[first : last + 1])
+            width = max(1, int(lengths.max()))
+            padded = np.zeros((last - first, width), np.uint8)
+            rows = np.repeat(np.arange(last - first), lengths)
+            columns = np.arange(int(lengths.sum())) - np.repeat(starts - starts[0], lengths)
+            padded[rows, columns] = data[offsets[first] : offsets[last]]
+            keys = padded.view(f"S{width}").ravel()
+            bad = np.flatnonzero(keys[1:] <= keys[:-1])
+            if len(bad):
+                i = first + int(bad[0]) + 1
+                same = keys[bad[0] + 1] == keys[bad[0]]
+                return f"the key of row {i} is listed twice" if same else f"keys are not sorted at row {i}"
+        shard = np.asarray(self.columns["shard"], dtype=np.int64)
+        slots = np.sort(shard << 32 | np.asarray(self.columns["row"], dtype=np.int64))
+        if np.any(slots[1:] == slots[:-1]):
+            return "two samples share one shard row"
+        return None
 
     def find(self, key: str) -> int:
         """Index of `key`, or -1."""

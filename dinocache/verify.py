@@ -491,7 +491,7 @@ def _check_listed_shard(
     model = manifest["model"]
     specs = layout.tensors(model["hidden_size"], model["num_registers"], grid)
     for problem in shard_tensor_problems(header.entries, specs, shard["rows"]) + shard_identity_problems(
-        header.metadata, bucket, grid
+        header.metadata, bucket, grid, manifest["format_version"]
     ):
         report.add(
             "layout",

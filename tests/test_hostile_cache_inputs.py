@@ -604,3 +604,83 @@ def test_s3_commands_print_no_botocore_info_lines(s3, tmp_path, tiny_model_dir):
     )
     assert stats.returncode == 0, stats.stderr[-2000:]
     assert "botocore" not in stats.stderr and "credentials" not in stats.stderr.lower(), stats.stderr
+
+
+# ---- class 11: FeatureCache follows docs/FORMAT.md ----------------------------------------------
+
+
+def rewrite_shard_metadata(work, **changes):
+    """Shard 0 with its metadata changed, re-recorded (size, sha256) in the manifest."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from dinocache.stfile import SafetensorsFile
+
+    manifest = read_manifest(work)
+    record = manifest["shards"][0]
+    shard = SafetensorsFile(work / record["file"])
+    tensors = {name: shard.tensor(name) for name in shard.entries}
+    data = save(tensors, metadata={**shard.metadata, **changes})
+    (work / record["file"]).write_bytes(data)
+    record.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (work / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rewrite_table_rows(work, change):
+    """The sample table with `change(arrays)` applied, re-recorded in the manifest."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save
+
+    from dinocache.manifest import load_samples
+
+    manifest = read_manifest(work)
+    table = load_samples(work, manifest)
+    arrays = {"key_bytes": np.array(table.key_bytes), "key_offsets": np.array(table.key_offsets)}
+    arrays.update({n: np.array(c) for n, c in table.columns.items()})
+    change(arrays)
+    data = save(arrays, metadata={"format": "dinocache-samples", "format_version": "2", "rows": "3"})
+    (work / manifest["samples"]["file"]).write_bytes(data)
+    manifest["samples"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (work / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_first_keys(arrays):
+    import numpy as np
+
+    offsets, raw = arrays["key_offsets"], arrays["key_bytes"].tobytes()
+    keys = [raw[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    keys[0], keys[1] = keys[1], keys[0]  # same lengths ("0.png", "1.png"): offsets stay right
+    arrays["key_bytes"] = np.frombuffer(b"".join(keys), np.uint8).copy()
+
+
+def _share_a_row(arrays):
+    arrays["shard"][1], arrays["row"][1] = arrays["shard"][0], arrays["row"][0]
+    arrays["bucket"][1] = arrays["bucket"][0]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda w: rewrite_shard_metadata(w, format_version="3"),
+        lambda w: rewrite_shard_metadata(w, format="notdino"),
+        lambda w: rewrite_shard_metadata(w, format_version="1"),  # a version-1 shard in a version-2 cache
+        lambda w: rewrite_table_rows(w, _swap_first_keys),
+        lambda w: rewrite_table_rows(w, _share_a_row),
+    ],
+    ids=["shard format_version 3", "shard format notdino", "shard of version 1", "unsorted keys", "shared row"],
+)
+def test_the_reader_refuses_what_format_md_says_a_reader_must(cache, tmp_path, tamper):
+    from dinocache import FeatureCache
+
+    work = copy_of(cache, tmp_path)
+    tamper(work)
+    with pytest.raises(CacheError):
+        reader = FeatureCache(work)
+        for key in reader.keys():
+            reader[key]
+    verified = runner.invoke(app, ["verify", str(work)])
+    clean_exit(verified)
+    assert verified.exit_code == 1
