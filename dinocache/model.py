@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, untrusted
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
 
@@ -559,6 +561,9 @@ def _from_pretrained(
             kwargs["device_map"] = str(device)
         except ImportError:
             pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)  # we report it
     try:
         try:
             return DINOv3ViTModel.from_pretrained(spec, **kwargs)
@@ -568,6 +573,17 @@ def _from_pretrained(
     except OSError as exc:
         raise ModelLoadError(
             f"could not load the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
+        ) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met more than tensors
+        raise ModelLoadError(
+            f"the weights of {spec} are not plain tensors: torch.load(weights_only=True) refused the file "
+            "(damaged, or a pickle holding more than tensors; dinocache never unpickles code, nothing of it ran)",
+            "use a checkpoint saved as safetensors (save_pretrained), or the official .pth",
+        ) from None
+    except (ValueError, RuntimeError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as exc:  # damaged
+        raise ModelLoadError(
+            f"could not load the weights of {spec}: {untrusted(str(exc).splitlines()[0] if str(exc) else exc)}",
+            _weights_hint(spec),
         ) from None
 
 

@@ -684,3 +684,26 @@ def test_the_reader_refuses_what_format_md_says_a_reader_must(cache, tmp_path, t
     verified = runner.invoke(app, ["verify", str(work)])
     clean_exit(verified)
     assert verified.exit_code == 1
+
+
+# ---- class 4: a --model folder whose pytorch_model.bin is a pickle ---------------------------------
+
+
+@pytest.mark.parametrize("payload", ["pickle of objects", "garbage"])
+def test_a_pickled_pytorch_model_bin_is_refused_without_a_traceback(tmp_path, tiny_model_dir, payload):
+    import collections
+    import pickle
+
+    import yaml
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    data = pickle.dumps({"x": collections.Counter("abc")}) if payload != "garbage" else b"\x80garbage" * 10
+    (folder / "pytorch_model.bin").write_bytes(data)
+    config = tmp_path / "b.yaml"
+    config.write_text(yaml.safe_dump(BUCKETS))
+    images = make_images(tmp_path / "images")
+    result = runner.invoke(app, [*extract_args(images, tmp_path / "out", folder), "-b", str(config)])
+    clean_exit(result)
+    assert result.exit_code == 2 and "the weights of" in result.output
