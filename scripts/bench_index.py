@@ -54,6 +54,7 @@ def synthetic_cache(root: Path, n: int) -> None:
         "source_sha256": np.zeros((n, 32), np.uint8),
         "source_size": np.tile(np.array([[3024, 4032]], np.int32), (n, 1)),
         "box": np.tile(np.array([[0, 0, 3024, 4032]], np.int32), (n, 1)),
+        "placement": np.zeros(n, np.uint8),
     }
     assert set(columns) == set(COLUMNS)
     table = SampleTable(keys.reshape(-1), offsets, columns)

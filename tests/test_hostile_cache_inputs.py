@@ -707,3 +707,32 @@ def test_a_pickled_pytorch_model_bin_is_refused_without_a_traceback(tmp_path, ti
     result = runner.invoke(app, [*extract_args(images, tmp_path / "out", folder), "-b", str(config)])
     clean_exit(result)
     assert result.exit_code == 2 and "the weights of" in result.output
+
+
+# ---- class 10: the smaller ones -------------------------------------------------------------------
+
+
+def test_a_sampler_that_would_give_no_batch_says_so(cache):
+    from dinocache import BucketBatchSampler, FeatureCache
+
+    reader = FeatureCache(cache)
+    with pytest.raises(ValueError, match="no batch"):
+        BucketBatchSampler(reader, batch_size=64, drop_last=True)
+    with pytest.raises(ValueError, match="no batch"):
+        BucketBatchSampler(reader, batch_size=2, drop_last=True, world_size=4)  # one full batch, four ranks
+    assert len(BucketBatchSampler(reader, batch_size=64)) == 2  # without drop_last: one short batch per bucket
+    assert len(BucketBatchSampler(reader, batch_size=2, drop_last=True)) == 1
+
+
+def test_collating_nothing_is_a_clear_error():
+    from dinocache import collate_features
+
+    with pytest.raises(ValueError, match="no samples"):
+        collate_features([])
+
+
+def test_an_out_folder_inside_the_images_is_named(tmp_path, tiny_model_dir, caplog):
+    images = make_images(tmp_path / "images")
+    with caplog.at_level("WARNING", logger="dinocache"):
+        run(images, images / "cache", tiny_model_dir)
+    assert any("inside the image folder" in r.getMessage() for r in caplog.records)
