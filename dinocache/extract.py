@@ -358,7 +358,7 @@ def _check_same_source(state: CacheState, source: str, options: ExtractOptions) 
     if recorded is None or recorded == source or options.new_source or not (len(state.table) or state.failures):
         return
     raise CacheError(
-        f"{state.root} was built from {recorded}, and this run reads {source}: keys are paths relative "
+        f"{state.root} was built from {untrusted(recorded)}, and this run reads {source}: keys are paths relative "
         "to the source, so images of the two would replace each other",
         "use another --out for another dataset; if the same images moved, pass --new-source",
     )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import CacheError, DecodeError
+from .errors import CacheError, DecodeError, untrusted
 from .imaging import Preprocessing, model_input
 from .manifest import implicit_source
 from .reader import FeatureCache
@@ -78,7 +78,8 @@ def render(
 def _not_cached(cache: FeatureCache, key: str) -> str:
     failure = next((f for f in cache.manifest["failures"] if f["key"] == key), None)
     if failure is not None:
-        return f"{key!r} could not be extracted: {failure['reason']} ({failure.get('detail', '')})"
+        reason, detail = untrusted(failure["reason"], 40), untrusted(failure.get("detail", ""))
+        return f"{key!r} could not be extracted: {reason} ({detail})"
     message = f"{key!r} is not in the cache at {cache.root} (keys are paths relative to the input folder)"
     if len(cache) <= 200_000:
         close = difflib.get_close_matches(key, cache.keys(), n=3)

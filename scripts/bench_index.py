@@ -74,17 +74,17 @@ def synthetic_cache(root: Path, n: int) -> None:
             "compute_dtype": "bfloat16",
             "config": {},
         },
-        "preprocessing": {},
+        "preprocessing": {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resize": "stretch"},
         "storage": {"dtype": "bfloat16", "registers": False},
         "buckets": [
             {
                 "index": i,
-                "name": f"b{i}",
-                "width": 1024,
+                "name": f"{1024 - 16 * i}x1024",
+                "width": 1024 - 16 * i,
                 "height": 1024,
-                "input_width": 1024,
+                "input_width": 1024 - 16 * i,
                 "input_height": 1024,
-                "grid": [64, 64],
+                "grid": [64, 64 - i],
             }
             for i in range(7)
         ],

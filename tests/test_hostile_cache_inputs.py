@@ -736,3 +736,19 @@ def test_an_out_folder_inside_the_images_is_named(tmp_path, tiny_model_dir, capl
     with caplog.at_level("WARNING", logger="dinocache"):
         run(images, images / "cache", tiny_model_dir)
     assert any("inside the image folder" in r.getMessage() for r in caplog.records)
+
+
+def test_untrusted_manifest_text_reaches_the_terminal_escaped_and_cut(cache, tmp_path):
+    work = copy_of(cache, tmp_path)
+    manifest = read_manifest(work)
+    evil = "\x1b]0;pwned\x07\x1b[2J" * 100_000
+    manifest["failures"].append(
+        {"key": "zz.png", "reason": evil, "detail": evil, "source_bytes": 1, "source_mtime_ns": "1"}
+    )
+    manifest["runs"][0].update(device=evil, started=evil)
+    manifest["model"]["id"] = evil
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["stats", str(work)], ["show", str(work), "zz.png", "-o", str(tmp_path / "x.png")]):
+        result = runner.invoke(app, args)
+        clean_exit(result)
+        assert "\x1b" not in result.output and len(result.output) < 10_000, args
