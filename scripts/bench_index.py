@@ -135,7 +135,7 @@ def measure(root: str) -> dict:
     t0 = time.perf_counter()
     for key in keys:
         i = cache.index_of(key)
-        _ = (int(cache._shard[i]), int(cache._row[i]))  # what a read needs: shard and row
+        _ = (int(cache._shard_col[i]), int(cache._row_col[i]))  # what a read needs: shard and row
     lookup_us = (time.perf_counter() - t0) / len(keys) * 1e6
     new = [cache.record(rng.randrange(n)) | {"key": f"new/{j:06d}.jpg"} for j in range(6000)]
     t0 = time.perf_counter()
