@@ -59,8 +59,11 @@ def read_limited(path: str | Path, limit: int) -> bytes:
     manifest.json): OSError for those, ValueError past `limit`."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path} is not a regular file")
+        if info.st_size > limit:  # refused unread
+            raise ValueError(f"it is larger than {limit} bytes")
         chunks, size = [], 0
         while block := os.read(fd, min(HASH_CHUNK, limit + 1 - size)):
             chunks.append(block)

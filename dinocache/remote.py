@@ -88,8 +88,9 @@ class Remote:
     def _read_manifest_bytes(self) -> bytes | None:
         from .manifest import MAX_MANIFEST_BYTES
 
-        data = self.read(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
-        if data is not None and len(data) > MAX_MANIFEST_BYTES:
+        size = self.size(MANIFEST_NAME)
+        data = self.read(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES) if (size or 0) <= MAX_MANIFEST_BYTES else b""
+        if data is not None and (len(data) > MAX_MANIFEST_BYTES or (size or 0) > MAX_MANIFEST_BYTES):
             raise CacheError(
                 f"{self.url}/{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may be",
                 "pass the URL of a dinocache cache; a manifest that large is not one dinocache wrote",

@@ -752,3 +752,50 @@ def test_untrusted_manifest_text_reaches_the_terminal_escaped_and_cut(cache, tmp
         result = runner.invoke(app, args)
         clean_exit(result)
         assert "\x1b" not in result.output and len(result.output) < 10_000, args
+
+
+# ---- generated cases: statistics files and locks ---------------------------------------------------
+
+
+def test_generated_statistics_files_are_used_only_when_sound(with_stats, tmp_path):
+    """Random shapes, dtypes and values: whatever verify accepts the reader applies, whatever it
+    refuses the reader refuses too, and neither ever raises anything but our own error."""
+    import torch
+
+    from dinocache import FeatureCache
+
+    rng = random.Random(2121)
+    shapes = [(64,), (1,), (63,), (8, 8, 64), (64, 1), ()]
+    values = [0.0, 1.0, -1.0, float("nan"), float("inf"), 1e308, -1e300, 3e38]
+    for _trial in range(24):
+        work = copy_of(with_stats, tmp_path)
+        name = rng.choice(["patches_mean", "patches_var", "cls_mean", "cls_var"])
+        dtype = rng.choice([torch.float64, torch.float64, torch.float32, torch.int64])
+        shape = rng.choice(shapes)
+        tensor = (
+            torch.full(shape, rng.choice(values), dtype=torch.float64)
+            if dtype == torch.float64
+            else torch.zeros(shape, dtype=dtype)
+        )
+        replace_statistics(work, tensors={name: tensor})
+        verified = runner.invoke(app, ["verify", str(work)])
+        clean_exit(verified)
+        try:
+            FeatureCache(work, normalize=True)[0]
+            accepted = True
+        except CacheError:
+            accepted = False
+        assert accepted == (verified.exit_code == 0), (name, dtype, tensor.shape, verified.output)
+
+
+def test_generated_lock_contents_give_a_clean_refusal(cache, tmp_path):
+    rng = random.Random(2122)
+    work = copy_of(cache, tmp_path)
+    for _trial in range(12):
+        content = bytes(rng.randrange(256) for _ in range(rng.choice([0, 5, 100, 5000])))
+        if rng.random() < 0.5:
+            content = json.dumps({"host": rng.choice(JUNK), "pid": rng.choice(JUNK)}, default=str).encode()
+        (work / ".lock").write_bytes(content)
+        result = runner.invoke(app, ["merge", str(work)])
+        clean_exit(result)
+        assert "\x1b" not in result.output and len(result.output) < 2000
