@@ -67,12 +67,17 @@ class BucketBatchSampler(Sampler[list]):
         self._file_rank = np.empty(len(order), dtype=np.int64)
         self._file_rank[order] = np.arange(len(order))
         if drop_last and len(self._buckets) and not self._global_batches():
+            # Legal (every rank gets the same 0 batches), but an epoch that trains on nothing is
+            # never what was meant: say so, loudly.
+            import warnings
+
             largest = int(np.bincount(self._buckets).max())
-            raise ValueError(
+            warnings.warn(
                 f"drop_last=True leaves no batch: the largest bucket holds {largest} sample(s), fewer than "
                 f"batch_size={batch_size}"
                 + (f" (or too few batches for {world_size} ranks)" if world_size > 1 else "")
-                + "; use a smaller batch_size or drop_last=False"
+                + "; every epoch is empty. Use a smaller batch_size or drop_last=False",
+                stacklevel=2,
             )
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -716,9 +716,9 @@ def test_a_sampler_that_would_give_no_batch_says_so(cache):
     from dinocache import BucketBatchSampler, FeatureCache
 
     reader = FeatureCache(cache)
-    with pytest.raises(ValueError, match="no batch"):
-        BucketBatchSampler(reader, batch_size=64, drop_last=True)
-    with pytest.raises(ValueError, match="no batch"):
+    with pytest.warns(UserWarning, match="no batch"):
+        assert len(BucketBatchSampler(reader, batch_size=64, drop_last=True)) == 0
+    with pytest.warns(UserWarning, match="no batch"):
         BucketBatchSampler(reader, batch_size=2, drop_last=True, world_size=4)  # one full batch, four ranks
     assert len(BucketBatchSampler(reader, batch_size=64)) == 2  # without drop_last: one short batch per bucket
     assert len(BucketBatchSampler(reader, batch_size=2, drop_last=True)) == 1
