@@ -346,8 +346,8 @@ def _check_same_model(root: Path, options: ExtractOptions) -> None:
     raise CacheError(
         f"{root} was built with --model {shown}; this run asks for {options.model}"
         + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
-        f"pass --model with the checkpoint the cache was built with ({shown}), another --out for the other "
-        "model, or --overwrite to rebuild it",
+        f"pass --model {shown} to add to it (the checkpoint the cache was built with, or a copy of it), "
+        "another --out for the other model, or --overwrite to rebuild it",
     )
 
 
