@@ -1,8 +1,8 @@
 """The `dinocache` command: parses options, calls the library, maps outcomes to exit codes.
 
-Exit codes, the same for every command: 0 success (verify: intact), 1 problems found (verify),
-2 a usage or input error (message + fix, no traceback), 130 / 143 interrupted by SIGINT /
-SIGTERM after committing what was done.
+Exit codes, the same for every command: 0 success (verify: intact), 1 problems found (verify;
+extract: every image it tried failed), 2 a usage or input error (message + fix, no traceback),
+130 / 143 interrupted by SIGINT / SIGTERM after committing what was done.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def _main(
 ) -> None:
     """Cache DINOv3 features (CLS + patch tokens) per aspect bucket for DiT training.
 
-    Exit codes: 0 ok, 1 problems found (verify), 2 usage error, 130/143 interrupted.
+    Exit codes: 0 ok, 1 problems found (verify; extract: every image tried failed), 2 usage error,
+    130/143 interrupted.
     """
 
 
@@ -187,6 +188,7 @@ def extract(
           --buckets configs/dit-1024.yaml -o cache/
     """
     from .config import BucketConfig, ExtractOptions, load_bucket_config, parse_max_failures
+    from .distributed import LauncherEnv
     from .extract import Interrupted
     from .extract import extract as run_extract
 
@@ -255,6 +257,10 @@ def extract(
     except DinocacheError as exc:
         _fail(exc)
     _print_extract_summary(result, input_dir, world_size, rank, out)
+    if result.extracted_nothing and LauncherEnv.read().rank == 0:
+        typer.echo(f"error: no image was extracted: all {result.failed_this_run} tried failed", err=True)
+        typer.echo(f"  fix: `dinocache keys {out} --failed` says why (paths relative to another folder?)", err=True)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:
@@ -647,7 +653,8 @@ def verify(
 ):
     """Check that a cache (or loose shards) is complete and intact.
 
-    Exit 0 if intact, 1 with a report of each problem, 2 on a usage error.
+    Exit 0 if intact, 1 with a report of each problem (a cache without samples is one), 2 on a
+    usage error.
 
     \b
     Examples:
@@ -722,7 +729,8 @@ def _quiet_hub() -> None:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     warnings.filterwarnings("ignore", module="huggingface_hub")
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+    # botocore and s3fs log where they found credentials at INFO on every S3 command
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

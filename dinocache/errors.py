@@ -39,3 +39,17 @@ class DecodeError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+SHOWN_CHARS = 200
+
+
+def untrusted(text: object, limit: int = SHOWN_CHARS) -> str:
+    """Text from a file dinocache does not control (a lock, a manifest field, a failure detail)
+    as it may be shown to a user: control and other non-printable characters escaped (no raw
+    terminal escapes), cut to `limit` characters with a note of how much was left out."""
+    text = str(text)
+    cut = len(text) - limit
+    shown = text[:limit] if cut > 0 else text
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+    return shown + (f"... ({cut} more characters)" if cut > 0 else "")

@@ -39,13 +39,13 @@ from .decoding import (
     resize_on,
 )
 from .distributed import RankContext, split_by_cost
-from .errors import CacheError, ConfigError, DinocacheError
+from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
 from .features import stored_features
 from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
+from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .runlog import CommitPacer, RunRecord, StageTimer
@@ -84,6 +84,13 @@ class ExtractResult:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stale_statistics: list[str] = field(default_factory=list)  # flavours whose norm-stats no longer match
+
+    @property
+    def extracted_nothing(self) -> bool:
+        """Images were tried and every one failed (a list of paths relative to the wrong folder):
+        the CLI exits 1, so a pipeline does not ship an empty cache as a success."""
+        processed = self.job_processed if self.job_processed is not None else self.processed
+        return processed == 0 and self.failed_this_run > 0
 
 
 class Interrupted(DinocacheError):
@@ -200,7 +207,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             "a cache in object storage is written by one process",
             "write to a shared filesystem with several ranks (then copy it up), or use one process",
         )
-    root = remote.mirror() if remote is not None else Path(options.out)
+    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
@@ -340,15 +347,24 @@ def _apply_selection(
 
 def _check_same_model(root: Path, options: ExtractOptions) -> None:
     """A cache holds one model's features. Another model is refused before it is looked up, so a
-    rerun that forgot --model hears about the cache, not about the default model's Hub repo."""
+    rerun that forgot --model hears about the cache, not about the default model's Hub repo. A
+    local checkpoint is compared by content once resolved (CacheState.open), so another spelling
+    of its path, or a copy of the folder, is the same model."""
+    from .state import same_model_name
+
     check_model_spec(options.model)  # a typo is named as one, not as "another model"
     recorded = None if options.overwrite else recorded_model(root)
-    if recorded is not None and recorded[0] != options.model:
-        raise CacheError(
-            f"{root} was built with --model {recorded[0]}; this run asks for {options.model}"
-            + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
-            f"pass --model {recorded[0]} to add to it, another --out for the other model, or --overwrite to rebuild it",
-        )
+    if recorded is None or same_model_name(recorded, {"id": options.model, "revision": options.revision}):
+        return
+    if recorded.get("weights_fingerprint") and Path(options.model).expanduser().exists():
+        return  # a local checkpoint: its weights decide
+    shown = untrusted(recorded.get("id"))
+    raise CacheError(
+        f"{root} was built with --model {shown}; this run asks for {options.model}"
+        + (" (the default --model)" if options.model == DEFAULT_MODEL else ""),
+        f"pass --model {shown} to add to it (the checkpoint the cache was built with, or a copy of it), "
+        "another --out for the other model, or --overwrite to rebuild it",
+    )
 
 
 def _check_same_source(state: CacheState, source: str, options: ExtractOptions) -> None:
@@ -358,7 +374,7 @@ def _check_same_source(state: CacheState, source: str, options: ExtractOptions) 
     if recorded is None or recorded == source or options.new_source or not (len(state.table) or state.failures):
         return
     raise CacheError(
-        f"{state.root} was built from {recorded}, and this run reads {source}: keys are paths relative "
+        f"{state.root} was built from {untrusted(recorded)}, and this run reads {source}: keys are paths relative "
         "to the source, so images of the two would replace each other",
         "use another --out for another dataset; if the same images moved, pass --new-source",
     )
@@ -709,6 +725,9 @@ def _finish(
             "shards": written,
             "failures": list(state.failures.values()),
         }
+        problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
+        if problems:
+            raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
         (state.root / RANK_DIR).mkdir(exist_ok=True)
         name = f"rank-{ctx.rank:05d}-{run_id or uuid.uuid4().hex[:8]}.json"
         atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())

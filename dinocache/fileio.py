@@ -53,6 +53,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def read_limited(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A link is not followed and a FIFO,
+    device or folder is refused without reading (a `.lock` linked to /dev/zero, a FIFO named
+    manifest.json): OSError for those, ValueError past `limit`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if info.st_size > limit:  # refused unread
+            raise ValueError(f"it is larger than {limit} bytes")
+        chunks, size = [], 0
+        while block := os.read(fd, min(HASH_CHUNK, limit + 1 - size)):
+            chunks.append(block)
+            size += len(block)
+            if size > limit:
+                raise ValueError(f"it is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def is_link(path: Path) -> bool:
     return os.path.islink(path)
 

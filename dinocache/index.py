@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import CacheError
 from .keys import check_key, first_bad_key, key_problem
@@ -43,6 +44,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...]]] = {
 OPTIONAL_COLUMNS = {"placement": 0}  # absent from version-1 tables: filled with this value
 PLACEMENTS = ("rule", "crops")  # placement code -> meaning
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+ORDER_BLOCK_ROWS, ORDER_BLOCK_BYTES = 1 << 20, 32 << 20  # the order check's blocks: bounded memory, few calls
 
 
 def _column_value(name: str, value):
@@ -127,6 +129,36 @@ class SampleTable:
                 f"the sample table holds the key {shown.decode('utf-8', 'backslashreplace')!r}: {problem}",
                 "the cache was edited or is corrupt; rebuild it with extract --overwrite",
             )
+
+    def order_problem(self) -> str | None:
+        """Why binary search cannot be trusted on this table, or None: keys must be strictly
+        increasing (sorted, no key twice) and no two rows may share a (shard, row). Keys are
+        compared as NUL-padded fixed-width byte strings (a key holds no NUL, so the order is
+        the same), a block of rows at a time (memory bounded): ~0.1 s a million keys."""
+        n = len(self)
+        data = np.asarray(self.key_bytes)
+        offsets = np.asarray(self.key_offsets, dtype=np.int64)
+        first = 0
+        while first < n - 1:
+            widest = int(np.diff(offsets[first : min(n, first + ORDER_BLOCK_ROWS) + 1]).max())
+            last = min(n, first + max(2, min(ORDER_BLOCK_ROWS, ORDER_BLOCK_BYTES // max(1, widest))))
+            starts, lengths = offsets[first:last], np.diff(offsets[first : last + 1])
+            width = max(1, int(lengths.max()))
+            chunk = np.concatenate([data[offsets[first] : offsets[last]], np.zeros(width, np.uint8)])
+            padded = sliding_window_view(chunk, width)[starts - starts[0]]  # one row per key, copied
+            padded[np.arange(width)[None, :] >= lengths[:, None]] = 0  # the bytes of the next keys
+            keys = padded.view(f"S{width}").ravel()
+            bad = np.flatnonzero(keys[1:] <= keys[:-1])
+            if len(bad):
+                i = first + int(bad[0]) + 1
+                same = keys[bad[0] + 1] == keys[bad[0]]
+                return f"the key of row {i} is listed twice" if same else f"keys are not sorted at row {i}"
+            first = last - 1  # the next block starts with this one's last key
+        shard = np.asarray(self.columns["shard"], dtype=np.int64)
+        slots = np.sort(shard << 32 | np.asarray(self.columns["row"], dtype=np.int64))
+        if np.any(slots[1:] == slots[:-1]):
+            return "two samples share one shard row"
+        return None
 
     def find(self, key: str) -> int:
         """Index of `key`, or -1."""

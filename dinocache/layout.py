@@ -331,11 +331,19 @@ def parse_shard_metadata(meta: dict[str, str]) -> ShardMeta:
     return ShardMeta(2, bucket["name"], bucket, grid, settings, samples)
 
 
-def shard_identity_problems(meta: dict[str, str], bucket: dict, grid: tuple[int, int]) -> list[str]:
-    """Whether a shard's own metadata says it belongs to `bucket` with this stored grid (cheap:
-    the samples are not parsed). Catches a manifest whose bucket table was edited so that a
-    tensor would be reshaped to the wrong grid without any size mismatch."""
+def shard_identity_problems(
+    meta: dict[str, str], bucket: dict, grid: tuple[int, int], version: int | None = None
+) -> list[str]:
+    """Whether a shard's own metadata says it is a dinocache shard of the manifest's format
+    `version` that belongs to `bucket` with this stored grid (cheap: the samples are not
+    parsed). Catches a manifest whose bucket table was edited so that a tensor would be
+    reshaped to the wrong grid without any size mismatch."""
     problems = []
+    if meta.get("format") != FORMAT_NAME:
+        problems.append(f"the shard's metadata format is {str(meta.get('format'))[:40]!r}, not {FORMAT_NAME!r}")
+    if version is not None and meta.get("format_version") != str(version):
+        shown = str(meta.get("format_version"))[:20]
+        problems.append(f"the shard's format_version is {shown!r}, the manifest's is {version} (a reader refuses it)")
     if meta.get("grid") != f"{grid[0]}x{grid[1]}":
         problems.append(
             f"the shard's grid is {meta.get('grid')!r}, the manifest's bucket {bucket.get('name')} says "

@@ -11,8 +11,11 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import CacheError
+from .errors import CacheError, untrusted
+from .fileio import read_limited
 from .names import LOCK_NAME
+
+LOCK_BYTES = 4096  # a lock holds a host and a pid: anything longer is not one dinocache wrote
 
 
 def _alive(pid: int) -> bool:
@@ -41,7 +44,11 @@ class CacheLock:
                 if holder and holder.get("host") == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "owner unknown"
+                who = (
+                    f"pid {untrusted(holder.get('pid'))} on {untrusted(holder.get('host'))}"
+                    if holder
+                    else "owner unknown"
+                )
                 raise CacheError(
                     f"{self.path.parent} is being written by another dinocache process ({who})",
                     f"wait for it to finish; if no such process runs any more, delete {self.path}",
@@ -52,8 +59,15 @@ class CacheLock:
         raise CacheError(f"could not take the lock {self.path}", f"delete {self.path} if no dinocache process runs")
 
     def _holder(self) -> dict | None:
+        """Who holds the lock, from its first few KB; never through a link, never from a FIFO or
+        a device (a `.lock` linked to /dev/zero, a FIFO there: refused, not read or waited on)."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise CacheError(
+                f"{self.path} is not a lock dinocache wrote (a symbolic link, a FIFO or a device)",
+                f"delete {self.path} if no dinocache process runs",
+            )
         try:
-            holder = json.loads(self.path.read_text())
+            holder = json.loads(read_limited(self.path, LOCK_BYTES))
         except (OSError, ValueError):
             return None
         return holder if isinstance(holder, dict) else None  # written by hand, or by something else

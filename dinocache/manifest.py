@@ -18,7 +18,7 @@ from typing import Any
 
 from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
 from .errors import CacheError, DinocacheError
-from .fileio import atomic_write_bytes, contained_file, is_link
+from .fileio import atomic_write_bytes, contained_file, is_link, read_limited
 from .imaging import RESAMPLES
 from .layout import storage_problems, stored_grid
 from .names import (  # noqa: F401
@@ -39,7 +39,7 @@ from .presets import PRESETS
 from .stfile import parse_json_bounded
 
 log = logging.getLogger("dinocache")
-MAX_MANIFEST_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # about a million failure records (docs/FORMAT.md)
 
 # The names dinocache gives its own files: nothing else is ever deleted.
 OWNED = {
@@ -84,7 +84,21 @@ MAX_BUCKETS = 10_000
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_bytes(root / MANIFEST_NAME, json.dumps(manifest, separators=(",", ":")).encode())
+    """Replace the manifest, but only with one that every reader accepts: a value that would
+    fail the schema (or the size cap) is refused here, before it could make the cache unreadable."""
+    problems = schema_problems(manifest)
+    try:
+        data = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN or Infinity somewhere the schema does not look
+        problems, data = problems + ["it holds NaN or Infinity, which JSON readers refuse"], b""
+    if len(data) > MAX_MANIFEST_BYTES:
+        problems.append(f"it would be {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    if problems:
+        raise CacheError(
+            f"not writing {root / MANIFEST_NAME}: " + "; ".join(problems[:5]),
+            "this is a dinocache bug (please report it); the cache keeps its previous manifest",
+        )
+    atomic_write_bytes(root / MANIFEST_NAME, data)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -110,9 +124,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             hint = "pass the folder given to extract --out"
         raise CacheError(f"{root} has no {MANIFEST_NAME}: it is not a dinocache cache", hint)
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = parse_json_bounded(path.read_bytes(), MANIFEST_NAME)
+        manifest = parse_json_bounded(read_limited(path, MAX_MANIFEST_BYTES), MANIFEST_NAME)
     except (OSError, ValueError) as exc:
         raise CacheError(
             f"{path} is not readable: {exc}", "restore it from a backup, or rebuild the cache with extract --overwrite"
@@ -143,54 +155,27 @@ def schema_problems(manifest: Any) -> list[str]:
             f"format_version is {_show(version)}; this dinocache reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer dinocache wrote it? upgrade)"
         ]
-    problems = []
-    for key, kind in (
-        ("model", dict),
-        ("preprocessing", dict),
-        ("storage", dict),
-        ("buckets", list),
-        ("shards", list),
-        ("samples", dict),
-        ("failures", list),
-        ("runs", list),
-    ):
+    problems = settings_problems(manifest)
+    for key, kind in (("shards", list), ("samples", dict), ("failures", list), ("runs", list)):
         if not isinstance(manifest.get(key, [] if key == "runs" else None), kind):
-            problems.append(f"'{key}' is missing or not a{'n' if kind is dict else ''} {kind.__name__}")
+            problems.append(f"'{key}' is missing or not {'an object' if kind is dict else 'a list'}")
     if problems:
         return problems
-    problems += _model_problems(manifest["model"])
-    problems += _preprocessing_problems(manifest["preprocessing"])
-    problems += storage_problems(manifest["storage"])
-    if problems:
-        return problems
-    problems += _bucket_problems(
-        manifest["buckets"], manifest["model"]["patch_size"], manifest["storage"].get("pool", 1)
-    )
     problems += _shard_problems(manifest["shards"], len(manifest["buckets"]))
     problems += _file_record_problems(manifest["samples"], "samples", INDEX_DIR, count=True)
     for i, failure in enumerate(manifest["failures"]):
-        if not (
-            isinstance(failure, dict)
-            and isinstance(failure.get("key"), str)
-            and 0 < len(failure["key"]) <= 8192
-            and isinstance(failure.get("reason"), str)
-            and isinstance(failure.get("detail", ""), str)
-            and _is_int(failure.get("source_bytes", 0), -1)
-            and _int_value(failure.get("source_mtime_ns", 0)) is not None
-        ):
-            problems.append(f"failures[{i}] must have a key, a reason, a detail and the source's size and mtime")
+        problem = failure_problem(failure)
+        if problem:
+            problems.append(f"failures[{i}]: {problem}")
             break
     else:
         keys = [f["key"] for f in manifest["failures"]]
         if len(set(keys)) != len(keys):
             problems.append("failures list a key more than once")
     for i, run in enumerate(manifest.get("runs", [])):
-        if not isinstance(run, dict) or any(
-            not _is_number(run[k])
-            for k in ("planned", "processed", "failed", "seconds", "images_per_second", "rank", "world_size")
-            if k in run
-        ):
-            problems.append(f"runs[{i}] must be an object whose counts and times are numbers")
+        problem = run_problem(run)
+        if problem:
+            problems.append(f"runs[{i}]: {problem}")
             break
     statistics = manifest.get("statistics", [])
     if not isinstance(statistics, list):
@@ -198,6 +183,98 @@ def schema_problems(manifest: Any) -> list[str]:
     else:
         for i, entry in enumerate(statistics):
             problems += _file_record_problems(entry, f"statistics[{i}]", STATS_DIR)
+            if not problems and not (
+                isinstance(entry.get("flavour"), str)
+                and isinstance(entry.get("views"), str)
+                and isinstance(entry.get("per_position", False), bool)
+                and _is_int(entry.get("samples", 0), 0)
+                and (entry.get("samples_sha256") is None or _is_sha(entry.get("samples_sha256")))
+            ):
+                problems.append(f"statistics[{i}] must name its flavour, views, per_position, samples and table")
+            if problems:
+                break
+    return problems
+
+
+def settings_problems(settings: Any) -> list[str]:
+    """The settings sections (model, preprocessing, storage, buckets) of a manifest or a rank report."""
+    if not isinstance(settings, dict):
+        return ["settings are not an object"]
+    problems = [
+        f"'{key}' is missing or not {'an object' if kind is dict else 'a list'}"
+        for key, kind in (("model", dict), ("preprocessing", dict), ("storage", dict), ("buckets", list))
+        if not isinstance(settings.get(key), kind)
+    ]
+    if problems:
+        return problems
+    problems += _model_problems(settings["model"])
+    problems += _preprocessing_problems(settings["preprocessing"])
+    problems += storage_problems(settings["storage"])
+    if problems:
+        return problems
+    return _bucket_problems(settings["buckets"], settings["model"]["patch_size"], settings["storage"].get("pool", 1))
+
+
+MAX_DETAIL_CHARS = 1000  # a failure's detail sentence; longer ones are cut when recorded
+MAX_FAILURE_KEY_CHARS = 8192
+
+
+def failure_problem(failure: Any) -> str | None:
+    """Why a failure record (manifest or rank report) is malformed, or None."""
+    if not (
+        isinstance(failure, dict)
+        and isinstance(failure.get("key"), str)
+        and 0 < len(failure["key"]) <= MAX_FAILURE_KEY_CHARS
+        and isinstance(failure.get("reason"), str)
+        and isinstance(failure.get("detail", ""), str)
+        and _is_int(failure.get("source_bytes", 0), -1)
+        and _int_value(failure.get("source_mtime_ns", 0)) is not None
+    ):
+        return "a failure must have a key, a reason, a detail and the source's size and mtime"
+    return None
+
+
+_RUN_NUMBERS = ("planned", "processed", "failed", "seconds", "images_per_second", "rank", "world_size", "oom_retries")
+_RUN_TEXTS = ("started", "finished", "input_dir", "device", "tool_version", "interrupted")
+
+
+def run_problem(run: Any) -> str | None:
+    """Why a run record (manifest or rank report) is malformed, or None."""
+    if not (
+        isinstance(run, dict)
+        and all(_is_number(run[k]) for k in _RUN_NUMBERS if k in run)
+        and all(isinstance(run[k], str) for k in _RUN_TEXTS if k in run)
+        and all(
+            isinstance(run.get(k, {}), dict) and all(_is_number(v) for v in run.get(k, {}).values())
+            for k in ("stage_seconds", "batch_sizes")
+        )
+    ):
+        return "a run must be an object whose counts and times are numbers and whose names are strings"
+    return None
+
+
+def rank_report_problems(report: Any) -> list[str]:
+    """The one check of a rank report (`ranks/rank-*.json`, untrusted like the rest of the
+    cache) before merge uses any of it: the manifest's rules for every part it would copy."""
+    if not isinstance(report, dict):
+        return ["it is not an object"]
+    problems = [f"settings: {p}" for p in settings_problems(report.get("settings"))]
+    for key in ("rank", "world_size"):
+        if not _is_int(report.get(key), 0, 1 << 20):
+            problems.append(f"'{key}' is not a small integer")
+    problem = run_problem(report.get("run"))
+    if problem:
+        problems.append(f"run: {problem}")
+    shards, failures = report.get("shards", []), report.get("failures", [])
+    if not isinstance(shards, list) or not isinstance(failures, list):
+        return problems + ["'shards' and 'failures' must be lists"]
+    if not problems:
+        problems += _shard_problems(shards, len(report["settings"]["buckets"]))
+    for i, failure in enumerate(failures):
+        problem = failure_problem(failure)
+        if problem:
+            problems.append(f"failures[{i}]: {problem}")
+            break
     return problems
 
 
@@ -208,6 +285,8 @@ def _model_problems(model: dict) -> list[str]:
             problems.append(f"model.{key} must be an integer in {low}..{high}")
     if not isinstance(model.get("id"), str):
         problems.append("model.id must be a string")
+    if not isinstance(model.get("weights_fingerprint", ""), str):
+        problems.append("model.weights_fingerprint must be a string")
     if model.get("revision") is not None and not isinstance(model.get("revision"), str):
         problems.append("model.revision must be a string or null")
     if model.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
@@ -376,8 +455,8 @@ def load_samples(root: Path, manifest: dict):
     return table
 
 
-def recorded_model(root: str | Path) -> tuple[str, str | None] | None:
-    """The model (id, revision) an existing local cache was built with; None when there is no
+def recorded_model(root: str | Path) -> dict | None:
+    """The `model` record an existing local cache was built with; None when there is no
     readable local cache there."""
     from .remote import is_remote
 
@@ -389,7 +468,7 @@ def recorded_model(root: str | Path) -> tuple[str, str | None] | None:
         return None  # the run itself reports what is wrong with the cache
     if manifest["format_version"] != FORMAT_VERSION:
         return None  # an older format is refused for that first
-    return manifest["model"]["id"], manifest["model"].get("revision")
+    return manifest["model"]
 
 
 def recorded_source(manifest: dict[str, Any]) -> str | None:
@@ -398,3 +477,24 @@ def recorded_source(manifest: dict[str, Any]) -> str | None:
         if isinstance(run, dict) and isinstance(run.get("input_dir"), str):
             return run["input_dir"]
     return None
+
+
+def implicit_source(manifest: dict[str, Any]) -> str:
+    """The recorded input, for a command that reopens it without being told (`show`, `verify
+    --recompute`): only a local folder or local tar shards. A URL, or a list file (whose rows may
+    be URLs), is refused: a cache must never choose a host for dinocache to contact."""
+    from .sources import LIST_SUFFIXES, is_url
+
+    found = recorded_source(manifest)
+    if found is None:
+        raise CacheError("this cache does not record where its images came from", "pass --source DIR")
+    if is_url(found) or found.split("?", 1)[0].lower().endswith(LIST_SUFFIXES):
+        from .errors import untrusted
+
+        raise CacheError(
+            f"this cache's images came from {untrusted(found)}, "
+            + ("a URL" if is_url(found) else "a list file (its rows may be URLs)")
+            + ": dinocache contacts only hosts named on the command line",
+            "pass --source with that location (or a local copy of the images) to read them",
+        )
+    return found

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, untrusted
 from .families import FAMILIES, Family, architectures, family_of_config, load_official
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
@@ -237,6 +239,7 @@ class ModelSpec:
     seed: int = 0
     preloaded: torch.nn.Module | None = field(repr=False, default=None)  # official .pth: loaded to read it
     family: Family = field(repr=False, default=FAMILIES[0])
+    fingerprint: str | None = None  # of a local checkpoint's weights (weights_fingerprint); None: Hub or random
 
     @property
     def patch_size(self) -> int:
@@ -276,6 +279,8 @@ class ModelSpec:
         import hashlib
 
         extra = {"random_init": {"seed": self.seed, "device": self.device.type}} if self.kind == "random" else {}
+        if self.fingerprint is not None:
+            extra["weights_fingerprint"] = self.fingerprint
         return (
             extra
             | self.family.record(self.config)
@@ -308,7 +313,7 @@ def resolve_model(
     """Everything about a model but its weights: Hub id, local folder, official .pth, or random:<arch>."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    preloaded = None
+    preloaded, fingerprint = None, None
     if spec.startswith(RANDOM_PREFIX):
         arch = spec[len(RANDOM_PREFIX) :]
         config = random_config(arch)
@@ -320,6 +325,7 @@ def resolve_model(
         kind, processor_cfg = "official", {}
         norm = getattr(preloaded, family.norm_attr)
         weight, bias = norm.weight.detach(), norm.bias.detach()
+        fingerprint = module_fingerprint(preloaded)
     else:
         config = _load_config(spec, revision)
         family, kind = family_of_config(config), "pretrained"
@@ -330,6 +336,9 @@ def resolve_model(
             norm = getattr(preloaded, family.norm_attr)
             found = (norm.weight.detach(), norm.bias.detach())
         weight, bias = found
+        if Path(spec).is_dir():  # a local checkpoint: known by content, not by the spelling of its path
+            files = _safetensors_files(Path(spec))
+            fingerprint = file_fingerprint(files) if files else module_fingerprint(preloaded)
     mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
     std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
     _check_normalization(mean, std)
@@ -347,7 +356,95 @@ def resolve_model(
         seed,
         preloaded,
         family,
+        fingerprint,
     )
+
+
+FINGERPRINT_VERSION = "v1"
+FINGERPRINT_BLOCK = 4096  # bytes sampled at a tensor's start, middle and end
+
+
+def _fingerprint(tensors) -> str:
+    """A checkpoint's identity from its content: every tensor's name, dtype, shape and size, and
+    its first, middle and last 4 KiB. Reads ~12 KiB a tensor (milliseconds for any DINOv3), yet
+    any other training, fine-tune or re-initialisation changes it. `tensors`: (name, dtype,
+    shape, nbytes, read(offset, size) -> bytes) each."""
+    import hashlib
+
+    digest = hashlib.sha256(f"dinocache-weights-{FINGERPRINT_VERSION}".encode())
+    for name, dtype, shape, nbytes, read in sorted(tensors, key=lambda t: t[0]):
+        digest.update(json.dumps([name, dtype, list(shape), nbytes]).encode())
+        half = max(0, nbytes // 2 - FINGERPRINT_BLOCK // 2)
+        for offset in sorted({0, half, max(0, nbytes - FINGERPRINT_BLOCK)}):
+            digest.update(read(offset, min(FINGERPRINT_BLOCK, nbytes - offset)))
+    return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained would load from a local folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (OSError, ValueError, AttributeError):
+            raise ModelLoadError(f"{index} is not a readable index", _weights_hint(str(folder))) from None
+        return [folder / name for name in names if isinstance(name, str) and "/" not in name]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """`_fingerprint` of safetensors files, read from their headers and a few sampled blocks
+    (no tensor is loaded)."""
+    import os
+
+    from .stfile import MAX_HEADER_BYTES, parse_json_bounded
+
+    tensors, fds = [], []
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            size = os.fstat(fd).st_size
+            length = int.from_bytes(os.pread(fd, 8, 0).ljust(8, b"\0"), "little")
+            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"{path.name} has no safetensors header")
+            header = parse_json_bounded(os.pread(fd, length, 8), path.name)
+            for name, info in header.items() if isinstance(header, dict) else ():
+                if name == "__metadata__":
+                    continue
+                start, stop = info["data_offsets"]
+                if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= size - 8 - length):
+                    raise ValueError(f"{path.name}: tensor {name} lies outside the file")
+                base = 8 + length + start
+                tensors.append(
+                    (
+                        name,
+                        str(info["dtype"]),
+                        info["shape"],
+                        stop - start,
+                        lambda o, n, fd=fd, b=base: os.pread(fd, n, b + o),
+                    )
+                )
+        return _fingerprint(tensors)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"could not read the weights in {paths[0].parent}: {str(exc).splitlines()[0]}",
+            _weights_hint(str(paths[0].parent)),
+        ) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """`_fingerprint` of a loaded model's tensors (a .pth or pytorch_model.bin checkpoint)."""
+    tensors = []
+    for name, tensor in module.state_dict().items():
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        read = lambda o, n, raw=raw: raw[o : o + n].numpy().tobytes()  # noqa: E731
+        tensors.append((name, str(tensor.dtype), tuple(tensor.shape), raw.numel(), read))
+    return _fingerprint(tensors)
 
 
 def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "auto") -> LoadedModel:
@@ -451,6 +548,9 @@ def _from_pretrained(
             kwargs["device_map"] = str(device)
         except ImportError:
             pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)  # we report it
     try:
         try:
             return model_class.from_pretrained(spec, **kwargs)
@@ -460,6 +560,17 @@ def _from_pretrained(
     except OSError as exc:
         raise ModelLoadError(
             f"could not load the weights of {spec}: {str(exc).splitlines()[0]}", _weights_hint(spec)
+        ) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met more than tensors
+        raise ModelLoadError(
+            f"the weights of {spec} are not plain tensors: torch.load(weights_only=True) refused the file "
+            "(damaged, or a pickle holding more than tensors; dinocache never unpickles code, nothing of it ran)",
+            "use a checkpoint saved as safetensors (save_pretrained), or the official .pth",
+        ) from None
+    except (ValueError, RuntimeError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as exc:  # damaged
+        raise ModelLoadError(
+            f"could not load the weights of {spec}: {untrusted(str(exc).splitlines()[0] if str(exc) else exc)}",
+            _weights_hint(spec),
         ) from None
 
 

@@ -256,6 +256,71 @@ def recorded_eps(entry: dict) -> float:
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else NORMALIZE_EPS
 
 
+STATISTICS_TENSORS = ("patches_mean", "patches_var", "cls_mean", "cls_var")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # no feature is larger, so no mean; no variance past its square
+
+
+def read_statistics_file(root: Path, manifest: dict, entry: dict) -> dict[str, torch.Tensor]:
+    """The one check of a statistics file (`verify` and `FeatureCache(normalize=True)` both use
+    it), as strict as a shard's: inside the cache, no link, its recorded size and sha256, exactly
+    the four float64 tensors, shaped [D] (or [rows, cols, D] per position, a stored grid of the
+    cache), and values a dataset can have: finite, |mean| <= float32 max, 0 <= var <= its square.
+    CacheError says what is wrong."""
+    from .fileio import read_limited
+    from .stfile import SafetensorsError
+
+    name = entry["file"]
+    fix = f"rerun `dinocache norm-stats --recompute{' --per-position' if entry.get('per_position') else ''}`"
+    path = cache_path(root, name, STATS_DIR)
+    try:
+        data = read_limited(path, entry["bytes"])
+    except FileNotFoundError:
+        raise CacheError(f"the statistics file {name} is missing", fix) from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise CacheError(f"cannot read the statistics file {name}: {why}", fix) from None
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CacheError(f"the statistics file {name} fails its size or sha256 checksum", fix)
+    try:
+        file = SafetensorsFile(path)
+    except SafetensorsError as exc:
+        raise CacheError(f"the statistics file {name} is not a safetensors file: {exc}", fix) from None
+    problems = []
+    if set(file.entries) != set(STATISTICS_TENSORS):
+        problems.append(f"it holds {sorted(file.entries)}, not {list(STATISTICS_TENSORS)}")
+    meta = file.metadata
+    if meta.get("format") != "dinocache-statistics" or meta.get("flavour") != entry.get("flavour"):
+        problems.append("its metadata does not say dinocache-statistics of the flavour the manifest names")
+    dim = manifest["model"]["hidden_size"]
+    grids = {tuple(b.get("stored_grid", b["grid"])) for b in manifest["buckets"]}
+    tensors = {}
+    for tensor in STATISTICS_TENSORS:
+        info = file.entries.get(tensor)
+        if info is None:
+            continue
+        shape = tuple(info.shape)
+        per_position = tensor.startswith("patches") and entry.get("per_position")
+        if info.dtype != "F64":
+            problems.append(f"{tensor} is {info.dtype}, not F64")
+        elif shape[-1:] != (dim,) or (shape[:-1] not in grids if per_position else len(shape) != 1):
+            wanted = "[rows, cols, D] of a bucket's stored grid" if per_position else f"[{dim}]"
+            problems.append(f"{tensor} has shape {list(shape)}, not {wanted}")
+        else:
+            value = file.tensor(tensor)
+            bad = not bool(torch.isfinite(value).all())
+            if tensor.endswith("_var"):
+                bad = bad or bool((value < 0).any()) or bool((value > FLOAT32_MAX**2).any())
+            else:
+                bad = bad or bool((value.abs() > FLOAT32_MAX).any())
+            if bad:
+                kind = "variances (NaN, negative or past float32's square)" if tensor.endswith("_var") else "means"
+                problems.append(f"{tensor} holds impossible {kind}")
+            tensors[tensor] = value
+    if problems:
+        raise CacheError(f"the statistics file {name} is not valid: " + "; ".join(problems[:3]), fix)
+    return tensors
+
+
 def load_statistics(
     root: Path,
     manifest: dict,
@@ -263,9 +328,14 @@ def load_statistics(
     per_position: bool = False,
     views: str | None = None,
     eps: float | None = None,
+    name: str | None = None,
 ) -> Statistics:
-    """The stored statistics for a flavour and kind; `views` None prefers those over both views.
-    `eps` None: the recorded one."""
+    """The statistics `normalize` applies, checked; `views` None prefers those over both views,
+    `eps` None applies the recorded one. `name` is the cache as the user named it (a URL for a
+    cache in object storage, whose `root` is the local mirror)."""
+    from .sources import is_url
+
+    name = name or str(root)
     entries = [
         e
         for e in manifest.get("statistics", [])
@@ -274,6 +344,15 @@ def load_statistics(
         and (views is None or e.get("views") == views)
     ]
     kind = "per-position" if per_position else "per-channel"
+    flags = f"{' --per-position' if per_position else ''}{f' --views {views}' if views else ''}"
+    command = f"dinocache norm-stats {name} --flavour {flavour}{flags}"
+    if is_url(name):  # norm-stats needs a local cache
+        command = (
+            f"copy {name} to this machine, run `{command.replace(name, 'LOCAL_COPY')}`, "
+            "then copy its stats/ and manifest.json back"
+        )
+    else:
+        command = f"run `{command}`"
     if not entries:
         other = [
             e
@@ -283,28 +362,18 @@ def load_statistics(
         if other and views is None:  # e.g. RAE's per-position statistics, read with normalize=True
             have, use = ("per-position", '"position"') if not per_position else ("per-channel", "True")
             raise CacheError(
-                f"{root} has {have} statistics for the {flavour} flavour, not {kind} ones",
-                f"read them with normalize={use}, or run `dinocache norm-stats {root} --flavour {flavour} "
-                f"{'--per-position' if per_position else '--per-channel'}`",
+                f"{name} has {have} statistics for the {flavour} flavour, not {kind} ones",
+                f"read them with normalize={use}, or {command}",
             )
         which = f" over the {views} view(s)" if views else ""
-        raise CacheError(
-            f"{root} has no {kind} statistics{which} for the {flavour} flavour",
-            f"run `dinocache norm-stats {root} --flavour {flavour}"
-            f"{' --per-position' if per_position else ''}{f' --views {views}' if views else ''}`",
-        )
+        raise CacheError(f"{name} has no {kind} statistics{which} for the {flavour} flavour", command)
     entry = next((e for e in entries if e.get("views") == "both"), entries[0])
     if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
         raise CacheError(
-            f"the {flavour} statistics of {root} are stale: the cache changed since they were computed",
-            f"rerun `dinocache norm-stats {root} --flavour {flavour}`",
+            f"the {flavour} statistics of {name} are stale: the cache changed since they were computed",
+            command.replace("norm-stats", "norm-stats --recompute", 1),
         )
-    path = cache_path(root, entry["file"], STATS_DIR)
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CacheError(f"{entry['file']} fails its sha256 checksum", "rerun `dinocache norm-stats`")
-    file = SafetensorsFile(path)
-    tensors = {name: file.tensor(name) for name in ("patches_mean", "patches_var", "cls_mean", "cls_var")}
+    tensors = read_statistics_file(root, manifest, entry)
     return Statistics(entry, tensors, recorded_eps(entry) if eps is None else float(eps))
 
 

@@ -88,6 +88,11 @@ class FeatureCache(Dataset):
         self.root = Path(root)
         self.dtype = dtype
         self.manifest, self.table = _open_generation(self.root)  # the table is memory-mapped, sorted by key
+        problem = self.table.order_problem()  # binary search and row reads rely on it (docs/FORMAT.md)
+        if problem:
+            raise CacheError(
+                f"the sample table of {self.url} cannot be used: {problem}", "run `dinocache verify` for details"
+            )
         self._shard_col = self.table.columns["shard"]
         self._row_col = self.table.columns["row"]
         self._bucket_col = self.table.columns["bucket"]
@@ -119,7 +124,12 @@ class FeatureCache(Dataset):
             if normalize not in (True, "channel", "position"):
                 raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
             self.statistics = load_statistics(
-                self.root, self.manifest, flavour, per_position=normalize == "position", eps=normalize_eps
+                self.root,
+                self.manifest,
+                flavour,
+                per_position=normalize == "position",
+                eps=normalize_eps,
+                name=self.url,
             )
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
@@ -374,7 +384,7 @@ class FeatureCache(Dataset):
         grid = tuple(bucket["stored_grid"]) if "stored_grid" in bucket else tuple(bucket["grid"])
         specs = self.layout.tensors(self.hidden_size, self.num_registers, grid)
         problems = shard_tensor_problems(file.entries, specs, record["rows"]) + shard_identity_problems(
-            file.metadata, bucket, grid
+            file.metadata, bucket, grid, self.manifest["format_version"]
         )
         if problems:
             raise CacheError(

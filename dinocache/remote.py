@@ -26,8 +26,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CacheError
-from .fileio import atomic_write_bytes, is_link
+from .errors import CacheError, untrusted
+from .fileio import atomic_write_bytes, is_link, remove_owned
+from .lock import LOCK_BYTES
 from .names import INDEX_DIR, LOCK_NAME, MANIFEST_NAME, NORM_FILE, RANK_DIR, SHARD_DIR, STATS_DIR
 from .sources import _fsspec, is_url
 from .state import LocalShards
@@ -74,11 +75,27 @@ class Remote:
         return folder
 
     # ---- objects --------------------------------------------------------------------------
-    def read(self, rel: str) -> bytes | None:
+    def read(self, rel: str, limit: int | None = None) -> bytes | None:
+        """An object's bytes (None when there is none); with `limit`, at most limit + 1 of them
+        are fetched, so a caller can tell an object over its limit without loading it."""
         try:
-            return self.fs.cat_file(self.path(rel))
+            if limit is None:
+                return self.fs.cat_file(self.path(rel))
+            return self.fs.cat_file(self.path(rel), start=0, end=limit + 1)
         except FileNotFoundError:
             return None
+
+    def _read_manifest_bytes(self) -> bytes | None:
+        from .manifest import MAX_MANIFEST_BYTES
+
+        size = self.size(MANIFEST_NAME)
+        data = self.read(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES) if (size or 0) <= MAX_MANIFEST_BYTES else b""
+        if data is not None and (len(data) > MAX_MANIFEST_BYTES or (size or 0) > MAX_MANIFEST_BYTES):
+            raise CacheError(
+                f"{self.url}/{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may be",
+                "pass the URL of a dinocache cache; a manifest that large is not one dinocache wrote",
+            )
+        return data
 
     def size(self, rel: str) -> int | None:
         try:
@@ -133,9 +150,9 @@ class Remote:
         try:
             self.fs.pipe_file(self.path(LOCK_NAME), json.dumps(owner).encode(), mode="create")
         except FileExistsError:
-            holder = self.read(LOCK_NAME) or b"?"
+            holder = (self.read(LOCK_NAME, limit=LOCK_BYTES) or b"?").decode(errors="replace")
             raise CacheError(
-                f"{self.url} is being written by another dinocache process ({holder.decode(errors='replace')})",
+                f"{self.url} is being written by another dinocache process ({untrusted(holder)})",
                 f"wait for it to finish; if no such process runs any more, delete {self.url}/{LOCK_NAME}",
             ) from None
         self._lock_token = owner["token"]
@@ -144,6 +161,35 @@ class Remote:
         self.rm(LOCK_NAME)
 
     # ---- the mirror -------------------------------------------------------------------------
+    def sync_mirror(self) -> Path:
+        """The mirror brought in line with the remote, which is the truth: its metadata pulled.
+        A mirror that disagrees (the remote has no manifest, or one of another cache: the bucket
+        was emptied or recreated) is discarded first, so no old manifest, table or shard of it
+        decides anything: not the settings check, not adoption."""
+        from .manifest import MANIFEST_NAME as NAME
+        from .manifest import OWNED, TEMP, read_manifest
+
+        mirror = self.mirror()
+        remote_manifest = self._read_manifest_bytes()
+        try:
+            local_created = read_manifest(mirror).get("created") if (mirror / NAME).is_file() else None
+        except CacheError:
+            local_created = "unreadable"
+        remote_created = None
+        if remote_manifest is not None:
+            try:
+                remote_created = json.loads(remote_manifest).get("created")
+            except (ValueError, AttributeError):
+                remote_created = "unreadable"  # pull_metadata says what is wrong with it
+        if local_created is not None and local_created != remote_created:
+            log.info("discarding the local mirror of %s: the remote cache is not the one it mirrors", self.url)
+            (mirror / NAME).unlink(missing_ok=True)
+            (mirror / NORM_FILE).unlink(missing_ok=True)
+            for folder in (SHARD_DIR, INDEX_DIR, STATS_DIR, RANK_DIR):
+                remove_owned(mirror / folder, OWNED[folder])
+                remove_owned(mirror / folder, TEMP)
+        return self.pull_metadata() if remote_manifest is not None else mirror
+
     def pull_metadata(self) -> Path:
         """The manifest and the files it names (but shards) into the mirror, checked; returns it."""
         from .manifest import read_manifest, schema_problems
@@ -155,7 +201,7 @@ class Remote:
             if is_link(path):
                 raise CacheError(f"{path} is a symbolic link", "delete the local mirror folder")
             path.mkdir(exist_ok=True)
-        data = self.read(MANIFEST_NAME)
+        data = self._read_manifest_bytes()
         if data is None:
             raise CacheError(
                 f"{self.url} has no {MANIFEST_NAME}: it is not a dinocache cache", "pass the URL given to extract --out"
@@ -296,10 +342,7 @@ class RemoteSession:
     def _prepare(self) -> None:
         from .manifest import OWNED
 
-        if self.remote.read(MANIFEST_NAME) is not None:
-            self.remote.pull_metadata()
-        else:  # a new remote cache: nothing local may claim otherwise
-            (self.mirror / MANIFEST_NAME).unlink(missing_ok=True)
+        self.remote.sync_mirror()
         folder = self.mirror / SHARD_DIR
         remote_shards = self.remote.listing(SHARD_DIR)
         for path in sorted(folder.iterdir()) if folder.is_dir() else ():

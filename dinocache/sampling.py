@@ -66,6 +66,19 @@ class BucketBatchSampler(Sampler[list]):
         order = np.lexsort((np.asarray(cache.table.columns["row"]), shard_col))
         self._file_rank = np.empty(len(order), dtype=np.int64)
         self._file_rank[order] = np.arange(len(order))
+        if drop_last and len(self._buckets) and not self._global_batches():
+            # Legal (every rank gets the same 0 batches), but an epoch that trains on nothing is
+            # never what was meant: say so, loudly.
+            import warnings
+
+            largest = int(np.bincount(self._buckets).max())
+            warnings.warn(
+                f"drop_last=True leaves no batch: the largest bucket holds {largest} sample(s), fewer than "
+                f"batch_size={batch_size}"
+                + (f" (or too few batches for {world_size} ranks)" if world_size > 1 else "")
+                + "; every epoch is empty. Use a smaller batch_size or drop_last=False",
+                stacklevel=2,
+            )
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's shuffle; `start_step` skips that many of this rank's batches (resume)."""
@@ -161,6 +174,8 @@ def collate_features(items: list[dict]) -> dict:
     the sampler picked views), and any other tensor of the items ("registers", "layer8_patches",
     "patches_flip", ...) stacked the same way.
     """
+    if not items:
+        raise ValueError("collate_features got no samples: a batch needs at least one (check the sampler)")
     first = items[0]
     out: dict = {
         "key": [it["key"] for it in items],

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import CacheError, DecodeError
+from .errors import CacheError, DecodeError, untrusted
 from .imaging import Preprocessing, model_input
-from .manifest import recorded_source
+from .manifest import implicit_source
 from .reader import FeatureCache
 from .sources import SourceReader
 
@@ -86,7 +86,8 @@ def render(
 def _not_cached(cache: FeatureCache, key: str) -> str:
     failure = next((f for f in cache.manifest["failures"] if f["key"] == key), None)
     if failure is not None:
-        return f"{key!r} could not be extracted: {failure['reason']} ({failure.get('detail', '')})"
+        reason, detail = untrusted(failure["reason"], 40), untrusted(failure.get("detail", ""))
+        return f"{key!r} could not be extracted: {reason} ({detail})"
     message = f"{key!r} is not in the cache at {cache.root} (keys are paths relative to the input folder)"
     if len(cache) <= 200_000:
         close = difflib.get_close_matches(key, cache.keys(), n=3)
@@ -96,7 +97,4 @@ def _not_cached(cache: FeatureCache, key: str) -> str:
 
 
 def _recorded_source(cache: FeatureCache) -> str:
-    found = recorded_source(cache.manifest)
-    if found is None:
-        raise CacheError("this cache does not record where its images came from", "pass --source DIR")
-    return found
+    return implicit_source(cache.manifest)

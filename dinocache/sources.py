@@ -119,17 +119,24 @@ class Source:
         root = os.path.realpath(self.spec)
         for folder in self.exclude:
             real = os.path.realpath(folder)
-            if real == root or os.path.commonpath([root, real]) != root or not os.path.isdir(real):
+            if real == root or os.path.commonpath([root, real]) != root:
                 continue
             hidden = sum(
                 os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(real) for name in names
-            )
+            )  # 0 for a folder not made yet
             if hidden:
                 logging.getLogger("dinocache").warning(
                     "%d image(s) under %s are left out: it is the output folder (--out); put the cache outside "
                     "the image folder to include them",
                     hidden,
                     folder,
+                )
+            else:  # it works (the scan leaves it out), but the cache now travels with every copy of the images
+                logging.getLogger("dinocache").warning(
+                    "the output folder %s is inside the image folder %s: the scan leaves it out, but copying or "
+                    "syncing the images carries the cache along; keep caches beside the data, not in it",
+                    folder,
+                    self.spec,
                 )
 
     def describe(self) -> str:

@@ -21,15 +21,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .errors import CacheError, ConfigError
+from .errors import CacheError, ConfigError, untrusted
 from .faults import fault_point
-from .fileio import atomic_write_bytes, is_link, real_folder, remove_folder_if_empty, remove_owned, sha256_file
+from .fileio import (
+    atomic_write_bytes,
+    is_link,
+    read_limited,
+    real_folder,
+    remove_folder_if_empty,
+    remove_owned,
+    sha256_file,
+)
 from .index import SampleTable, record_from_json
 from .layout import FORMAT_NAME, FORMAT_VERSION, Layout, parse_shard_metadata, shard_tensor_problems
 from .lock import CacheLock
 from .manifest import (
     INDEX_DIR,
     MANIFEST_NAME,
+    MAX_DETAIL_CHARS,
+    MAX_MANIFEST_BYTES,
     NORM_FILE,
     OWNED,
     RANK_DIR,
@@ -39,6 +49,7 @@ from .manifest import (
     cache_path,
     delete_owned,
     load_samples,
+    rank_report_problems,
     read_manifest,
     settings_of,
     write_manifest,
@@ -70,6 +81,55 @@ def settings_differences(old, new, prefix: str = "") -> list[str]:
     if old != new:
         return [f"{prefix}: cache has {_brief(old)}, this run has {_brief(new)}"]
     return []
+
+
+MODEL_NAMES = ("id", "revision", "weights_fingerprint")  # how a model was named: compared by `model_differences`
+
+
+def model_differences(old, new) -> list[str]:
+    """How two manifest `model` records differ as models. Everything that shapes the features
+    must be equal; the model itself is the same when its weights' fingerprints are (however its
+    path was spelled, wherever the folder is). A record without a fingerprint (a Hub id, random
+    weights, a cache from dinocache < 0.3) is matched by its id and revision, a local path by
+    the folder it resolves to."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return settings_differences(old, new, "model")
+    diffs = settings_differences(
+        {k: v for k, v in old.items() if k not in MODEL_NAMES},
+        {k: v for k, v in new.items() if k not in MODEL_NAMES},
+        "model",
+    )
+    if old.get("weights_fingerprint") and new.get("weights_fingerprint"):
+        if old["weights_fingerprint"] != new["weights_fingerprint"]:
+            diffs.append(
+                f"model: the cache holds features of {_brief(old.get('id'))}, and {_brief(new.get('id'))} "
+                "has other weights (fingerprint differs)"
+            )
+    elif not same_model_name(old, new):
+        diffs.append(f"model.id: cache has {_brief(old.get('id'))}, this run has {_brief(new.get('id'))}")
+    return diffs
+
+
+def same_model_name(old: dict, new: dict) -> bool:
+    """The same id and revision, or two spellings of one existing local folder or file."""
+    if old.get("revision") != new.get("revision"):
+        return False
+    a, b = old.get("id"), new.get("id")
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def cache_settings_differences(old: dict, new: dict) -> list[str]:
+    """`settings_differences` of two settings (model, preprocessing, storage, buckets), the model
+    compared as a model (`model_differences`)."""
+    rest = sorted((set(old) | set(new)) - {"model"})
+    return model_differences(old.get("model"), new.get("model")) + settings_differences(
+        {k: old.get(k) for k in rest}, {k: new.get(k) for k in rest}
+    )
 
 
 def _names(items: list) -> list | None:
@@ -147,6 +207,7 @@ class CacheState:
     `commit` writes a new sample table, then the manifest that names it (both atomically)."""
 
     def __init__(self, root: Path, settings: dict, extras: dict | None = None, store: LocalShards | None = None):
+        check_cache_folders(root)  # every writer, the ranks of --rank/--world-size included
         self.root = root
         self.store = store or LocalShards(root)
         self.after_commit = None  # called with (files written, previous table) once a commit is durable
@@ -177,7 +238,6 @@ class CacheState:
     ) -> "CacheState":
         """Load the cache's committed state. `cleanup` removes temp files and unnamed sample
         tables: only for the lock holder while no other rank writes."""
-        check_cache_folders(root)
         state = cls(root, settings, extras, store)
         if overwrite:
             clear_cache(root)
@@ -191,13 +251,16 @@ class CacheState:
                     f"this one writes format {FORMAT_VERSION} and reads the old one, but does not add to it",
                     "rebuild it with --overwrite, or extract into another --out",
                 )
-            diffs = settings_differences(settings_of(manifest), settings)
+            diffs = cache_settings_differences(settings_of(manifest), settings)
             if diffs:
                 shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
                 raise CacheError(
                     f"{root} was built with different settings:\n    " + "\n    ".join(shown),
                     "use the same options as before, another --out, or --overwrite to rebuild it",
                 )
+            # The same model under another name: the cache keeps its record, so every shard's
+            # settings stay the same and an older cache keeps the identity it was written with.
+            state.settings = {**settings, "model": manifest["model"]}
             state.created = manifest.get("created", state.created)
             state.shards = manifest["shards"]
             state.runs = manifest.get("runs", [])
@@ -313,7 +376,7 @@ class CacheState:
         meta = parse_shard_metadata(st.metadata)
         if meta.version != FORMAT_VERSION:
             raise ValueError(f"it was written in format {meta.version}")
-        diffs = settings_differences(
+        diffs = settings_differences(  # exactly: a shard's settings are those of the manifest
             {k: meta.settings[k] for k in ("model", "preprocessing", "storage")},
             {k: self.settings[k] for k in ("model", "preprocessing", "storage")},
         )
@@ -349,13 +412,7 @@ class CacheState:
         """Record an image that cannot be used. A sample is cached or failed, never both: if an
         older version of it was cached, those features describe content that is gone, so they
         are dropped."""
-        self.failures[key] = {
-            "key": key,
-            "reason": reason,
-            "detail": detail,
-            "source_bytes": source_bytes,
-            "source_mtime_ns": str(source_mtime_ns),
-        }
+        self.failures[key] = failure_record(key, source_bytes, source_mtime_ns, reason, detail)
         if self.table.find(key) >= 0:
             self.dropped.add(key)
 
@@ -407,6 +464,22 @@ class CacheState:
             delete_owned(self.root, old)
 
 
+def failure_record(key: str, source_bytes, source_mtime_ns, reason: str, detail: str) -> dict:
+    """A failure as the manifest records it. Size and mtime come from hints that may be
+    anything (a list row's `size: 1e20`, a tar header's negative mtime): a value the schema
+    would refuse is recorded as -1 (unknown), so one bad hint never makes the manifest unreadable."""
+    size = source_bytes if _is_int(source_bytes, 0, 1 << 62) else -1
+    mtime = source_mtime_ns if _is_int(source_mtime_ns, -(1 << 63), (1 << 63) - 1) else -1
+    detail = str(detail)
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
+    return {"key": key, "reason": reason, "detail": detail, "source_bytes": size, "source_mtime_ns": str(mtime)}
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def clear_cache(root: Path) -> None:
     """--overwrite: delete the manifest and every file with one of dinocache's own names in the
     cache's folders. Anything else (a link, a foreign file) stays, and so does its folder."""
@@ -434,29 +507,29 @@ class MergeResult:
     processed: int = 0  # images extracted by the reporting ranks
 
 
-def read_rank_reports(root: Path) -> list[tuple[Path, dict]]:
-    reports = []
+def read_rank_reports(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The rank reports that pass `rank_report_problems`. One that does not is left in place
+    (with a warning naming what is wrong) and nothing of it is used: its shards are still
+    adopted on their own merits, its images are extracted again by the next run. Returns the
+    good reports and the names of those ignored."""
+    reports, ignored = [], []
     folder = root / RANK_DIR
     if not folder.is_dir() or is_link(folder):
-        return reports
+        return reports, ignored
     for name in sorted(os.listdir(folder)):
         path = folder / name
         if not OWNED[RANK_DIR].fullmatch(name) or is_link(path):
             continue
         try:
-            report = parse_json_bounded(path.read_bytes(), name)
-            if not (
-                isinstance(report, dict)
-                and isinstance(report.get("settings"), dict)
-                and isinstance(report.get("run"), dict)
-                and isinstance(report.get("shards", []), list)
-                and isinstance(report.get("failures", []), list)
-            ):
-                raise ValueError("not a rank report")
+            report = parse_json_bounded(read_limited(path, MAX_MANIFEST_BYTES), name)
+            problems = rank_report_problems(report)
+            if problems:
+                raise ValueError("; ".join(problems[:3]))
             reports.append((path, report))
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable rank report %s: %s", name, exc)
-    return reports
+            log.warning("ignoring rank report %s: %s", name, untrusted(str(exc)))
+            ignored.append(name)
+    return reports, ignored
 
 
 def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
@@ -470,11 +543,17 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
         )
     root = Path(root)
     check_cache_folders(root)
-    reports = read_rank_reports(root)
+    reports, ignored = read_rank_reports(root)
     if (root / MANIFEST_NAME).exists():
         settings = settings_of(read_manifest(root))
     elif reports:
         settings = reports[0][1]["settings"]
+    elif ignored:
+        raise CacheError(
+            f"{root} has no manifest, and its {len(ignored)} rank report(s) are malformed (warnings above): "
+            "nothing to merge",
+            "rerun the ranks' extract commands (--rank/--world-size), then merge",
+        )
     else:
         raise CacheError(
             f"{root} has neither a manifest nor rank reports: nothing to merge",
@@ -488,20 +567,13 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
                     f"rank report {report.get('rank')} was made with other settings than {root}",
                     "merge only ranks of the same command",
                 )
-        known = {
-            r["file"]: r
-            for _, report in reports
-            for r in report.get("shards", [])
-            if isinstance(r, dict) and isinstance(r.get("file"), str)
-        }
+        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
         result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
         for _, report in reports:
             for failure in report.get("failures", []):
-                if isinstance(failure, dict) and isinstance(failure.get("key"), str):
-                    state.failures.setdefault(failure["key"], failure)
+                state.failures.setdefault(failure["key"], failure)
             state.runs.append(report["run"])
-            processed = report["run"].get("processed", 0)
-            result.processed += processed if isinstance(processed, int) else 0
+            result.processed += int(report["run"].get("processed", 0))
         cached = {r["key"] for r in state.pending}
         for key in list(state.failures):
             if key in cached or state.table.find(key) >= 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import untrusted
 from .layout import Layout
 from .manifest import MANIFEST_NAME, load_samples, read_manifest, shard_path
 from .normstats import recorded_eps
@@ -132,7 +133,7 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
     pooled = stats["pool"] > 1
     lines = [
         f"cache      {stats['cache']}",
-        f"model      {stats['model']}" + (f" @ {stats['revision']}" if stats["revision"] else ""),
+        f"model      {untrusted(stats['model'])}" + (f" @ {untrusted(stats['revision'])}" if stats["revision"] else ""),
         f"dtype      compute {stats['compute_dtype']}, {_stored(stats)}",
         f"images     {stats['images']} cached, {stats['failed']} failed",
         f"on disk    {human_bytes(stats['bytes_on_disk'])} in {stats['shards']} shard(s)",
@@ -157,9 +158,9 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         )
     if stats["failures_by_reason"]:
         lines += ["", "failures by reason:"]
-        lines += [f"  {reason:<14} {count}" for reason, count in stats["failures_by_reason"].items()]
+        lines += [f"  {untrusted(reason, 40):<14} {count}" for reason, count in stats["failures_by_reason"].items()]
         for f in stats["failures"][:max_failures_listed]:
-            lines.append(f"  - {f['key']}: {f['reason']} ({f['detail']})")
+            lines.append(f"  - {untrusted(f['key'])}: {untrusted(f['reason'], 40)} ({untrusted(f['detail'])})")
         if len(stats["failures"]) > max_failures_listed:
             lines.append(f"  ... {len(stats['failures']) - max_failures_listed} more (see --json)")
     if stats["images"]:
@@ -171,8 +172,8 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         kind, read_as = ("per position", 'normalize="position"') if entry["per_position"] else ("per channel", "")
         lines += [
             "",
-            f"statistics {entry['flavour']}, {kind}, {entry['views']} views, over {entry['samples']} samples, "
-            f"eps {entry['eps']:g} ({read_as or 'normalize=True'})"
+            f"statistics {untrusted(entry['flavour'], 40)}, {kind}, {untrusted(str(entry['views']), 20)} views, over "
+            f"{entry['samples']} samples, eps {entry['eps']:g} ({read_as or 'normalize=True'})"
             + (" -- STALE: the cache changed since; rerun `dinocache norm-stats`" if entry["stale"] else ""),
         ]
     if stats["runs"]:
@@ -183,10 +184,10 @@ def format_stats(stats: dict, max_failures_listed: int = 20) -> str:
         ]
         for run in stats["runs"]:
             rank = f"{run.get('rank', 0)}/{run.get('world_size', 1)}"
-            note = f"  ({run['interrupted']})" if run.get("interrupted") else ""
+            note = f"  ({untrusted(run['interrupted'], 40)})" if run.get("interrupted") else ""
+            started, device = untrusted(run.get("started", "?"), 40), untrusted(run.get("device", "?"), 40)
             lines.append(
-                f"{str(run.get('started', '?')):<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
-                f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {run.get('device', '?')}"
-                + note
+                f"{started:<26} {rank:>5} {run.get('processed', 0):>8} {run.get('failed', 0):>7} "
+                f"{run.get('seconds', 0):>9.1f} {run.get('images_per_second', 0):>8.1f}  {device}" + note
             )
     return "\n".join(lines)

@@ -31,11 +31,10 @@ from .manifest import (
     RANK_DIR,
     SHARD_DIR,
     SHARD_SUFFIX,
-    STATS_DIR,
     cache_path,
+    implicit_source,
     load_samples,
     read_manifest,
-    recorded_source,
     settings_of,
     shard_path,
 )
@@ -270,12 +269,13 @@ def _name_cache(problems: list[Problem], cache: str) -> None:
 
 
 def _source_of(root: Path) -> str | None:
-    """The folder a cache was built from, when it still exists here."""
+    """The folder a cache was built from, when it still exists here (never a URL or a list file:
+    `implicit_source`)."""
     try:
-        found = recorded_source(read_manifest(root))
+        found = implicit_source(read_manifest(root))
     except DinocacheError:
-        return None  # the manifest's own problems are verify's to report
-    return found if found is not None and Path(found).is_dir() else None
+        return None  # the manifest's own problems are verify's to report; --source names the rest
+    return found if Path(found).is_dir() else None
 
 
 def _not_a_shard(path: Path) -> str | None:
@@ -382,6 +382,14 @@ def _verify_cache(
         report.problems += problems
         report.bytes_read += read
     report.samples += manifest["samples"]["count"]
+    if manifest["samples"]["count"] == 0:  # intact, but nothing a trainer can use: never a plain OK
+        failed = len(manifest["failures"])
+        report.add(
+            "empty",
+            "the cache holds no samples"
+            + (f": all {failed} image(s) failed (`dinocache keys --failed` lists why)" if failed else ""),
+            str(root / MANIFEST_NAME),
+        )
     table_ok = _check_samples(root, manifest, report)
     _check_extra_files(root, manifest, report)
     if source is not None and table_ok and report.ok:
@@ -483,7 +491,7 @@ def _check_listed_shard(
     model = manifest["model"]
     specs = layout.tensors(model["hidden_size"], model["num_registers"], grid)
     for problem in shard_tensor_problems(header.entries, specs, shard["rows"]) + shard_identity_problems(
-        header.metadata, bucket, grid
+        header.metadata, bucket, grid, manifest["format_version"]
     ):
         report.add(
             "layout",
@@ -596,14 +604,14 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
                 )
         except CacheError as exc:
             report.add("path", exc.message, norm["file"])
+    from .normstats import read_statistics_file
+
     stale = []
     for entry in manifest.get("statistics", []):
         try:
-            path = cache_path(root, entry["file"], STATS_DIR)
-            if not path.is_file() or sha256_file(path) != entry["sha256"]:
-                report.add("checksum", f"statistics {entry['file']} are missing or fail their sha256", entry["file"])
+            read_statistics_file(root, manifest, entry)  # the reader's own check
         except CacheError as exc:
-            report.add("path", exc.message, entry["file"])
+            report.add("statistics", exc.message, entry["file"])
         if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
             stale.append(f"{entry['file']} ({entry.get('flavour')})")
     if stale:  # one note, however many statistics files

@@ -54,6 +54,7 @@ def synthetic_cache(root: Path, n: int) -> None:
         "source_sha256": np.zeros((n, 32), np.uint8),
         "source_size": np.tile(np.array([[3024, 4032]], np.int32), (n, 1)),
         "box": np.tile(np.array([[0, 0, 3024, 4032]], np.int32), (n, 1)),
+        "placement": np.zeros(n, np.uint8),
     }
     assert set(columns) == set(COLUMNS)
     table = SampleTable(keys.reshape(-1), offsets, columns)
@@ -73,17 +74,17 @@ def synthetic_cache(root: Path, n: int) -> None:
             "compute_dtype": "bfloat16",
             "config": {},
         },
-        "preprocessing": {},
+        "preprocessing": {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resize": "stretch"},
         "storage": {"dtype": "bfloat16", "registers": False},
         "buckets": [
             {
                 "index": i,
-                "name": f"b{i}",
-                "width": 1024,
+                "name": f"{1024 - 16 * i}x1024",
+                "width": 1024 - 16 * i,
                 "height": 1024,
-                "input_width": 1024,
+                "input_width": 1024 - 16 * i,
                 "input_height": 1024,
-                "grid": [64, 64],
+                "grid": [64, 64 - i],
             }
             for i in range(7)
         ],
@@ -134,7 +135,7 @@ def measure(root: str) -> dict:
     t0 = time.perf_counter()
     for key in keys:
         i = cache.index_of(key)
-        _ = (int(cache._shard[i]), int(cache._row[i]))  # what a read needs: shard and row
+        _ = (int(cache._shard_col[i]), int(cache._row_col[i]))  # what a read needs: shard and row
     lookup_us = (time.perf_counter() - t0) / len(keys) * 1e6
     new = [cache.record(rng.randrange(n)) | {"key": f"new/{j:06d}.jpg"} for j in range(6000)]
     t0 = time.perf_counter()

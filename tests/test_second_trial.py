@@ -83,7 +83,7 @@ def test_nan_features_become_recorded_failures_not_cache_rows(tmp_path, tiny_mod
     result = extract(images, options(out, broken_model))
     assert result.processed == 0 and result.failures_this_run == {"nonfinite": 2}
     assert _failures(out) == {"a.png": "nonfinite", "b.png": "nonfinite"}
-    assert len(FeatureCache(out)) == 0 and verify_cache(out).ok
+    assert len(FeatureCache(out)) == 0 and [p.kind for p in verify_cache(out).problems] == ["empty"]  # intact, empty
     with pytest.raises(CacheError, match="holds no samples"):
         compute_statistics(out)
 

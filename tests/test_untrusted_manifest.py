@@ -51,6 +51,10 @@ JUNK = [
     nested(DEEP),
     "\udcff",
     "%s",
+    -7,  # issue 21: the hints a list row or tar header gave, and terminal escapes
+    1e20,
+    1e30,
+    "\x1b]0;pwned\x07\x1b[2J" * 1000,
 ]
 HUGE_INT = "9" * 5000  # beyond Python's int parsing limit: spliced into the text
 
