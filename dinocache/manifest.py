@@ -105,6 +105,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     """Load and check a manifest; errors name the cache and say what to do."""
     root = Path(root)
     path = root / MANIFEST_NAME
+    if root.exists() and not root.is_dir():  # e.g. the manifest.json itself, or an image
+        raise CacheError(
+            f"{root} is a file; a cache is the folder that holds manifest.json",
+            f"pass the folder: {root.parent if root.name == MANIFEST_NAME else 'the --out folder extract wrote'}",
+        )
     if not root.is_dir():
         raise CacheError(
             f"cache folder {root} does not exist",

@@ -267,3 +267,14 @@ def test_stats_histogram_and_runs(cache_dir):
     assert run["processed"] == 4 and run["images_per_second"] > 0
     human = runner.invoke(app, ["stats", str(cache_dir)]).output
     assert "source aspect ratio" in human and "img/s" in human and "2.00-4.00" in human
+
+
+def test_a_file_given_as_the_cache_is_named_as_a_file(tmp_path):
+    """From a newcomer trial: `stats cache/manifest.json` said the cache folder does not exist."""
+    from dinocache.errors import CacheError
+    from dinocache.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(CacheError) as info:
+        read_manifest(tmp_path / "manifest.json")
+    assert "is a file" in str(info.value) and info.value.hint == f"pass the folder: {tmp_path}"
