@@ -128,7 +128,7 @@ def schema_problems(manifest: Any) -> list[str]:
         return problems
     problems += _model_problems(manifest["model"])
     problems += _preprocessing_problems(manifest["preprocessing"])
-    problems += storage_problems(manifest["storage"])
+    problems += storage_problems(manifest["storage"], version)
     if problems:
         return problems
     problems += _bucket_problems(

@@ -19,6 +19,7 @@ from dinocache.plan import plan_extraction
 from dinocache.verify import verify_cache
 
 REPO = Path(__file__).resolve().parents[1]
+V2 = REPO / "tests" / "data" / "v2"
 BUCKETS = {"buckets": [[64, 64], [96, 48], [48, 96]]}
 
 
@@ -105,18 +106,31 @@ def format_example() -> str:
     [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)), Layout(flip=True, registers=True)],
     ids=["default", "pool2", "float8", "layers", "flip"],
 )
-def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, tiny_model_dir, layout):
-    cache = extract_with(images, tmp_path / "cache", tiny_model_dir, layout)
+def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, layout):
+    # A final LayerNorm with a real affine (tests/data/v2/model), so that normed differs from
+    # what format 3 stores and the example must apply weight and bias exactly as FeatureCache does.
+    extract_with(images, tmp_path / "cache", V2 / "model", layout)
+    assert_format_example_reads_like_feature_cache(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["v1/cache-v1", "v1/cache-v1-f8", "v2/cache-v2", "v2/cache-v2-f8"])
+def test_the_format_spec_example_reads_format_1_and_2_caches(name):
+    assert_format_example_reads_like_feature_cache(REPO / "tests" / "data" / name)
+
+
+def assert_format_example_reads_like_feature_cache(root: Path) -> None:
+    cache = FeatureCache(root)
     namespace: dict = {}
     exec(format_example(), namespace)  # noqa: S102 - the spec's own code, run as a stranger would
     for key in cache.keys():
-        theirs = namespace["read_sample"](str(tmp_path / "cache"), key)
+        theirs = namespace["read_sample"](str(root), key)
         ours = cache[key]
         names = {n for n, v in ours.items() if isinstance(v, torch.Tensor)}
         assert set(theirs) == names, key
         for name in names:
             assert theirs[name].shape == ours[name].shape, (key, name)
-            assert torch.equal(theirs[name].float(), ours[name].float()), (key, name)
+            assert theirs[name].dtype == ours[name].dtype, (key, name)
+            assert torch.equal(theirs[name], ours[name]), (key, name)
 
 
 def test_a_format_1_cache_still_reads(tmp_path):
@@ -162,4 +176,4 @@ def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
         extract(data / "images", options)
     options.overwrite = True
     result = extract(data / "images", options)
-    assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 2
+    assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 3
