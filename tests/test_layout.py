@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_scene, token_cosine
@@ -138,6 +139,8 @@ def test_a_format_1_cache_still_reads(tmp_path):
     raw tensors of its shards."""
     from safetensors import safe_open
 
+    from dinocache.errors import CacheError
+
     for name in ("cache-v1", "cache-v1-f8"):
         root = REPO / "tests" / "data" / "v1" / name
         assert verify_cache(root).ok, verify_cache(root).messages()
@@ -148,11 +151,54 @@ def test_a_format_1_cache_still_reads(tmp_path):
             shard = cache.manifest["shards"][record["shard"]]
             bucket = cache.manifest["buckets"][record["bucket"]]
             with safe_open(str(root / shard["file"]), "pt") as fh:
+                names = set(fh.keys())
                 raw = fh.get_tensor("patches")[record["row"]].float()
                 if "patches_scale" in fh.keys():
                     raw = raw * fh.get_tensor("patches_scale")[record["row"]]
             assert torch.equal(cache[key]["patches"].float().reshape(raw.shape), raw)
+            assert cache[key]["patches"].dtype == (torch.float32 if "patches_scale" in names else torch.bfloat16)
             assert cache[key]["grid"] == tuple(bucket["stored_grid"])
+        for flavour in ("ln_noaffine", "prenorm"):  # format 1 records no final norm: refused, as before
+            with pytest.raises(CacheError, match="rebuild"):
+                FeatureCache(root, flavour=flavour)
+
+
+@pytest.mark.parametrize("name", ["cache-v2", "cache-v2-f8"])
+def test_a_format_2_cache_reads_every_flavour_as_before(name):
+    """tests/data/v2 was written by dinocache at 3d7826d (format 2: the normed tokens themselves),
+    which also saved what its FeatureCache read for every key, flavour and feature
+    (tests/data/v2/generate.py). Both read paths (the batch gather and norm-stats' _read) must
+    give the same tensors, dtype included."""
+    from safetensors.torch import load_file
+
+    from dinocache.errors import CacheError
+
+    root = V2 / name
+    assert verify_cache(root).ok, verify_cache(root).messages()
+    expected = load_file(str(V2 / f"expected-{name}.safetensors"))
+    compared = set()
+    for flavour in ("normed", "ln_noaffine", "prenorm"):
+        if not any(k.startswith(flavour + "|") for k in expected):
+            with pytest.raises(CacheError, match="--pool"):
+                FeatureCache(root, flavour=flavour)
+            continue
+        cache = FeatureCache(root, flavour=flavour)
+        assert cache.manifest["format_version"] == 2 and cache.layout.normed_values == "normed"
+        for item in cache.__getitems__(list(range(len(cache)))):
+            for feature, value in item.items():
+                if isinstance(value, torch.Tensor):
+                    want = expected[f"{flavour}|{item['key']}|{feature}"]
+                    assert value.dtype == want.dtype and torch.equal(value, want), (flavour, feature)
+                    compared.add(f"{flavour}|{item['key']}|{feature}")
+        for shard_index in range(len(cache.manifest["shards"])):
+            keys = [k for k in cache.keys() if cache.record(k)["shard"] == shard_index]
+            rows = np.array([cache.record(k)["row"] for k in keys])
+            read = cache._read(cache._handle(shard_index), shard_index, rows, set(cache.layout.views()))
+            for j, key in enumerate(keys):
+                for feature, value in read.items():
+                    want = expected[f"{flavour}|{key}|{feature}"]
+                    assert value.dtype == want.dtype and torch.equal(value[j], want), (flavour, feature)
+    assert compared == set(expected)
 
 
 def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
