@@ -104,8 +104,16 @@ def format_example() -> str:
 
 @pytest.mark.parametrize(
     "layout",
-    [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)), Layout(flip=True, registers=True)],
-    ids=["default", "pool2", "float8", "layers", "flip"],
+    [
+        Layout(),
+        Layout(pool=2),
+        Layout(dtype="float8_e4m3fn"),
+        Layout(dtype="float16"),
+        Layout(dtype="float32"),
+        Layout(layers=(1, 2)),
+        Layout(flip=True, registers=True),
+    ],
+    ids=["default", "pool2", "float8", "float16", "float32", "layers", "flip"],
 )
 def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, layout):
     # A final LayerNorm with a real affine (tests/data/v2/model), so that normed differs from
