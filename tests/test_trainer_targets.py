@@ -355,3 +355,19 @@ def test_ln_noaffine_keeps_the_storage_precision(images, tmp_path, storage):
     assert errors["prenorm"] <= 1.01 * errors["stored z"], errors
     if storage != "float8_e4m3fn":  # float8 reads back in float32, so normed is not rounded again
         assert errors["ln_noaffine"] <= errors["normed"], errors
+
+
+def test_verify_recompute_compares_what_each_format_stores(images, tmp_path, affine_model_dir, monkeypatch):
+    """Format 3 stores the norm without its affine, formats 1-2 the normed tokens: --recompute
+    must compare like with like (with a real affine, z and normed are far apart)."""
+    from pathlib import Path
+
+    out = tmp_path / "cache"
+    run(images, out, affine_model_dir, keep_registers=True, flip=True)
+    report = verify_cache(out, source=images, recompute=3, device="cpu")
+    assert report.ok and report.recomputed == 3, report.messages()
+    data = Path(__file__).parent / "data"
+    monkeypatch.chdir(data / "v2")  # its manifest names the model "model"
+    for name in ("cache-v2", "cache-v2-f8"):
+        report = verify_cache(data / "v2" / name, source=data / "v1" / "images", recompute=3, device="cpu")
+        assert report.recomputed == 3 and not [m for m in report.messages() if "recompute" in m], report.messages()
