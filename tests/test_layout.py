@@ -209,6 +209,52 @@ def test_a_format_2_cache_reads_every_flavour_as_before(name):
     assert compared == set(expected)
 
 
+def test_format_2_orphan_shards_are_not_adopted_into_a_format_3_cache(tmp_path, monkeypatch):
+    """A format-2 shard of the very same settings holds normed tokens where format 3 holds z:
+    a run must recompute its rows rather than adopt it."""
+    import shutil
+
+    monkeypatch.chdir(V2)  # tests/data/v2's manifests name the model "model"
+    new = tmp_path / "new"
+    (new / "shards").mkdir(parents=True)
+    for shard in (V2 / "cache-v2" / "shards").iterdir():  # as if a crashed run had left them
+        shutil.copy(shard, new / "shards" / shard.name)
+    options = ExtractOptions(
+        out=new,
+        buckets=parse_bucket_config({"buckets": [[64, 64], [96, 48]]}),
+        model="model",
+        workers=0,
+        progress=False,
+        dtype="float32",
+        keep_registers=True,
+        layers=(1,),
+        flip=True,
+    )
+    result = extract(REPO / "tests" / "data" / "v1" / "images", options)
+    assert result.shards_adopted == 0 and result.processed == 3
+    assert {p.kind for p in verify_cache(new).problems} == {"unlisted_shard"}
+
+
+def test_a_format_3_manifest_must_say_what_its_normed_features_hold(tmp_path):
+    """Without storage.normed_values a reader would take z for normed: a format-3 manifest that
+    lacks it (here a format-2 cache relabelled) is refused, and formats 1-2 may not carry it."""
+    import shutil
+
+    from dinocache.errors import CacheError
+    from dinocache.layout import storage_problems
+
+    shutil.copytree(V2 / "cache-v2", tmp_path / "cache")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    manifest["format_version"] = 3
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="normed_values"):
+        FeatureCache(tmp_path / "cache")
+    record = Layout().record()
+    assert storage_problems(record, 3) == [] and record["normed_values"] == "ln_noaffine"
+    assert storage_problems({**record, "normed_values": "prenorm"}, 3)
+    assert storage_problems(record, 2) and storage_problems(manifest["storage"], 2) == []
+
+
 def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
     import shutil
 
