@@ -212,18 +212,15 @@ def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, affine_model_di
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # a read-only map, on purpose
 @pytest.mark.parametrize("step", [1 << 20, 100, 50, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("threads", [False, True])
-def test_affine_rows_is_weight_times_z_plus_bias_for_any_step(tmp_path, monkeypatch, step, dtype, threads):
+def test_affine_rows_is_weight_times_z_plus_bias_for_any_step(tmp_path, monkeypatch, step, dtype):
     """reader.affine_rows (the normed flavour's batch path) against the formula, whether a step
-    holds all rows, one row, or part of a row (4 rows of 5 tokens x 16 channels), on one thread
-    or split across the gather threads, gathering from a read-only map that it must never write,
-    into non-contiguous batch slots."""
+    holds all rows, one row, or part of a row (4 rows of 5 tokens x 16 channels), gathering from
+    a read-only map that it must never write, into non-contiguous batch slots."""
     import numpy as np
 
     from dinocache import reader
 
     monkeypatch.setattr(reader, "AFFINE_STEP", step)
-    monkeypatch.setattr(reader, "PARALLEL_BYTES", 0 if threads else 1 << 30)
     torch.manual_seed(0)
     z = torch.randn(6, 5, 16).to(dtype)
     weight, bias = torch.rand(16) + 0.05, torch.randn(16)
