@@ -461,15 +461,15 @@ class FeatureCache(Dataset):
         self._shard_col, self._row_col, self._bucket_col = (self.table.columns[n] for n in ("shard", "row", "bucket"))
 
 
-AFFINE_STEP = 1 << 17  # float32 elements per step of affine_rows: a 512 KB buffer stays in the L2 cache
+AFFINE_STEP = 32767  # float32 elements per step of affine_rows: under torch's grain, so one thread per op
 
 
 def affine_rows(source: torch.Tensor, rows: np.ndarray, dest: torch.Tensor, local: np.ndarray, weight, bias) -> None:
     """dest[local[i]] = weight * source[rows[i]] + bias, computed in float32 a step at a time in
     one cache-resident buffer and rounded once into dest, with no batch-sized float32 temporary.
-    About 3 GB/s of bf16 per core on the EPYC (docs/PERFORMANCE.md); torch.addcmul over a whole
-    bf16 batch ran at 0.7 GB/s (mixed dtypes take torch's scalar path). Values equal
-    flavours.apply_flavour's."""
+    Steps stay under torch's parallel grain: on busy cores its OpenMP teams stalled single-item
+    reads 30x (docs/PERFORMANCE.md). torch.addcmul over a whole bf16 batch ran at 0.7 GB/s
+    (mixed dtypes take torch's scalar path). Values equal flavours.apply_flavour's."""
     dim = source.shape[-1]
     src = source.reshape(source.shape[0], -1, dim)  # [N, tokens, D]
     out = dest.view(dest.shape[0], -1, dim)
@@ -483,11 +483,12 @@ def affine_rows(source: torch.Tensor, rows: np.ndarray, dest: torch.Tensor, loca
         return
     step = max(1, AFFINE_STEP // dim)  # tokens per step of one row
     buffer = torch.empty(min(step, tokens), dim)
+    last = buffer[: tokens % step or step]
     for row, slot in zip(rows.tolist(), local.tolist()):
-        for start in range(0, tokens, step):
-            part = buffer[: min(step, tokens - start)]
-            part.copy_(src[row, start : start + step])  # converts; reads the map, never writes it
-            out[slot, start : start + step].copy_(affine(part, weight, bias))
+        for part, target in zip(src[row].split(step), out[slot].split(step)):
+            work = buffer if len(part) == len(buffer) else last
+            work.copy_(part)  # converts; reads the map, never writes it
+            target.copy_(affine(work, weight, bias))
 
 
 def _mapped(file: SafetensorsFile, name: str) -> torch.Tensor:
