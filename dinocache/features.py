@@ -36,7 +36,10 @@ def normed_values(tokens: Tokens, prenorm: torch.Tensor, layout: Layout, eps: fl
     affine, computed from its float32 input `prenorm` (format 3), or with it (formats 1 and 2)."""
     if layout.normed_values == "normed":
         return tokens.normed
-    return F.layer_norm(prenorm, (prenorm.shape[-1],), eps=eps)
+    z = F.layer_norm(prenorm, (prenorm.shape[-1],), eps=eps)
+    # A token whose normed output is not finite (a damaged norm weight, a float16 overflow) is
+    # marked so, and its image becomes a recorded failure, as when normed itself was stored.
+    return z.masked_fill(~torch.isfinite(tokens.normed), float("nan"))
 
 
 def feature_tensors(

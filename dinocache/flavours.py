@@ -7,8 +7,9 @@ read from one cache (the stored tokens + the final LayerNorm's weight and bias +
                   z * std + mean, with each token's (mean, std) from `NAME_lnstats`
 
 A format-3 cache stores z (`storage.normed_values` "ln_noaffine"), so each flavour keeps the
-storage dtype's relative precision: normed's rounding error is scaled by |weight|. Formats 1
-and 2 store normed; z is then (normed - bias) / weight, whose error grows with 1 / |weight|.
+storage dtype's relative precision (normed's rounding error is |weight| times z's). Formats 1
+and 2 store normed; z is then (normed - bias) / weight, whose error is the dtype's precision
+times |z + bias / weight| rather than |z|: large where the bias is large against the weight.
 
 They apply to the normed features (cls, registers, patches and their `_flip` views); layer
 outputs (`--layers`) are already before any final norm and are returned as stored.
@@ -41,8 +42,7 @@ def flavour_problem(flavour: str, stored: str, has_norm: bool, has_stats: bool, 
 def in_float32(flavour: str, stored: str) -> bool:
     """Whether `flavour` comes back in float32 rather than the storage dtype when no dtype is asked
     for: prenorm (rescaled by each token's statistics; its range is not bounded like a normed
-    token's) and anything divided by the norm's weight (formats 1 and 2: rounding it again would
-    add to an error already amplified by 1 / |weight|)."""
+    token's) and anything divided by the norm's weight (formats 1 and 2, as they always did)."""
     return flavour == "prenorm" or (flavour != stored and stored == "normed")
 
 

@@ -17,7 +17,7 @@ and a view V ("" or "_flip"):
 The normed features hold the final LayerNorm's output without its affine (`ln_noaffine`, unit
 variance per token; format 3): rounding then costs every flavour the storage dtype's own
 relative precision, where storing `normed` = weight * z + bias (formats 1 and 2) made
-`(normed - bias) / weight` lose it at channels with a small weight.
+`(normed - bias) / weight` lose it at channels whose bias is large against their weight.
 """
 
 from __future__ import annotations
