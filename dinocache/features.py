@@ -1,6 +1,7 @@
 """From pixels to the named feature tensors a shard stores (one place, used by extract and by
-verify --recompute, so both apply the same layout): forward, token split, final-norm statistics,
---pool, --layers, and the mirrored view for --flip. Names follow layout.py."""
+verify --recompute, so both apply the same layout): forward, token split, the final norm without
+its affine (what format 3 stores), final-norm statistics, --pool, --layers, and the mirrored view
+for --flip. Names follow layout.py."""
 
 from __future__ import annotations
 
@@ -30,18 +31,28 @@ def token_stats(prenorm: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.stack([mean, torch.sqrt(var + eps)], dim=-1)
 
 
+def normed_values(tokens: Tokens, prenorm: torch.Tensor, layout: Layout, eps: float) -> torch.Tensor:
+    """What the layout stores for the final-norm tokens: the final LayerNorm's output without its
+    affine, computed from its float32 input `prenorm` (format 3), or with it (formats 1 and 2)."""
+    if layout.normed_values == "normed":
+        return tokens.normed
+    z = F.layer_norm(prenorm, (prenorm.shape[-1],), eps=eps)
+    # A token whose normed output is not finite (a damaged norm weight, a float16 overflow) is
+    # marked so, and its image becomes a recorded failure, as when normed itself was stored.
+    return z.masked_fill(~torch.isfinite(tokens.normed), float("nan"))
+
+
 def feature_tensors(
     tokens: Tokens, num_registers: int, grid: tuple[int, int], layout: Layout, eps: float
 ) -> dict[str, torch.Tensor]:
     """Named [B, ...] tensors of one view: cls, patches (pooled), registers (if kept), their
     `_lnstats` (if the layout keeps them), and layer{k}_cls / layer{k}_patches (not normed)."""
-    cls, registers, patches = split_tokens(tokens.normed, num_registers, grid)
+    prenorm = tokens.prenorm.float()  # once, for the stored values and the statistics
+    cls, registers, patches = split_tokens(normed_values(tokens, prenorm, layout, eps), num_registers, grid)
     values = {"cls": cls, "patches": pool_patches(patches, grid, layout.pool), "registers": registers}
     stats = None
     if layout.ln_stats:
-        stats = dict(
-            zip(("cls", "registers", "patches"), split_tokens(token_stats(tokens.prenorm, eps), num_registers, grid))
-        )
+        stats = dict(zip(("cls", "registers", "patches"), split_tokens(token_stats(prenorm, eps), num_registers, grid)))
     out = {}
     for feature in layout.features():
         if feature.name in values:

@@ -12,7 +12,12 @@ and a view V ("" or "_flip"):
     F + V + "_scale"    float32 [N]: one scale per row, for scaled (float8) storage
     F + V + "_lnstats"  float32 [N, tokens, 2]: per token (mean, std) of the final LayerNorm's
                         input, for the normed features (cls, registers, patches), so that the
-                        `ln_noaffine` and `prenorm` flavours can be derived from one cache
+                        `prenorm` flavour can be derived from one cache
+
+The normed features hold the final LayerNorm's output without its affine (`ln_noaffine`, unit
+variance per token; format 3): rounding then costs every flavour the storage dtype's own
+relative precision, where storing `normed` = weight * z + bias (formats 1 and 2) made
+`(normed - bias) / weight` lose it at channels whose bias is large against their weight.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ STORAGE_DTYPES: dict[str, StorageDtype] = {
         StorageDtype("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", 1, True, max_abs=448.0),
     )
 }
+NORMED_VALUES = ("normed", "ln_noaffine")  # what the normed features hold: formats 1-2 / format 3
 COMPANION_CODE = "F32"  # `_scale` and `_lnstats` tensors
 COMPANION_ITEMSIZE = 4
 VIEWS = ("", "_flip")
@@ -108,6 +114,7 @@ class Layout:
     layers: tuple[int, ...] = ()
     flip: bool = False
     ln_stats: bool = True
+    normed_values: str = "ln_noaffine"  # the flavour stored for the normed features
 
     @property
     def storage(self) -> StorageDtype:
@@ -161,12 +168,13 @@ class Layout:
             "scaled": self.storage.scaled,
             "flip": self.flip,
             "ln_stats": self.ln_stats,
+            "normed_values": self.normed_values,
         }
 
     @classmethod
     def from_record(cls, storage: dict) -> "Layout":
         """From a manifest's (or shard's) `storage` section, already schema-checked. Version 1
-        caches have no `flip` and no `ln_stats`."""
+        caches have no `flip` and no `ln_stats`; versions 1 and 2 no `normed_values` (they store normed)."""
         return cls(
             dtype=storage["dtype"],
             registers=storage["registers"],
@@ -174,11 +182,12 @@ class Layout:
             layers=tuple(storage.get("layers", [])),
             flip=storage.get("flip", False),
             ln_stats=storage.get("ln_stats", False),
+            normed_values=storage.get("normed_values", "normed"),
         )
 
 
-def storage_problems(storage: Any) -> list[str]:
-    """Schema of a `storage` section (manifest or shard metadata)."""
+def storage_problems(storage: Any, version: int = FORMAT_VERSION) -> list[str]:
+    """Schema of a `storage` section (manifest or shard metadata) of a cache of format `version`."""
     if not isinstance(storage, dict):
         return ["storage is not an object"]
     problems = []
@@ -203,6 +212,11 @@ def storage_problems(storage: Any) -> list[str]:
         and storage["scaled"] != STORAGE_DTYPES[storage["dtype"]].scaled
     ):
         problems.append("storage.scaled disagrees with storage.dtype")
+    # Format 3 says what its normed features hold; older formats hold normed and do not say.
+    if version >= 3 and storage.get("normed_values") not in NORMED_VALUES:
+        problems.append(f"storage.normed_values must be one of {', '.join(NORMED_VALUES)}")
+    if version < 3 and "normed_values" in storage:
+        problems.append(f"storage.normed_values is not a field of format {version}")
     return problems
 
 
@@ -289,9 +303,9 @@ def shard_file_bytes(specs: dict[str, TensorSpec], rows: int, metadata: dict[str
 class ShardMeta:
     version: int
     bucket_name: str
-    bucket: dict | None  # the bucket record (version 2)
+    bucket: dict | None  # the bucket record (version 2 on)
     grid: tuple[int, int]
-    settings: dict | None  # model, preprocessing, storage (version 2)
+    settings: dict | None  # model, preprocessing, storage (version 2 on)
     samples: list = field(default_factory=list)
 
 
@@ -325,10 +339,10 @@ def parse_shard_metadata(meta: dict[str, str]) -> ShardMeta:
         isinstance(settings.get(k), dict) for k in ("model", "preprocessing", "storage")
     ):
         raise ValueError("metadata settings lack model, preprocessing or storage")
-    problems = storage_problems(settings["storage"])
+    problems = storage_problems(settings["storage"], int(version))
     if problems:
         raise ValueError("metadata settings: " + "; ".join(problems))
-    return ShardMeta(2, bucket["name"], bucket, grid, settings, samples)
+    return ShardMeta(int(version), bucket["name"], bucket, grid, settings, samples)
 
 
 def shard_identity_problems(

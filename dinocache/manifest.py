@@ -160,7 +160,7 @@ def schema_problems(manifest: Any) -> list[str]:
             f"format_version is {_show(version)}; this dinocache reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer dinocache wrote it? upgrade)"
         ]
-    problems = settings_problems(manifest)
+    problems = settings_problems(manifest, version)
     for key, kind in (("shards", list), ("samples", dict), ("failures", list), ("runs", list)):
         if not isinstance(manifest.get(key, [] if key == "runs" else None), kind):
             problems.append(f"'{key}' is missing or not {'an object' if kind is dict else 'a list'}")
@@ -201,8 +201,9 @@ def schema_problems(manifest: Any) -> list[str]:
     return problems
 
 
-def settings_problems(settings: Any) -> list[str]:
-    """The settings sections (model, preprocessing, storage, buckets) of a manifest or a rank report."""
+def settings_problems(settings: Any, version: int = FORMAT_VERSION) -> list[str]:
+    """The settings sections (model, preprocessing, storage, buckets) of a manifest or a rank
+    report, of a cache of format `version` (a rank report: this dinocache's)."""
     if not isinstance(settings, dict):
         return ["settings are not an object"]
     problems = [
@@ -214,7 +215,7 @@ def settings_problems(settings: Any) -> list[str]:
         return problems
     problems += _model_problems(settings["model"])
     problems += _preprocessing_problems(settings["preprocessing"])
-    problems += storage_problems(settings["storage"])
+    problems += storage_problems(settings["storage"], version)
     if problems:
         return problems
     return _bucket_problems(settings["buckets"], settings["model"]["patch_size"], settings["storage"].get("pool", 1))

@@ -2,8 +2,8 @@
 Nothing here imports anything, so the CLI can start without torch."""
 
 FORMAT_NAME = "dinocache"
-FORMAT_VERSION = 2  # bumped whenever a reader of the previous version would misread a cache
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # bumped whenever a reader of the previous version would misread a cache
+READABLE_VERSIONS = (1, 2, 3)
 
 DEFAULT_OUT = "dinocache_out"
 MANIFEST_NAME = "manifest.json"

@@ -506,7 +506,7 @@ def _check_listed_shard(
     except ValueError as exc:
         report.add("metadata", f"shard {name}: {exc}", name)
         return
-    if meta.version == 2 and manifest["format_version"] == 2:
+    if meta.version >= 2 and manifest["format_version"] >= 2:
         wanted = {k: settings_of(manifest)[k] for k in ("model", "preprocessing", "storage")}
         if meta.settings != wanted or meta.bucket != bucket:
             report.add(
@@ -685,7 +685,7 @@ def _recompute(
         prep.image_mean,
         prep.image_std,
     )
-    cache = FeatureCache(root)
+    cache = FeatureCache(root, flavour=layout.normed_values)  # the stored values, as stored_features computes them
     reader = SourceReader(source, follow_symlinks)
     picks = sorted(random.Random(seed).sample(range(len(table)), min(count, len(table))))
     for i in picks:
@@ -759,7 +759,7 @@ def _verify_loose(paths: list[Path], report: VerifyReport, check_values: bool, s
             report.add("metadata", f"{name}: {exc}", name)
             continue
         num_buckets = None
-        if meta.version == 2:
+        if meta.version >= 2:
             layout = Layout.from_record(meta.settings["storage"])
             model = meta.settings["model"]
             grid = stored_grid(meta.bucket.get("grid", [0, 0]), layout.pool)

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinocache.index import COLUMNS, SampleTable  # noqa: E402
+from dinocache.layout import Layout  # noqa: E402
 from dinocache.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest  # noqa: E402
 
 ROWS_PER_SHARD = 60  # ViT-L/16 at 1024x1024 in a 512 MB shard
@@ -75,7 +76,7 @@ def synthetic_cache(root: Path, n: int) -> None:
             "config": {},
         },
         "preprocessing": {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resize": "stretch"},
-        "storage": {"dtype": "bfloat16", "registers": False},
+        "storage": Layout().record(),
         "buckets": [
             {
                 "index": i,

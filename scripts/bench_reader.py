@@ -16,6 +16,7 @@ by a simulated object-store reader that caches 4 whole shards locally (LRU), for
 shuffle vs BucketBatchSampler(shard_window=4).
 
     python scripts/bench_reader.py                 # 1.5 MB and 0.4 MB samples
+    python scripts/bench_reader.py --cases 1.5MB --samples 600 --flavour ln_noaffine
 """
 
 from __future__ import annotations
@@ -116,12 +117,12 @@ def raw_read_batches(root: Path, batch_bytes: int, buffers: int = 4) -> tuple[fl
     return time.perf_counter() - began, total
 
 
-def per_item(root: Path, limit: int) -> tuple[float, int, int]:
+def per_item(root: Path, limit: int, flavour: str = "normed") -> tuple[float, int, int]:
     import random
 
     from dinocache import FeatureCache
 
-    cache = FeatureCache(root)
+    cache = FeatureCache(root, flavour=flavour)
     order = list(range(len(cache)))
     random.Random(0).shuffle(order)
     order = order[:limit]
@@ -129,16 +130,16 @@ def per_item(root: Path, limit: int) -> tuple[float, int, int]:
     began = time.perf_counter()
     for i in order:
         item = cache[i]
-        total += item["cls"].numel() * 2 + item["patches"].numel() * 2
+        total += sample_bytes(item)
     return time.perf_counter() - began, total, len(order)
 
 
-def loader(root: Path, workers: int, batch_size: int, limit: int) -> tuple[float, int, int]:
+def loader(root: Path, workers: int, batch_size: int, limit: int, flavour: str = "normed") -> tuple[float, int, int]:
     from torch.utils.data import DataLoader
 
     from dinocache import BucketBatchSampler, FeatureCache, collate_features
 
-    cache = FeatureCache(root)
+    cache = FeatureCache(root, flavour=flavour)
     sampler = BucketBatchSampler(cache, batch_size=batch_size, seed=0)
     dl = DataLoader(
         cache,
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--samples", type=int, default=None, help="samples per case (default: the case's)")
+    parser.add_argument("--flavour", default="normed", help="what the item and loader rows read")
     args = parser.parse_args()
     cpu = next(
         (
@@ -204,11 +207,15 @@ def main() -> None:
         ),
         "unknown CPU",
     )
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; batch {args.batch_size}; warm page cache; best of {args.repeats}")
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} cores; batch {args.batch_size}; warm page cache; best of {args.repeats}; "
+        f"flavour {args.flavour}"
+    )
     rows = []
     for name in args.cases:
         arch, side, samples, _ = CASES[name]
-        root = args.work / f"cache-{name}"
+        samples = args.samples or samples
+        root = args.work / f"cache-{name}-{samples}"
         if not (root / "manifest.json").exists():
             print(f"building {root} ...", flush=True)
             build_cache(root, arch, side, samples)
@@ -223,11 +230,11 @@ def main() -> None:
             row["raw_gbps"] = max(row["raw_gbps"], total / seconds / 1e9)
             seconds, total = raw_read_batches(root, batch_bytes)
             row["raw_batches_gbps"] = max(row["raw_batches_gbps"], total / seconds / 1e9)
-            seconds, total, n = per_item(root, 2000)
+            seconds, total, n = per_item(root, 2000, args.flavour)
             row["item_gbps"] = max(row["item_gbps"], total / seconds / 1e9)
             row["item_samples_s"] = max(row["item_samples_s"], n / seconds)
             for workers in (0, 1, 2):
-                seconds, total, n = loader(root, workers, args.batch_size, samples)
+                seconds, total, n = loader(root, workers, args.batch_size, samples, args.flavour)
                 row[f"loader{workers}_gbps"] = max(row[f"loader{workers}_gbps"], total / seconds / 1e9)
                 row[f"loader{workers}_samples_s"] = max(row[f"loader{workers}_samples_s"], n / seconds)
         row["loader0_vs_raw"] = row["loader0_gbps"] / row["raw_gbps"]

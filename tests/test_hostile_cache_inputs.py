@@ -19,6 +19,7 @@ from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.errors import CacheError, DinocacheError
 from dinocache.extract import extract
 from dinocache.manifest import read_manifest, write_manifest
+from dinocache.names import FORMAT_VERSION
 from dinocache.state import CacheState, merge_cache
 
 BUCKETS = {"buckets": [[64, 64], [96, 48]]}
@@ -664,13 +665,13 @@ def _share_a_row(arrays):
 @pytest.mark.parametrize(
     "tamper",
     [
-        lambda w: rewrite_shard_metadata(w, format_version="3"),
+        lambda w: rewrite_shard_metadata(w, format_version=str(FORMAT_VERSION + 1)),  # a future version
         lambda w: rewrite_shard_metadata(w, format="notdino"),
-        lambda w: rewrite_shard_metadata(w, format_version="1"),  # a version-1 shard in a version-2 cache
+        lambda w: rewrite_shard_metadata(w, format_version="1"),  # a version-1 shard in a current cache
         lambda w: rewrite_table_rows(w, _swap_first_keys),
         lambda w: rewrite_table_rows(w, _share_a_row),
     ],
-    ids=["shard format_version 3", "shard format notdino", "shard of version 1", "unsorted keys", "shared row"],
+    ids=["shard of a future version", "shard format notdino", "shard of version 1", "unsorted keys", "shared row"],
 )
 def test_the_reader_refuses_what_format_md_says_a_reader_must(cache, tmp_path, tamper):
     from dinocache import FeatureCache

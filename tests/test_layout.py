@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_scene, token_cosine
@@ -19,6 +20,7 @@ from dinocache.plan import plan_extraction
 from dinocache.verify import verify_cache
 
 REPO = Path(__file__).resolve().parents[1]
+V2 = REPO / "tests" / "data" / "v2"
 BUCKETS = {"buckets": [[64, 64], [96, 48], [48, 96]]}
 
 
@@ -102,27 +104,50 @@ def format_example() -> str:
 
 @pytest.mark.parametrize(
     "layout",
-    [Layout(), Layout(pool=2), Layout(dtype="float8_e4m3fn"), Layout(layers=(1, 2)), Layout(flip=True, registers=True)],
-    ids=["default", "pool2", "float8", "layers", "flip"],
+    [
+        Layout(),
+        Layout(pool=2),
+        Layout(dtype="float8_e4m3fn"),
+        Layout(dtype="float16"),
+        Layout(dtype="float32"),
+        Layout(layers=(1, 2)),
+        Layout(flip=True, registers=True),
+    ],
+    ids=["default", "pool2", "float8", "float16", "float32", "layers", "flip"],
 )
-def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, tiny_model_dir, layout):
-    cache = extract_with(images, tmp_path / "cache", tiny_model_dir, layout)
+def test_the_format_spec_example_reads_what_feature_cache_reads(images, tmp_path, layout):
+    # A final LayerNorm with a real affine (tests/data/v2/model), so that normed differs from
+    # what format 3 stores and the example must apply weight and bias exactly as FeatureCache does.
+    extract_with(images, tmp_path / "cache", V2 / "model", layout)
+    assert_format_example_reads_like_feature_cache(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["v1/cache-v1", "v1/cache-v1-f8", "v2/cache-v2", "v2/cache-v2-f8"])
+def test_the_format_spec_example_reads_format_1_and_2_caches(name):
+    assert_format_example_reads_like_feature_cache(REPO / "tests" / "data" / name)
+
+
+def assert_format_example_reads_like_feature_cache(root: Path) -> None:
+    cache = FeatureCache(root)
     namespace: dict = {}
     exec(format_example(), namespace)  # noqa: S102 - the spec's own code, run as a stranger would
     for key in cache.keys():
-        theirs = namespace["read_sample"](str(tmp_path / "cache"), key)
+        theirs = namespace["read_sample"](str(root), key)
         ours = cache[key]
         names = {n for n, v in ours.items() if isinstance(v, torch.Tensor)}
         assert set(theirs) == names, key
         for name in names:
             assert theirs[name].shape == ours[name].shape, (key, name)
-            assert torch.equal(theirs[name].float(), ours[name].float()), (key, name)
+            assert theirs[name].dtype == ours[name].dtype, (key, name)
+            assert torch.equal(theirs[name], ours[name]), (key, name)
 
 
 def test_a_format_1_cache_still_reads(tmp_path):
     """tests/data/v1 was written by dinocache 0.1.0: it reads, verifies, and its values are the
     raw tensors of its shards."""
     from safetensors import safe_open
+
+    from dinocache.errors import CacheError
 
     for name in ("cache-v1", "cache-v1-f8"):
         root = REPO / "tests" / "data" / "v1" / name
@@ -134,11 +159,100 @@ def test_a_format_1_cache_still_reads(tmp_path):
             shard = cache.manifest["shards"][record["shard"]]
             bucket = cache.manifest["buckets"][record["bucket"]]
             with safe_open(str(root / shard["file"]), "pt") as fh:
+                names = set(fh.keys())
                 raw = fh.get_tensor("patches")[record["row"]].float()
                 if "patches_scale" in fh.keys():
                     raw = raw * fh.get_tensor("patches_scale")[record["row"]]
             assert torch.equal(cache[key]["patches"].float().reshape(raw.shape), raw)
+            assert cache[key]["patches"].dtype == (torch.float32 if "patches_scale" in names else torch.bfloat16)
             assert cache[key]["grid"] == tuple(bucket["stored_grid"])
+        for flavour in ("ln_noaffine", "prenorm"):  # format 1 records no final norm: refused, as before
+            with pytest.raises(CacheError, match="rebuild"):
+                FeatureCache(root, flavour=flavour)
+
+
+@pytest.mark.parametrize("name", ["cache-v2", "cache-v2-f8"])
+def test_a_format_2_cache_reads_every_flavour_as_before(name):
+    """tests/data/v2 was written by dinocache at 3d7826d (format 2: the normed tokens themselves),
+    which also saved what its FeatureCache read for every key, flavour and feature
+    (tests/data/v2/generate.py). Both read paths (the batch gather and norm-stats' _read) must
+    give the same tensors, dtype included."""
+    from safetensors.torch import load_file
+
+    from dinocache.errors import CacheError
+
+    root = V2 / name
+    assert verify_cache(root).ok, verify_cache(root).messages()
+    expected = load_file(str(V2 / f"expected-{name}.safetensors"))
+    compared = set()
+    for flavour in ("normed", "ln_noaffine", "prenorm"):
+        if not any(k.startswith(flavour + "|") for k in expected):
+            with pytest.raises(CacheError, match="--pool"):
+                FeatureCache(root, flavour=flavour)
+            continue
+        cache = FeatureCache(root, flavour=flavour)
+        assert cache.manifest["format_version"] == 2 and cache.layout.normed_values == "normed"
+        for item in cache.__getitems__(list(range(len(cache)))):
+            for feature, value in item.items():
+                if isinstance(value, torch.Tensor):
+                    want = expected[f"{flavour}|{item['key']}|{feature}"]
+                    assert value.dtype == want.dtype and torch.equal(value, want), (flavour, feature)
+                    compared.add(f"{flavour}|{item['key']}|{feature}")
+        for shard_index in range(len(cache.manifest["shards"])):
+            keys = [k for k in cache.keys() if cache.record(k)["shard"] == shard_index]
+            rows = np.array([cache.record(k)["row"] for k in keys])
+            read = cache._read(cache._handle(shard_index), shard_index, rows, set(cache.layout.views()))
+            for j, key in enumerate(keys):
+                for feature, value in read.items():
+                    want = expected[f"{flavour}|{key}|{feature}"]
+                    assert value.dtype == want.dtype and torch.equal(value[j], want), (flavour, feature)
+    assert compared == set(expected)
+
+
+def test_format_2_orphan_shards_are_not_adopted_into_a_format_3_cache(tmp_path, monkeypatch):
+    """A format-2 shard of the very same settings holds normed tokens where format 3 holds z:
+    a run must recompute its rows rather than adopt it."""
+    import shutil
+
+    monkeypatch.chdir(V2)  # tests/data/v2's manifests name the model "model"
+    new = tmp_path / "new"
+    (new / "shards").mkdir(parents=True)
+    for shard in (V2 / "cache-v2" / "shards").iterdir():  # as if a crashed run had left them
+        shutil.copy(shard, new / "shards" / shard.name)
+    options = ExtractOptions(
+        out=new,
+        buckets=parse_bucket_config({"buckets": [[64, 64], [96, 48]]}),
+        model="model",
+        workers=0,
+        progress=False,
+        dtype="float32",
+        keep_registers=True,
+        layers=(1,),
+        flip=True,
+    )
+    result = extract(REPO / "tests" / "data" / "v1" / "images", options)
+    assert result.shards_adopted == 0 and result.processed == 3
+    assert {p.kind for p in verify_cache(new).problems} == {"unlisted_shard"}
+
+
+def test_a_format_3_manifest_must_say_what_its_normed_features_hold(tmp_path):
+    """Without storage.normed_values a reader would take z for normed: a format-3 manifest that
+    lacks it (here a format-2 cache relabelled) is refused, and formats 1-2 may not carry it."""
+    import shutil
+
+    from dinocache.errors import CacheError
+    from dinocache.layout import storage_problems
+
+    shutil.copytree(V2 / "cache-v2", tmp_path / "cache")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    manifest["format_version"] = 3
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="normed_values"):
+        FeatureCache(tmp_path / "cache")
+    record = Layout().record()
+    assert storage_problems(record, 3) == [] and record["normed_values"] == "ln_noaffine"
+    assert storage_problems({**record, "normed_values": "prenorm"}, 3)
+    assert storage_problems(record, 2) and storage_problems(manifest["storage"], 2) == []
 
 
 def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
@@ -162,4 +276,4 @@ def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
         extract(data / "images", options)
     options.overwrite = True
     result = extract(data / "images", options)
-    assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 2
+    assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 3

@@ -2,12 +2,27 @@
 
 import pytest
 import torch
-from conftest import save_scene
+from conftest import save_scene, tiny_config
 from torch.utils.data import DataLoader
 
 from dinocache import BucketBatchSampler, FeatureCache, collate_features
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.extract import extract
+
+
+@pytest.fixture(scope="module")
+def affine_model_dir(tmp_path_factory):
+    """A tiny DINOv3 whose final LayerNorm has a real affine, so that normed differs from z."""
+    from transformers import DINOv3ViTModel
+
+    torch.manual_seed(5)
+    model = DINOv3ViTModel(tiny_config())
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.1, 1.7)
+        model.norm.bias.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("affine-reader")
+    model.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +167,11 @@ def test_resume_from_a_step_after_a_restart(cache):
         other.load_state_dict({"epoch": 0, "start_step": 1, "seed": 5})
 
 
-def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("storage", ["float8_e4m3fn", "bfloat16"])
+def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, affine_model_dir, storage):
     """The batch path (one gather per shard into shared batch tensors) against item-by-item reads,
-    across shards, in and out of file order, for every read mode."""
+    across shards, in and out of file order, for every read mode (bfloat16: normed is the chunked
+    affine of the stored z, ln_noaffine a plain gather)."""
     images = tmp_path / "images"
     for i in range(12):
         save_scene(images / f"{i:02d}.png", 300 if i % 3 else 600, 300, seed=i)
@@ -162,15 +179,15 @@ def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, tiny_model_dir)
     options = ExtractOptions(
         out=out,
         buckets=parse_bucket_config({"buckets": [[224, 224], [384, 192]]}),
-        model=str(tiny_model_dir),
+        model=str(affine_model_dir),
         workers=0,
         progress=False,
         flip=True,
         shard_max_bytes=60_000,
-        storage_dtype="float8_e4m3fn",
+        storage_dtype=storage,
     )
     extract(images, options)
-    for kwargs in ({}, {"flavour": "prenorm"}, {"dtype": torch.float16}):
+    for kwargs in ({}, {"flavour": "prenorm"}, {"flavour": "ln_noaffine"}, {"dtype": torch.float16}):
         cache = FeatureCache(out, **kwargs)
         alone = {i: cache.__getitems__([i])[0] for i in range(len(cache))}
         for order in ([3, 1, 7, 0, 11], [0, 1, 2], list(range(12))[::-1]):
@@ -190,6 +207,35 @@ def test_a_batch_read_equals_reading_each_sample_alone(tmp_path, tiny_model_dir)
     batch = collate_features(items)
     assert batch["patches"].data_ptr() == items[0]["patches"].data_ptr()
     assert batch["mask"].all() and batch["patches"].shape[0] == 4
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # a read-only map, on purpose
+@pytest.mark.parametrize("step", [1 << 20, 100, 50, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_affine_rows_is_weight_times_z_plus_bias_for_any_step(tmp_path, monkeypatch, step, dtype):
+    """reader.affine_rows (the normed flavour's batch path) against the formula, whether a step
+    holds all rows, one row, or part of a row (4 rows of 5 tokens x 16 channels), gathering from
+    a read-only map that it must never write, into non-contiguous batch slots."""
+    import numpy as np
+
+    from dinocache import reader
+
+    monkeypatch.setattr(reader, "AFFINE_STEP", step)
+    torch.manual_seed(0)
+    z = torch.randn(6, 5, 16).to(dtype)
+    weight, bias = torch.rand(16) + 0.05, torch.randn(16)
+    raw = z.view(torch.int16) if dtype == torch.bfloat16 else z
+    raw.numpy().tofile(tmp_path / "z.bin")
+    mapped = np.memmap(tmp_path / "z.bin", dtype=raw.numpy().dtype, mode="r", shape=tuple(z.shape))
+    source = torch.from_numpy(np.asarray(mapped)).view(dtype)
+    dest = torch.full((5, 5, 16), 7.0, dtype=dtype)
+    rows, slots = np.array([4, 0, 5, 2]), np.array([3, 0, 4, 1])
+    reader.affine_rows(source, rows, dest, slots, weight, bias)
+    for row, slot in zip(rows, slots):
+        want = (z[row].float() * weight + bias).to(dtype)
+        assert torch.equal(dest[slot], want), (row, slot)
+    assert torch.equal(dest[2], torch.full((5, 16), 7.0, dtype=dtype))  # untouched
+    assert torch.equal(source, z)  # the map is read, never written
 
 
 def test_recycled_batch_buffers_are_reused_only_once_released():
