@@ -450,7 +450,7 @@ class FeatureCache(Dataset):
             raise CacheError(f"{info['file']} is not a final-norm file: {exc}", "rerun extract to rewrite it") from None
         if weight.shape != (self.hidden_size,) or bias.shape != (self.hidden_size,):
             raise CacheError(
-                f"{info['file']} holds a norm of {list(weight.shape)}, the model is {self.hidden_size} wide",
+                f"{info['file']} holds a norm of {list(weight.shape)}, the manifest says hidden {self.hidden_size}",
                 "rebuild the cache with extract --overwrite",
             )
         return weight, bias
