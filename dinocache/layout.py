@@ -42,18 +42,27 @@ class StorageDtype:
     code: str  # safetensors dtype code
     itemsize: int
     scaled: bool  # stored with one float32 scale per row (`NAME_scale`); value = stored.float() * scale
+    # A value is NaN or Inf exactly when these bits of it are all ones (verify checks the raw
+    # integers: one AND and one max, ~9 GB/s, instead of a float conversion, ~0.6 GB/s).
+    nonfinite_mask: int
     max_abs: float | None = None  # what the scale maps each row's largest magnitude to
 
 
 STORAGE_DTYPES: dict[str, StorageDtype] = {
     d.name: d
     for d in (
-        StorageDtype("bfloat16", torch.bfloat16, "BF16", 2, False),
-        StorageDtype("float16", torch.float16, "F16", 2, False),
-        StorageDtype("float32", torch.float32, "F32", 4, False),
-        StorageDtype("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", 1, True, max_abs=448.0),
+        StorageDtype("bfloat16", torch.bfloat16, "BF16", 2, False, 0x7F80),
+        StorageDtype("float16", torch.float16, "F16", 2, False, 0x7C00),
+        StorageDtype("float32", torch.float32, "F32", 4, False, 0x7F800000),
+        # e4m3fn has no infinity; its NaN is S.1111.111
+        StorageDtype("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", 1, True, 0x7F, max_abs=448.0),
     )
 }
+# Every float code a cache file holds (shards' values and companions, statistics files' F64):
+# safetensors code -> (itemsize, nonfinite mask), for verify's byte scan.
+NONFINITE_BITS: dict[str, tuple[int, int]] = {
+    d.code: (d.itemsize, d.nonfinite_mask) for d in STORAGE_DTYPES.values()
+} | {"F64": (8, 0x7FF0000000000000)}
 NORMED_VALUES = ("normed", "ln_noaffine")  # what the normed features hold: formats 1-2 / format 3
 COMPANION_CODE = "F32"  # `_scale` and `_lnstats` tensors
 COMPANION_ITEMSIZE = 4

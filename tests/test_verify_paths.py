@@ -180,3 +180,54 @@ def test_streamed_scan_matches_sha256_and_a_full_load(cache):
         digest, _, problems, read = scan_shard(shard, True, window=window)
         assert digest == hashlib.sha256(shard.read_bytes()).hexdigest() and read == shard.stat().st_size
         assert problems == ["patches contains NaN or Inf"], window
+
+
+@pytest.mark.parametrize("storage", sorted(__import__("dinocache.layout").layout.STORAGE_DTYPES))
+def test_a_nan_is_found_in_every_storage_dtype(tmp_path, tiny_model_dir, storage):
+    """verify's byte scan is driven by the layout's dtype table: a NaN injected into a shard of
+    every storage dtype is found (the NaN's bytes are torch's own for that dtype)."""
+    from dinocache.layout import STORAGE_DTYPES
+    from dinocache.stfile import SafetensorsFile
+
+    images = tmp_path / "images"
+    save_scene(images / "a.png", 64, 64, seed=1)
+    out = tmp_path / "cache"
+    options = ExtractOptions(
+        out=out,
+        buckets=parse_bucket_config({"buckets": [[64, 64]]}),
+        model=str(tiny_model_dir),
+        storage_dtype=storage,
+        workers=0,
+        progress=False,
+    )
+    extract(images, options)
+    assert verify(out)[0] == 0
+    shard = next((out / "shards").iterdir())
+    entry = SafetensorsFile(shard).entries["patches"]
+    data = bytearray(shard.read_bytes())
+    nan = torch.tensor([float("nan")]).to(STORAGE_DTYPES[storage].torch_dtype).view(torch.uint8).numpy().tobytes()
+    at = SafetensorsFile(shard).data_start + entry.start
+    data[at : at + len(nan)] = nan
+    shard.write_bytes(bytes(data))
+    code, text = verify(bare_copy(out, tmp_path))  # without the manifest's checksum to fail first
+    assert code == 1 and "patches contains NaN or Inf" in text
+
+
+def test_the_nonfinite_masks_agree_with_torch():
+    """Each row's mask flags exactly the values torch calls NaN or Inf in that dtype, over every
+    bit pattern of the 8- and 16-bit dtypes and special values of float32."""
+    import numpy as np
+
+    from dinocache.layout import NONFINITE_BITS, STORAGE_DTYPES
+    from dinocache.verify import _finite
+
+    for row in STORAGE_DTYPES.values():
+        if row.itemsize <= 2:
+            patterns = np.arange(1 << (8 * row.itemsize), dtype=np.uint8 if row.itemsize == 1 else np.uint16)
+        else:
+            patterns = np.array([0, 0x3F800000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x00000001], np.uint32)
+        values = torch.from_numpy(patterns.view(np.int8 if row.itemsize == 1 else patterns.dtype.str.replace("u", "i")))
+        expected = ~torch.isfinite(values.view(row.torch_dtype).float())
+        got = torch.tensor([not _finite(memoryview(p.tobytes()), row.code) for p in patterns])
+        assert torch.equal(got, expected), row.name
+        assert row.code in NONFINITE_BITS
