@@ -89,13 +89,6 @@ class LoadedModel:
     def norm_eps(self) -> float:
         return float(self.final_norm.eps)
 
-    def norm_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final LayerNorm's weight and bias, float32 on the CPU."""
-        return (
-            self.final_norm.weight.detach().float().cpu().contiguous(),
-            self.final_norm.bias.detach().float().cpu().contiguous(),
-        )
-
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """last_hidden_state (final LayerNorm applied) for a batch of one exact shape."""

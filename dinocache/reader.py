@@ -338,11 +338,6 @@ class FeatureCache(Dataset):
             flipped = bool(flipped)
         return self.position(item), flipped
 
-    def _views(self, flipped: bool | None) -> tuple[str, ...]:
-        if flipped is None:
-            return self.layout.views()
-        return ("_flip",) if flipped else ("",)
-
     @staticmethod
     def _view_of(name: str) -> str:
         return "_flip" if name.endswith("_flip") else ""

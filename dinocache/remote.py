@@ -103,9 +103,6 @@ class Remote:
         except FileNotFoundError:
             return None
 
-    def put_bytes(self, data: bytes, rel: str) -> None:
-        self.fs.pipe_file(self.path(rel), data)
-
     def put_file(self, local: Path, rel: str) -> None:
         self.fs.put_file(str(local), self.path(rel))
 

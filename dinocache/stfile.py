@@ -102,9 +102,6 @@ class SafetensorsFile:
         self.entries: dict[str, TensorEntry] = entries
         self._map: np.memmap | None = None
 
-    def end_of_data(self) -> int:
-        return max((e.stop for e in self.entries.values()), default=0)
-
     def _data(self) -> np.ndarray:
         if self._map is None:
             if self.file_size > self.data_start:
