@@ -523,6 +523,7 @@ def norm_stats(
         check_export_target,
         compute_statistics,
         export_statistics,
+        is_fresh,
         recorded_eps,
         require_local,
         resolve_style_defaults,
@@ -543,7 +544,7 @@ def norm_stats(
             if e.get("flavour") == flavour
             and e.get("views") == views
             and bool(e.get("per_position")) == per_position
-            and e.get("samples_sha256") == manifest["samples"]["sha256"]
+            and is_fresh(e, manifest["samples"]["sha256"])
         ]
         kind = "per position" if per_position else "per channel"
         if fresh and not recompute:

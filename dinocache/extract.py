@@ -48,6 +48,7 @@ from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
 from .names import DEFAULT_MODEL
+from .normstats import is_fresh
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
 from .sources import open_source
@@ -710,9 +711,7 @@ def _finish(
         timer.add("commit", time.monotonic() - began)
         if state.index_info:
             sha = state.index_info["sha256"]
-            result.stale_statistics = sorted(
-                {str(e.get("flavour")) for e in state.statistics if e.get("samples_sha256") != sha}
-            )
+            result.stale_statistics = sorted({str(e.get("flavour")) for e in state.statistics if not is_fresh(e, sha)})
     elif did_something:
         import uuid
 

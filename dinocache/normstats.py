@@ -250,6 +250,12 @@ class Statistics:
         return ((value.double() - mean) / torch.sqrt(var + self.eps)).float()
 
 
+def is_fresh(entry: dict, samples_sha256: str) -> bool:
+    """Whether a statistics entry covers the cache's current sample table (the one rule for
+    stale statistics: extract's note, stats, verify, norm-stats and normalize=True ask it)."""
+    return entry.get("samples_sha256") == samples_sha256
+
+
 def recorded_eps(entry: dict) -> float:
     """The eps normalize applies for a statistics entry (entries before eps was recorded: 1e-6)."""
     eps = entry.get("eps", NORMALIZE_EPS)
@@ -368,7 +374,7 @@ def load_statistics(
         which = f" over the {views} view(s)" if views else ""
         raise CacheError(f"{name} has no {kind} statistics{which} for the {flavour} flavour", command)
     entry = next((e for e in entries if e.get("views") == "both"), entries[0])
-    if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
+    if not is_fresh(entry, manifest["samples"]["sha256"]):
         raise CacheError(
             f"the {flavour} statistics of {name} are stale: the cache changed since they were computed",
             command.replace("norm-stats", "norm-stats --recompute", 1),

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import untrusted
 from .layout import Layout
 from .manifest import MANIFEST_NAME, load_samples, read_manifest, shard_path
-from .normstats import recorded_eps
+from .normstats import is_fresh, recorded_eps
 
 
 def cache_stats(root: str | Path) -> dict:
@@ -82,7 +82,7 @@ def cache_stats(root: str | Path) -> dict:
                 "per_position": bool(e.get("per_position")),
                 "views": e.get("views"),
                 "eps": recorded_eps(e),
-                "stale": e.get("samples_sha256") != manifest["samples"]["sha256"],
+                "stale": not is_fresh(e, manifest["samples"]["sha256"]),
             }
             for e in manifest.get("statistics", [])
         ],

@@ -605,7 +605,7 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
                 )
         except CacheError as exc:
             report.add("path", exc.message, norm["file"])
-    from .normstats import read_statistics_file
+    from .normstats import is_fresh, read_statistics_file
 
     stale = []
     for entry in manifest.get("statistics", []):
@@ -613,7 +613,7 @@ def _check_extra_files(root: Path, manifest: dict, report: VerifyReport) -> None
             read_statistics_file(root, manifest, entry)  # the reader's own check
         except CacheError as exc:
             report.add("statistics", exc.message, entry["file"])
-        if entry.get("samples_sha256") != manifest["samples"]["sha256"]:
+        if not is_fresh(entry, manifest["samples"]["sha256"]):
             stale.append(f"{entry['file']} ({entry.get('flavour')})")
     if stale:  # one note, however many statistics files
         report.notes.append(
