@@ -47,7 +47,7 @@ from .imaging import Preprocessing
 from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
-from .names import DEFAULT_MODEL
+from .names import DEFAULT_MODEL, rank_report_name
 from .normstats import is_fresh
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
@@ -728,5 +728,5 @@ def _finish(
         if problems:
             raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
         (state.root / RANK_DIR).mkdir(exist_ok=True)
-        name = f"rank-{ctx.rank:05d}-{run_id or uuid.uuid4().hex[:8]}.json"
+        name = rank_report_name(ctx.rank, run_id or uuid.uuid4().hex[:8])
         atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())

@@ -29,6 +29,7 @@ from .names import (  # noqa: F401
     LOCK_NAME,
     MANIFEST_NAME,
     NORM_FILE,
+    OWNED_PATTERNS,
     RANK_DIR,
     READABLE_VERSIONS,
     SHARD_DIR,
@@ -42,12 +43,7 @@ log = logging.getLogger("dinocache")
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # about a million failure records (docs/FORMAT.md)
 
 # The names dinocache gives its own files: nothing else is ever deleted.
-OWNED = {
-    SHARD_DIR: re.compile(r"b\d{3,}-\d+x\d+-[0-9a-f]{8}-\d{5,}\.safetensors"),
-    INDEX_DIR: re.compile(r"samples-[0-9a-f]{12}\.safetensors"),
-    RANK_DIR: re.compile(r"rank-\d{5,}-[0-9a-f]{8}\.json"),
-    STATS_DIR: re.compile(r"[a-z_]+-(channel|position)-[0-9a-f]{12}\.safetensors"),  # FLAVOUR-KIND-ID
-}
+OWNED = {folder: re.compile(pattern) for folder, pattern in OWNED_PATTERNS.items()}  # names.py
 
 
 def owned_name(file: object) -> bool:

@@ -15,4 +15,35 @@ NORM_FILE = "final_norm.safetensors"  # the final LayerNorm's weight and bias (f
 SHARD_SUFFIX = ".safetensors"
 LOCK_NAME = ".lock"
 
+# The names dinocache gives the files it creates in those folders, and the patterns that match
+# exactly those names (manifest.OWNED: nothing else is ever deleted). Ids are random hex.
+
+
+def shard_name(bucket_index: int, bucket_name: str, run_id: str, seq: int) -> str:
+    """shards/b003-832x1216-1a2b3c4d-00007.safetensors: bucket, writer run, sequence."""
+    return f"{SHARD_DIR}/b{bucket_index:03d}-{bucket_name}-{run_id}-{seq:05d}{SHARD_SUFFIX}"
+
+
+def table_name(uid: str) -> str:
+    """index/samples-0123456789ab.safetensors: one committed generation of the sample table."""
+    return f"{INDEX_DIR}/samples-{uid}.safetensors"
+
+
+def rank_report_name(rank: int, run_id: str) -> str:
+    """ranks/rank-00003-1a2b3c4d.json (the folder is added by the writer)."""
+    return f"rank-{rank:05d}-{run_id}.json"
+
+
+def statistics_name(flavour: str, kind: str, uid: str) -> str:
+    """stats/normed-channel-0123456789ab.safetensors: FLAVOUR-KIND-ID."""
+    return f"{STATS_DIR}/{flavour}-{kind}-{uid}.safetensors"
+
+
+OWNED_PATTERNS = {
+    SHARD_DIR: r"b\d{3,}-\d+x\d+-[0-9a-f]{8}-\d{5,}\.safetensors",
+    INDEX_DIR: r"samples-[0-9a-f]{12}\.safetensors",
+    RANK_DIR: r"rank-\d{5,}-[0-9a-f]{8}\.json",
+    STATS_DIR: r"[a-z_]+-(channel|position)-[0-9a-f]{12}\.safetensors",
+}
+
 DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"

@@ -38,6 +38,7 @@ from .flavours import FLAVOURS
 from .layout import Layout
 from .lock import CacheLock
 from .manifest import STATS_DIR, cache_path, delete_owned, read_manifest, write_manifest
+from .names import statistics_name
 from .stfile import SafetensorsFile
 
 VIEWS = ("plain", "flip", "both")
@@ -168,11 +169,9 @@ def compute_statistics(
         tensors = {k: v.reshape(grid[0], grid[1], dim) if k.startswith("patches") else v for k, v in tensors.items()}
     samples = len(cache)
     kind = "position" if per_position else "channel"
-    name = f"{flavour}-{kind}-{uuid.uuid4().hex[:12]}"
+    file = statistics_name(flavour, kind, uuid.uuid4().hex[:12])
     patch_tokens = patches.count * (grid[0] * grid[1] if per_position else 1)
-    result = StatsResult(
-        f"{STATS_DIR}/{name}.safetensors", flavour, views, per_position, samples, patch_tokens, tensors, eps
-    )
+    result = StatsResult(file, flavour, views, per_position, samples, patch_tokens, tensors, eps)
     _store(root, result, cache.manifest["samples"]["sha256"])
     return result
 

@@ -54,6 +54,7 @@ from .manifest import (
     settings_of,
     write_manifest,
 )
+from .names import table_name
 from .stfile import SafetensorsError, SafetensorsFile, parse_json_bounded
 
 log = logging.getLogger("dinocache")
@@ -430,7 +431,7 @@ class CacheState:
             self.table = self.table.merged(self.pending, self.dropped)
             self.pending, self.dropped = [], set()
             data = self.table.to_bytes()
-            name = f"{INDEX_DIR}/samples-{uuid.uuid4().hex[:12]}.safetensors"
+            name = table_name(uuid.uuid4().hex[:12])
             (self.root / INDEX_DIR).mkdir(exist_ok=True)
             atomic_write_bytes(self.root / name, data)
             old, self.index_file = self.index_file, name

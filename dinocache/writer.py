@@ -24,7 +24,7 @@ from .faults import fault_point
 from .fileio import file_mode, fsync_dir, sha256_file
 from .index import record_to_json
 from .layout import Layout, encode_json, rows_per_shard, shard_metadata, to_storage
-from .manifest import SHARD_DIR, SHARD_SUFFIX
+from .names import SHARD_DIR, shard_name
 
 log = logging.getLogger("dinocache")
 
@@ -149,7 +149,7 @@ class ShardWriter:
 
     def _submit(self, index: int) -> None:
         buf = self._buffers.pop(index)
-        name = f"{SHARD_DIR}/b{buf.bucket.index:03d}-{buf.bucket.name}-{self.run_id}-{self._seq:05d}{SHARD_SUFFIX}"
+        name = shard_name(buf.bucket.index, buf.bucket.name, self.run_id, self._seq)
         self._seq += 1
         began = time.perf_counter()
         while len(self._pending) >= self._max_pending:  # backpressure: bounded host memory

@@ -277,3 +277,22 @@ def test_a_format_1_cache_is_not_extended_but_can_be_rebuilt(tmp_path):
     options.overwrite = True
     result = extract(data / "images", options)
     assert result.processed == 3 and FeatureCache(tmp_path / "cache").manifest["format_version"] == 3
+
+
+def test_every_name_dinocache_gives_a_file_is_one_it_owns():
+    """names.py writes the file names and the patterns deletes are checked against: each
+    formatter's output must match its folder's pattern, or dinocache could not clean up after
+    itself (and a loosened pattern would let it delete others' files)."""
+    from dinocache.manifest import owned_name
+    from dinocache.names import rank_report_name, shard_name, statistics_name, table_name
+
+    names = [
+        shard_name(3, "832x1216", "1a2b3c4d", 7),
+        shard_name(120, "64x64", "00000000", 123456),
+        table_name("0123456789ab"),
+        "ranks/" + rank_report_name(3, "1a2b3c4d"),
+        statistics_name("ln_noaffine", "position", "0123456789ab"),
+        statistics_name("normed", "channel", "abcdefabcdef"),
+    ]
+    assert all(owned_name(n) for n in names), [n for n in names if not owned_name(n)]
+    assert not any(owned_name(n) for n in ("shards/notes.txt", "stats/my-notes.txt", "index/samples.json"))
