@@ -92,3 +92,26 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def pil_to_float(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def fresh_bucket(endpoint: str, bucket: str, tmp_path: Path, monkeypatch):
+    """An empty S3 bucket on a local moto server, with the credentials and endpoint in the
+    environment (as a user would set them) and a private local mirror folder; yields (fs, env)."""
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DINOCACHE_REMOTE_CACHE": str(tmp_path / "mirror"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if fs.exists(bucket):
+        fs.rm(bucket, recursive=True)
+    fs.mkdir(bucket)
+    yield fs, env
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -10,7 +10,7 @@ import random
 import shutil
 
 import pytest
-from conftest import save_scene
+from conftest import fresh_bucket, save_scene
 from test_untrusted_manifest import JUNK, paths, set_path
 from typer.testing import CliRunner
 
@@ -538,24 +538,7 @@ def s3_endpoint():
 
 @pytest.fixture()
 def s3(s3_endpoint, tmp_path, monkeypatch):
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "DINOCACHE_REMOTE_CACHE": str(tmp_path / "mirror"),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if fs.exists("hostile"):
-        fs.rm("hostile", recursive=True)
-    fs.mkdir("hostile")
-    yield fs, env
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from fresh_bucket(s3_endpoint, "hostile", tmp_path, monkeypatch)
 
 
 def test_a_recreated_bucket_is_not_judged_by_the_old_mirror(s3, tmp_path, tiny_model_dir):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import fresh_bucket
 from moto_server import moto_server
 from test_crash import BUCKETS, N_IMAGES, dataset, extract_args, run_library  # noqa: F401
 from typer.testing import CliRunner
@@ -31,24 +32,7 @@ def s3_server():
 def s3(s3_server, tmp_path, monkeypatch):
     """A fresh bucket, credentials and endpoint in the environment (as a user would set them),
     and a private local mirror folder."""
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_server,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "DINOCACHE_REMOTE_CACHE": str(tmp_path / "mirror"),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if fs.exists("caches"):
-        fs.rm("caches", recursive=True)
-    fs.mkdir("caches")
-    yield fs, env
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from fresh_bucket(s3_server, "caches", tmp_path, monkeypatch)
 
 
 def run_cli(root, images, out, model_dir, env, fault=None):
