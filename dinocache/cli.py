@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .errors import DinocacheError
 from .names import DEFAULT_MODEL, DEFAULT_OUT
 
@@ -452,8 +452,8 @@ def keys(
     """
     import fnmatch
 
+    from .location import local_view
     from .manifest import read_manifest
-    from .remote import local_view
 
     def line(*fields: str) -> str:
         return "\t".join(f.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r") for f in fields)
@@ -597,8 +597,8 @@ def crops(
 
 def _warn_if_crops_do_not_reproduce(out: str) -> None:
     """Boxes reproduce a cache's pixels only where its pixels come from a box (stretch, crop)."""
+    from .location import local_view
     from .manifest import read_manifest
-    from .remote import local_view
 
     prep = read_manifest(local_view(out))["preprocessing"]
     if prep.get("resize") == "adm":
@@ -739,7 +739,7 @@ def main() -> None:
     import logging
     import signal
 
-    from ._entry import quit_on_signal
+    from .interrupt import quit_on_signal
 
     signal.signal(signal.SIGINT, quit_on_signal)  # also when cli.main is called directly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

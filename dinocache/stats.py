@@ -9,16 +9,15 @@ import numpy as np
 
 from .errors import untrusted
 from .layout import Layout
+from .location import CacheLocation
 from .manifest import MANIFEST_NAME, load_samples, read_manifest, shard_path
-from .normstats import is_fresh, recorded_eps
+from .statsfile import is_fresh, recorded_eps
 
 
 def cache_stats(root: str | Path) -> dict:
-    from .remote import is_remote, local_view
-
-    shown = str(root)
-    remote = is_remote(root)
-    root = local_view(root)
+    location = CacheLocation(root)
+    shown, remote = location.name, location.is_remote
+    root = location.local_view()
     manifest = read_manifest(root)
     table = load_samples(root, manifest)
     table.check_keys()  # a report about a cache must not vouch for one with hostile keys
