@@ -109,10 +109,8 @@ def test_cycle_finder_names_the_cycle():
 
 def test_no_import_cycles():
     graph = import_graph()
-    cycles = _cycles(graph)
-    assert not cycles, "import cycles (break each by moving the shared code below both):\n" + "\n".join(
-        " -> ".join(cycle) + f"  (modules that all reach each other: {', '.join(_component(graph, cycle[0]))})" for cycle in cycles
-    )
+    found = [f"{' -> '.join(c)}  (all reach each other: {', '.join(_component(graph, c[0]))})" for c in _cycles(graph)]
+    assert not found, "import cycles (break each by moving the shared code below both):\n" + "\n".join(found)
 
 
 def _component(graph: dict[str, set[str]], start: str) -> list[str]:
@@ -128,3 +126,13 @@ def _component(graph: dict[str, set[str]], start: str) -> list[str]:
 
     reverse = {name: {src for src, dsts in graph.items() if name in dsts} for name in graph}
     return sorted(reach(graph, start) & reach(reverse, start))
+
+
+def test_the_cli_imports_nothing_heavy_until_a_command_runs():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "fsspec", "numpy", "PIL")
+    code = f"import sys, dinocache.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
