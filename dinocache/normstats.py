@@ -270,6 +270,19 @@ def export_statistics(
     return output
 
 
+def fresh_statistics(manifest: dict, flavour: str, views: str, per_position: bool) -> dict | None:
+    """The manifest's statistics entry for these settings that covers the current sample table."""
+    fresh = [
+        e
+        for e in manifest.get("statistics", [])
+        if e.get("flavour") == flavour
+        and e.get("views") == views
+        and bool(e.get("per_position")) == per_position
+        and is_fresh(e, manifest["samples"]["sha256"])
+    ]
+    return fresh[0] if fresh else None
+
+
 def set_recorded_eps(root: str | Path, file: str, eps: float) -> None:
     """Record another eps for stored statistics (no recomputation: eps is applied on read)."""
     root = Path(root)
