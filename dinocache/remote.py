@@ -252,9 +252,9 @@ class ShardCache:
 
 class RemoteSession:
     """extract writing to object storage: the remote lock, the mirror brought up to date (the
-    remote is the truth), shards left in the mirror by an interrupted run uploaded (they are
-    then adopted like any orphan), and the uploads: each shard once it is durable locally (then
-    the local copy goes), and at each commit the new files, the manifest last."""
+    remote is the truth), and shards left in the mirror by an interrupted run uploaded (they are
+    then adopted like any orphan). The run's own uploads are its store's (`store.RemoteShards`):
+    each shard once it is durable locally, and at each commit the new files, the manifest last."""
 
     def __init__(self, remote: Remote):
         self.remote = remote
