@@ -23,7 +23,7 @@ def _imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's own modules that `module` imports, anywhere in its body."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _executed(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -37,6 +37,18 @@ def _imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             submodules = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
             found |= submodules if len(submodules) == len(node.names) else submodules | {base}
     return {name for name in found if name in modules and name != module}
+
+
+def _executed(tree: ast.AST):
+    """Every node, but those under `if TYPE_CHECKING:` (annotations only: never imported)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -99,6 +111,13 @@ def test_graph_sees_function_level_and_relative_imports():
     assert "dinocache.cli" in graph["dinocache._entry"]  # imported inside main()
     assert "dinocache.reader" in graph["dinocache"]  # imported inside __getattr__
     assert "dinocache.families" in graph["dinocache.model"]
+    code = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .remote import Remote\nimport os\n"
+    imported = {
+        getattr(n, "module", None) or n.names[0].name
+        for n in _executed(ast.parse(code))
+        if "Import" in type(n).__name__
+    }
+    assert imported == {"typing", "os"}  # not .remote: under TYPE_CHECKING
 
 
 def test_cycle_finder_names_the_cycle():
