@@ -4,7 +4,7 @@ The reader API is imported on first use, so `import dinocache` (and the CLI's st
 pay for torch until something needs it.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = ["FeatureCache", "BucketBatchSampler", "collate_features", "__version__"]
 

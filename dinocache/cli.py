@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .errors import DinocacheError
 from .names import DEFAULT_MODEL, DEFAULT_OUT
 
@@ -452,8 +452,8 @@ def keys(
     """
     import fnmatch
 
+    from .location import local_view
     from .manifest import read_manifest
-    from .remote import local_view
 
     def line(*fields: str) -> str:
         return "\t".join(f.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r") for f in fields)
@@ -518,17 +518,7 @@ def norm_stats(
           --export stat.pt --style rae
       dinocache norm-stats cache/ --export dinov3_sp_stats.pt --style svg
     """
-    from .manifest import read_manifest
-    from .normstats import (
-        check_export_target,
-        compute_statistics,
-        export_statistics,
-        is_fresh,
-        recorded_eps,
-        require_local,
-        resolve_style_defaults,
-        set_recorded_eps,
-    )
+    from .normstats import check_export_target, export_statistics, require_local, resolve_style_defaults
 
     try:
         require_local(out)
@@ -537,30 +527,35 @@ def norm_stats(
         recipe = style if export is not None and style != "json" else None  # RAE's or SVG's own defaults
         eps_chosen = eps is not None or recipe is not None  # else a fresh entry keeps its eps
         per_position, eps = resolve_style_defaults(recipe, per_position, eps)
-        manifest = read_manifest(out)
-        fresh = [
-            e
-            for e in manifest.get("statistics", [])
-            if e.get("flavour") == flavour
-            and e.get("views") == views
-            and bool(e.get("per_position")) == per_position
-            and is_fresh(e, manifest["samples"]["sha256"])
-        ]
-        kind = "per position" if per_position else "per channel"
-        if fresh and not recompute:
-            typer.echo(f"statistics for {flavour} ({views} views, {kind}) are up to date: {fresh[0]['file']}")
-            if eps_chosen and recorded_eps(fresh[0]) != eps:
-                set_recorded_eps(out, fresh[0]["file"], eps)
-                typer.echo(f"normalize=True now adds eps {eps:g} to their variance")
-        else:
-            result = compute_statistics(out, flavour, views, per_position, progress, eps)
-            typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens ({kind}) -> {out}/{result.file}")
+        _store_norm_stats(out, flavour, views, per_position, eps, eps_chosen, recompute, progress)
         if export is not None:
             export_statistics(out, export, style, flavour, per_position, views)
             container = "JSON" if style == "json" else "torch.save"
+            kind = "per position" if per_position else "per channel"
             typer.echo(f"wrote {export} ({style}, {container}, {views} views, {kind})")
     except DinocacheError as exc:
         _fail(exc)
+
+
+def _store_norm_stats(
+    out: str, flavour: str, views: str, per_position: bool, eps: float, eps_chosen: bool, recompute: bool, progress
+) -> None:
+    """norm-stats without --recompute keeps fresh statistics (recording a newly chosen eps);
+    else it computes them."""
+    from .manifest import read_manifest
+    from .normstats import compute_statistics, fresh_statistics, recorded_eps, set_recorded_eps
+
+    manifest = read_manifest(out)
+    fresh = None if recompute else fresh_statistics(manifest, flavour, views, per_position)
+    kind = "per position" if per_position else "per channel"
+    if fresh is not None:
+        typer.echo(f"statistics for {flavour} ({views} views, {kind}) are up to date: {fresh['file']}")
+        if eps_chosen and recorded_eps(fresh) != eps:
+            set_recorded_eps(out, fresh["file"], eps)
+            typer.echo(f"normalize=True now adds eps {eps:g} to their variance")
+    else:
+        result = compute_statistics(out, flavour, views, per_position, progress, eps)
+        typer.echo(f"{result.samples} samples, {result.patch_tokens} patch tokens ({kind}) -> {out}/{result.file}")
 
 
 @app.command()
@@ -597,8 +592,8 @@ def crops(
 
 def _warn_if_crops_do_not_reproduce(out: str) -> None:
     """Boxes reproduce a cache's pixels only where its pixels come from a box (stretch, crop)."""
+    from .location import local_view
     from .manifest import read_manifest
-    from .remote import local_view
 
     prep = read_manifest(local_view(out))["preprocessing"]
     if prep.get("resize") == "adm":
@@ -739,7 +734,7 @@ def main() -> None:
     import logging
     import signal
 
-    from ._entry import quit_on_signal
+    from .interrupt import quit_on_signal
 
     signal.signal(signal.SIGINT, quit_on_signal)  # also when cli.main is called directly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -203,8 +203,8 @@ def export_crops(cache_dir: str | Path, output: str | Path, overwrite: bool = Fa
 
 def crop_lines(cache_dir: str | Path) -> list[str]:
     """Every cached sample's crop record, as the JSON lines `export_crops` writes."""
+    from .location import local_view
     from .manifest import load_samples, read_manifest
-    from .remote import local_view
 
     cache_dir = local_view(cache_dir)
     manifest = read_manifest(cache_dir)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
+from ._version import __version__
 from .buckets import Bucket, make_buckets
 from .config import ExtractOptions
 from .decoding import (
@@ -200,9 +200,11 @@ def extract(input_dir: str | Path, options: ExtractOptions, loaded: LoadedModel 
 
 
 def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None, ctx: RankContext) -> ExtractResult:
-    from .remote import Remote, RemoteSession, RemoteShards, is_remote
+    from .location import CacheLocation
+    from .remote import RemoteSession
 
-    remote = Remote(str(options.out)) if is_remote(options.out) else None
+    location = CacheLocation(options.out)
+    remote = location.remote
     if remote is not None and ctx.multi:
         raise ConfigError(
             "a cache in object storage is written by one process",
@@ -255,12 +257,10 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     session = RemoteSession(remote) if remote is not None else contextlib.nullcontext()
     with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
-            store = RemoteShards(remote, root) if remote is not None else None
+            store = location.shards(root)
             state = CacheState.open(
                 root, settings, options.overwrite, extras={NORM_FILE: mspec.norm_file()}, store=store
             )
-            if remote is not None:
-                state.after_commit, state.upload = session.after_commit, session.upload_shard
             damage = state.find_damage(deep=options.repair)
             if damage.shards:
                 result.repaired_shards = {state.shards[i]["file"]: why for i, why in damage.shards.items()}
@@ -572,7 +572,7 @@ def _extract_work(
         model["hidden_size"],
         model["num_registers"],
         options.shard_max_bytes,
-        upload=state.upload,
+        upload=state.store.upload,
     )
     written: list[dict] = []  # this run's shard records, for the rank report
 

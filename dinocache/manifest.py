@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import MAX_SIDE, MIN_SIDE, RESIZE_MODES
-from .errors import CacheError, DinocacheError
+from .errors import CacheError, DinocacheError, untrusted
 from .fileio import atomic_write_bytes, contained_file, is_link, read_limited
 from .imaging import RESAMPLES
+from .index import SampleTable
 from .layout import storage_problems, stored_grid
 from .names import (  # noqa: F401
     DEFAULT_OUT,
@@ -437,8 +438,6 @@ def shard_path(root: Path, file: str) -> Path:
 
 def load_samples(root: Path, manifest: dict):
     """The manifest's sample table (memory-mapped), checked against the manifest's count and size."""
-    from .index import SampleTable
-
     info = manifest["samples"]
     path = cache_path(root, info["file"], INDEX_DIR)
     if not path.is_file():
@@ -457,12 +456,10 @@ def load_samples(root: Path, manifest: dict):
     return table
 
 
-def recorded_model(root: str | Path) -> dict | None:
-    """The `model` record an existing local cache was built with; None when there is no
-    readable local cache there."""
-    from .remote import is_remote
-
-    if is_remote(root) or not (Path(root) / MANIFEST_NAME).is_file():
+def recorded_model(root: Path) -> dict | None:
+    """The `model` record the cache in the local folder `root` (a remote cache's mirror) was
+    built with; None when there is no readable cache there."""
+    if not (Path(root) / MANIFEST_NAME).is_file():
         return None
     try:
         manifest = read_manifest(root)
@@ -491,8 +488,6 @@ def implicit_source(manifest: dict[str, Any]) -> str:
     if found is None:
         raise CacheError("this cache does not record where its images came from", "pass --source DIR")
     if is_url(found) or found.split("?", 1)[0].lower().endswith(LIST_SUFFIXES):
-        from .errors import untrusted
-
         raise CacheError(
             f"this cache's images came from {untrusted(found)}, "
             + ("a URL" if is_url(found) else "a list file (its rows may be URLs)")

@@ -22,28 +22,34 @@ recipes' code; tests/test_recipe_statistics.py runs their loading lines):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CacheError, ConfigError
-from .fileio import atomic_write_bytes, is_link
 from .flavours import FLAVOURS
 from .layout import Layout
+from .location import CacheLocation
 from .lock import CacheLock
-from .manifest import STATS_DIR, cache_path, delete_owned, read_manifest, write_manifest
+from .manifest import read_manifest, write_manifest
 from .names import statistics_name
-from .stfile import SafetensorsFile
+from .reader import FeatureCache
+from .statsfile import (
+    NORMALIZE_EPS,
+    StatsResult,
+    is_fresh,
+    load_statistics,
+    read_statistics_file,
+    recorded_eps,
+    store_statistics,
+)
 
 VIEWS = ("plain", "flip", "both")
 STYLES = ("rae", "svg", "json")
-NORMALIZE_EPS = 1e-6  # (x - mean) / sqrt(var + eps) on read, unless a recipe's eps is recorded
 # What normalize=True applies for statistics made for a recipe: RAE's eps (rae.py:32, 94); SVG
 # divides by the std itself (train_svg.py:105).
 STYLE_EPS = {"rae": 1e-5, "svg": 0.0, "json": NORMALIZE_EPS}
@@ -88,18 +94,6 @@ class Moments:
         return self.m2 / max(1, self.count)
 
 
-@dataclass
-class StatsResult:
-    file: str
-    flavour: str
-    views: str
-    per_position: bool
-    samples: int
-    patch_tokens: int
-    tensors: dict[str, torch.Tensor]
-    eps: float = NORMALIZE_EPS
-
-
 def _views_of(layout: Layout, views: str) -> tuple[str, ...]:
     if views not in VIEWS:
         raise ConfigError(f"unknown --views {views!r}", f"use one of {', '.join(VIEWS)}")
@@ -120,8 +114,6 @@ def compute_statistics(
 ) -> StatsResult:
     """One streaming pass over the live rows of every shard; writes the statistics into the
     cache (stats/, named by the manifest) and returns them."""
-    from .reader import FeatureCache
-
     require_local(root)
     root = Path(root)
     if flavour not in FLAVOURS:
@@ -132,38 +124,10 @@ def compute_statistics(
             f"{root} holds no samples: there is nothing to compute statistics over",
             "extract some images first (`dinocache stats` says what the cache holds)",
         )
-    layout = cache.layout
-    wanted = _views_of(layout, views)
-    grids = {tuple(cache.buckets[b]["stored_grid"]) for b in np.unique(cache.bucket_indices()).tolist()}
-    if per_position and len(grids) > 1:
-        raise ConfigError(
-            f"per-position statistics (--per-position; RAE's [C, H, W], the --style rae default) need one "
-            f"grid, and this cache has {len(grids)} ({', '.join(f'{r}x{c}' for r, c in sorted(grids))})",
-            "pass --per-channel (statistics per channel: [C, 1, 1] for RAE), or extract into one bucket",
-        )
+    wanted = _views_of(cache.layout, views)
+    grid = _one_grid(cache, per_position)
     dim = cache.hidden_size
-    grid = next(iter(grids)) if grids else (1, 1)
-    patch_shape = (grid[0] * grid[1], dim) if per_position else (dim,)
-    patches, cls = Moments(patch_shape), Moments((dim,))
-    shard_col, row_col = np.asarray(cache.shard_indices()), np.asarray(cache.table.columns["row"])
-    order = np.argsort(shard_col, kind="stable")
-    bounds = np.flatnonzero(np.diff(shard_col[order])) + 1
-    from tqdm import tqdm
-
-    groups = np.split(order, bounds) if len(order) else []
-    for members in tqdm(groups, desc="norm-stats", unit="shard", disable=not progress):
-        shard_index = int(shard_col[members[0]])
-        rows = np.sort(row_col[members].astype(np.int64))
-        shard = cache._handle(shard_index)
-        tokens = shard.grid[0] * shard.grid[1]
-        per_chunk = max(1, CHUNK_BYTES // (8 * (tokens + 1) * dim))
-        for start in range(0, len(rows), per_chunk):
-            chunk = rows[start : start + per_chunk]
-            batch = cache._read(shard, shard_index, chunk, set(wanted), only={"cls", "patches"})
-            for view in wanted:
-                p = batch["patches" + view].reshape(len(chunk), tokens, dim)
-                patches.add(p if per_position else p.reshape(-1, dim))
-                cls.add(batch["cls" + view])
+    patches, cls = _moments(cache, wanted, grid if per_position else None, progress)
     tensors = {"patches_mean": patches.mean, "patches_var": patches.var, "cls_mean": cls.mean, "cls_var": cls.var}
     if per_position:
         tensors = {k: v.reshape(grid[0], grid[1], dim) if k.startswith("patches") else v for k, v in tensors.items()}
@@ -172,214 +136,43 @@ def compute_statistics(
     file = statistics_name(flavour, kind, uuid.uuid4().hex[:12])
     patch_tokens = patches.count * (grid[0] * grid[1] if per_position else 1)
     result = StatsResult(file, flavour, views, per_position, samples, patch_tokens, tensors, eps)
-    _store(root, result, cache.manifest["samples"]["sha256"])
+    store_statistics(root, result, cache.manifest["samples"]["sha256"])
     return result
 
 
-def _store(root: Path, result: StatsResult, table_sha: str) -> None:
-    """Write the statistics file, then record it in the manifest, under the cache's lock; an
-    older entry for the same flavour, views and kind is replaced (and its file deleted)."""
-    from safetensors.torch import save
-
-    metadata = {
-        "format": "dinocache-statistics",
-        "flavour": result.flavour,
-        "views": result.views,
-        "per_position": str(result.per_position).lower(),
-        "samples": str(result.samples),
-        "patch_tokens": str(result.patch_tokens),
-        "samples_sha256": table_sha,
-        "variance": "population (ddof=0)",
-        "dtype": "float64",
-        "eps": repr(result.eps),
-    }
-    data = save({k: v.contiguous() for k, v in result.tensors.items()}, metadata=metadata)
-    with CacheLock(root):
-        manifest = read_manifest(root)
-        if manifest["samples"]["sha256"] != table_sha:
-            raise CacheError("the cache changed while its statistics were computed", "run norm-stats again")
-        folder = root / STATS_DIR
-        if is_link(folder):
-            raise CacheError(f"{folder} is a symbolic link", "replace it with a real folder")
-        folder.mkdir(exist_ok=True)
-        atomic_write_bytes(root / result.file, data)
-        kept, replaced = [], []
-        for entry in manifest.get("statistics", []):
-            same = (entry.get("flavour"), entry.get("views"), entry.get("per_position")) == (
-                result.flavour,
-                result.views,
-                result.per_position,
-            )
-            (replaced if same else kept).append(entry)
-        kept.append(
-            {
-                "file": result.file,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "flavour": result.flavour,
-                "views": result.views,
-                "per_position": result.per_position,
-                "samples": result.samples,
-                "samples_sha256": table_sha,
-                "eps": result.eps,
-            }
+def _one_grid(cache: FeatureCache, per_position: bool) -> tuple[int, int]:
+    """The stored grid of the cache's samples (per-position statistics need exactly one)."""
+    grids = {tuple(cache.buckets[b]["stored_grid"]) for b in np.unique(cache.bucket_indices()).tolist()}
+    if per_position and len(grids) > 1:
+        raise ConfigError(
+            f"per-position statistics (--per-position; RAE's [C, H, W], the --style rae default) need one "
+            f"grid, and this cache has {len(grids)} ({', '.join(f'{r}x{c}' for r, c in sorted(grids))})",
+            "pass --per-channel (statistics per channel: [C, 1, 1] for RAE), or extract into one bucket",
         )
-        manifest["statistics"] = kept
-        write_manifest(root, manifest)
-        for entry in replaced:
-            delete_owned(root, entry["file"])
+    return next(iter(grids)) if grids else (1, 1)
 
 
-@dataclass
-class Statistics:
-    """Loaded statistics, applied on read: (x - mean) / sqrt(var + eps), eps as recorded by
-    norm-stats (a recipe's own: 1e-5 for RAE, 0 for SVG) unless the reader overrides it."""
+def _moments(
+    cache: FeatureCache, wanted: tuple[str, ...], grid: tuple[int, int] | None, progress: bool
+) -> tuple[Moments, Moments]:
+    """Patch and CLS moments over the wanted views of every live row; per position of `grid`
+    when one is given, else per channel."""
+    from tqdm import tqdm
 
-    entry: dict
-    tensors: dict[str, torch.Tensor]
-    eps: float = NORMALIZE_EPS
-
-    def apply(self, feature, value: torch.Tensor) -> torch.Tensor:
-        base = "cls" if feature.name == "cls" else "patches" if feature.name == "patches" else None
-        if base is None:
-            return value  # registers and layer outputs have no statistics
-        mean, var = self.tensors[f"{base}_mean"], self.tensors[f"{base}_var"]
-        if base == "patches" and self.entry.get("per_position"):
-            mean, var = mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1])
-        return ((value.double() - mean) / torch.sqrt(var + self.eps)).float()
-
-
-def is_fresh(entry: dict, samples_sha256: str) -> bool:
-    """Whether a statistics entry covers the cache's current sample table (the one rule for
-    stale statistics: extract's note, stats, verify, norm-stats and normalize=True ask it)."""
-    return entry.get("samples_sha256") == samples_sha256
-
-
-def recorded_eps(entry: dict) -> float:
-    """The eps normalize applies for a statistics entry (entries before eps was recorded: 1e-6)."""
-    eps = entry.get("eps", NORMALIZE_EPS)
-    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else NORMALIZE_EPS
-
-
-STATISTICS_TENSORS = ("patches_mean", "patches_var", "cls_mean", "cls_var")
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # no feature is larger, so no mean; no variance past its square
-
-
-def read_statistics_file(root: Path, manifest: dict, entry: dict) -> dict[str, torch.Tensor]:
-    """The one check of a statistics file (`verify` and `FeatureCache(normalize=True)` both use
-    it), as strict as a shard's: inside the cache, no link, its recorded size and sha256, exactly
-    the four float64 tensors, shaped [D] (or [rows, cols, D] per position, a stored grid of the
-    cache), and values a dataset can have: finite, |mean| <= float32 max, 0 <= var <= its square.
-    CacheError says what is wrong."""
-    from .fileio import read_limited
-    from .stfile import SafetensorsError
-
-    name = entry["file"]
-    fix = f"rerun `dinocache norm-stats --recompute{' --per-position' if entry.get('per_position') else ''}`"
-    path = cache_path(root, name, STATS_DIR)
-    try:
-        data = read_limited(path, entry["bytes"])
-    except FileNotFoundError:
-        raise CacheError(f"the statistics file {name} is missing", fix) from None
-    except (OSError, ValueError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise CacheError(f"cannot read the statistics file {name}: {why}", fix) from None
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CacheError(f"the statistics file {name} fails its size or sha256 checksum", fix)
-    try:
-        file = SafetensorsFile(path)
-    except SafetensorsError as exc:
-        raise CacheError(f"the statistics file {name} is not a safetensors file: {exc}", fix) from None
-    problems = []
-    if set(file.entries) != set(STATISTICS_TENSORS):
-        problems.append(f"it holds {sorted(file.entries)}, not {list(STATISTICS_TENSORS)}")
-    meta = file.metadata
-    if meta.get("format") != "dinocache-statistics" or meta.get("flavour") != entry.get("flavour"):
-        problems.append("its metadata does not say dinocache-statistics of the flavour the manifest names")
-    dim = manifest["model"]["hidden_size"]
-    grids = {tuple(b.get("stored_grid", b["grid"])) for b in manifest["buckets"]}
-    tensors = {}
-    for tensor in STATISTICS_TENSORS:
-        info = file.entries.get(tensor)
-        if info is None:
-            continue
-        shape = tuple(info.shape)
-        per_position = tensor.startswith("patches") and entry.get("per_position")
-        if info.dtype != "F64":
-            problems.append(f"{tensor} is {info.dtype}, not F64")
-        elif shape[-1:] != (dim,) or (shape[:-1] not in grids if per_position else len(shape) != 1):
-            wanted = "[rows, cols, D] of a bucket's stored grid" if per_position else f"[{dim}]"
-            problems.append(f"{tensor} has shape {list(shape)}, not {wanted}")
-        else:
-            value = file.tensor(tensor)
-            bad = not bool(torch.isfinite(value).all())
-            if tensor.endswith("_var"):
-                bad = bad or bool((value < 0).any()) or bool((value > FLOAT32_MAX**2).any())
-            else:
-                bad = bad or bool((value.abs() > FLOAT32_MAX).any())
-            if bad:
-                kind = "variances (NaN, negative or past float32's square)" if tensor.endswith("_var") else "means"
-                problems.append(f"{tensor} holds impossible {kind}")
-            tensors[tensor] = value
-    if problems:
-        raise CacheError(f"the statistics file {name} is not valid: " + "; ".join(problems[:3]), fix)
-    return tensors
-
-
-def load_statistics(
-    root: Path,
-    manifest: dict,
-    flavour: str,
-    per_position: bool = False,
-    views: str | None = None,
-    eps: float | None = None,
-    name: str | None = None,
-) -> Statistics:
-    """The statistics `normalize` applies, checked; `views` None prefers those over both views,
-    `eps` None applies the recorded one. `name` is the cache as the user named it (a URL for a
-    cache in object storage, whose `root` is the local mirror)."""
-    from .sources import is_url
-
-    name = name or str(root)
-    entries = [
-        e
-        for e in manifest.get("statistics", [])
-        if e.get("flavour") == flavour
-        and bool(e.get("per_position")) == per_position
-        and (views is None or e.get("views") == views)
-    ]
-    kind = "per-position" if per_position else "per-channel"
-    flags = f"{' --per-position' if per_position else ''}{f' --views {views}' if views else ''}"
-    command = f"dinocache norm-stats {name} --flavour {flavour}{flags}"
-    if is_url(name):  # norm-stats needs a local cache
-        command = (
-            f"copy {name} to this machine, run `{command.replace(name, 'LOCAL_COPY')}`, "
-            "then copy its stats/ and manifest.json back"
-        )
-    else:
-        command = f"run `{command}`"
-    if not entries:
-        other = [
-            e
-            for e in manifest.get("statistics", [])
-            if e.get("flavour") == flavour and bool(e.get("per_position")) != per_position
-        ]
-        if other and views is None:  # e.g. RAE's per-position statistics, read with normalize=True
-            have, use = ("per-position", '"position"') if not per_position else ("per-channel", "True")
-            raise CacheError(
-                f"{name} has {have} statistics for the {flavour} flavour, not {kind} ones",
-                f"read them with normalize={use}, or {command}",
-            )
-        which = f" over the {views} view(s)" if views else ""
-        raise CacheError(f"{name} has no {kind} statistics{which} for the {flavour} flavour", command)
-    entry = next((e for e in entries if e.get("views") == "both"), entries[0])
-    if not is_fresh(entry, manifest["samples"]["sha256"]):
-        raise CacheError(
-            f"the {flavour} statistics of {name} are stale: the cache changed since they were computed",
-            command.replace("norm-stats", "norm-stats --recompute", 1),
-        )
-    tensors = read_statistics_file(root, manifest, entry)
-    return Statistics(entry, tensors, recorded_eps(entry) if eps is None else float(eps))
+    dim = cache.hidden_size
+    patches, cls = Moments((grid[0] * grid[1], dim) if grid else (dim,)), Moments((dim,))
+    shards = cache.iter_shard_rows(
+        wanted, {"cls", "patches"}, lambda g: max(1, CHUNK_BYTES // (8 * (g[0] * g[1] + 1) * dim))
+    )
+    total = len(np.unique(cache.shard_indices()))
+    for shard_grid, chunks in tqdm(shards, total=total, desc="norm-stats", unit="shard", disable=not progress):
+        tokens = shard_grid[0] * shard_grid[1]
+        for batch in chunks:
+            for view in wanted:
+                p = batch["patches" + view].reshape(-1, tokens, dim)
+                patches.add(p if grid else p.reshape(-1, dim))
+                cls.add(batch["cls" + view])
+    return patches, cls
 
 
 def check_export_target(output: Path, style: str) -> None:
@@ -477,6 +270,19 @@ def export_statistics(
     return output
 
 
+def fresh_statistics(manifest: dict, flavour: str, views: str, per_position: bool) -> dict | None:
+    """The manifest's statistics entry for these settings that covers the current sample table."""
+    fresh = [
+        e
+        for e in manifest.get("statistics", [])
+        if e.get("flavour") == flavour
+        and e.get("views") == views
+        and bool(e.get("per_position")) == per_position
+        and is_fresh(e, manifest["samples"]["sha256"])
+    ]
+    return fresh[0] if fresh else None
+
+
 def set_recorded_eps(root: str | Path, file: str, eps: float) -> None:
     """Record another eps for stored statistics (no recomputation: eps is applied on read)."""
     root = Path(root)
@@ -489,9 +295,7 @@ def set_recorded_eps(root: str | Path, file: str, eps: float) -> None:
 
 
 def require_local(root) -> None:
-    from .sources import is_url
-
-    if is_url(str(root)):
+    if CacheLocation(root).is_remote:
         raise ConfigError(
             f"{root}: norm-stats works on a cache on this machine's filesystem",
             "copy the cache here first (e.g. `aws s3 sync`), run norm-stats, then copy stats/ and manifest.json back",
@@ -510,4 +314,13 @@ def _save_tensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
         ) from None
 
 
-__all__ = ["Moments", "compute_statistics", "export_statistics", "load_statistics"]
+# The statistics file's own functions (statsfile.py) are named here too, for norm-stats' callers.
+__all__ = [
+    "Moments",
+    "compute_statistics",
+    "export_statistics",
+    "load_statistics",
+    "is_fresh",
+    "read_statistics_file",
+    "recorded_eps",
+]

@@ -24,10 +24,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import CacheError, ConfigError
+from .fileio import contained_file
 from .flavours import FLAVOURS, affine, apply_flavour, flavour_problem, in_float32
 from .layout import Layout, TensorSpec, dequantize, shard_identity_problems, shard_tensor_problems
+from .location import CacheLocation
 from .manifest import DEFAULT_OUT, NORM_FILE, load_samples, read_manifest, shard_path
-from .sources import is_url as is_remote
+from .remote import ShardCache
+from .statsfile import load_statistics
 from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 _SHAPES = {"one": lambda grid, r: (), "registers": lambda grid, r: (r,), "grid": lambda grid, r: tuple(grid)}
@@ -82,15 +85,11 @@ class FeatureCache(Dataset):
         normalize: bool | str = False,
         normalize_eps: float | None = None,
     ):
-        self.url = str(root)
-        self._shard_cache = None
-        if is_remote(root):  # object storage: a local mirror, shards fetched (and checked) when first read
-            from .remote import Remote, ShardCache
-
-            remote = Remote(str(root))
-            self._shard_cache = ShardCache(remote, remote.pull_metadata())
-            root = self._shard_cache.mirror
-        self.root = Path(root)
+        location = CacheLocation(root)
+        self.url = location.name
+        self.root = location.local_view()  # object storage: a local mirror, its metadata pulled
+        # ... and its shards fetched (and checked) when first read
+        self._shard_cache = ShardCache(location.remote, self.root) if location.is_remote else None
         self.dtype = dtype
         self.manifest, self.table = _open_generation(self.root)  # the table is memory-mapped, sorted by key
         problem = self.table.order_problem()  # binary search and row reads rely on it (docs/FORMAT.md)
@@ -106,21 +105,28 @@ class FeatureCache(Dataset):
         self.layout = Layout.from_record(self.manifest["storage"])
         model = self.manifest["model"]
         self.hidden_size, self.num_registers = model["hidden_size"], model["num_registers"]
+        self._set_flavour(flavour)
+        self.statistics = self._statistics(normalize, normalize_eps) if normalize else None
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._max_open = max_open_shards
+
+    def _set_flavour(self, flavour: str) -> None:
+        """The flavour read (checked against what the cache stores), the final norm it needs, and
+        the dtype a flavour derived on read is rounded to before normalize and the final cast."""
         if flavour not in FLAVOURS:
             raise ConfigError(f"unknown flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
         self.flavour = flavour
         stored = self.layout.normed_values
         self._norm = self._load_norm() if flavour != stored else None
-        # The dtype a flavour derived on read is rounded to before normalize and the final cast.
         self._derived_dtype = (
             torch.float32
-            if dtype is not None or self.layout.storage.scaled or in_float32(flavour, stored)
+            if self.dtype is not None or self.layout.storage.scaled or in_float32(flavour, stored)
             else self.layout.storage.torch_dtype
         )
         problem = flavour_problem(
             flavour,
             stored,
-            self._norm is not None or "final_norm" in model,
+            self._norm is not None or "final_norm" in self.manifest["model"],
             self.layout.ln_stats and self.layout.pool == 1,
             self.layout.pool,
         )
@@ -130,22 +136,13 @@ class FeatureCache(Dataset):
                 "rebuild the cache with the current dinocache "
                 "(extract --overwrite, without --pool for prenorm) or read flavour='normed'",
             )
-        self.statistics = None
-        if normalize:
-            from .normstats import load_statistics
 
-            if normalize not in (True, "channel", "position"):
-                raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
-            self.statistics = load_statistics(
-                self.root,
-                self.manifest,
-                flavour,
-                per_position=normalize == "position",
-                eps=normalize_eps,
-                name=self.url,
-            )
-        self._open: OrderedDict[int, _Shard] = OrderedDict()
-        self._max_open = max_open_shards
+    def _statistics(self, normalize: bool | str, eps: float | None):
+        if normalize not in (True, "channel", "position"):
+            raise CacheError(f"normalize={normalize!r}", "use True (per channel), 'channel' or 'position'")
+        return load_statistics(
+            self.root, self.manifest, self.flavour, per_position=normalize == "position", eps=eps, name=self.url
+        )
 
     # ---- the index --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -384,6 +381,25 @@ class FeatureCache(Dataset):
             ) from None
         return out
 
+    def iter_shard_rows(self, views=("",), only: set[str] | None = None, chunk_rows=lambda grid: 1024):
+        """Every live row once, shard by shard (in shard order), each shard's rows in file order:
+        a streaming pass over the whole cache (norm-stats). Yields (grid, chunks) per shard that
+        holds live rows; `chunks` yields the rows chunk_rows(grid) at a time, as a dict of every
+        feature tensor of `views` ("" plain, "_flip") whose feature is in `only` (None: all),
+        valued as `cache[i]` gives them, with a leading axis of rows."""
+        shard_col, row_col = np.asarray(self._shard_col), np.asarray(self._row_col)
+        order = np.argsort(shard_col, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_col[order])) + 1
+        for members in np.split(order, bounds) if len(order) else []:
+            shard_index = int(shard_col[members[0]])
+            rows = np.sort(row_col[members].astype(np.int64))
+            shard = self._handle(shard_index)
+            yield shard.grid, self._chunks(shard, shard_index, rows, set(views), only, chunk_rows(shard.grid))
+
+    def _chunks(self, shard: _Shard, shard_index: int, rows: np.ndarray, views: set[str], only, size: int):
+        for start in range(0, len(rows), size):
+            yield self._read(shard, shard_index, rows[start : start + size], views, only)
+
     def _handle(self, shard_index: int) -> _Shard:
         shard = self._open.get(shard_index)
         if shard is not None:
@@ -451,8 +467,6 @@ class FeatureCache(Dataset):
         return weight, bias
 
     def _root_file(self, name: str) -> Path:
-        from .fileio import contained_file
-
         if name != NORM_FILE:
             raise CacheError(f"the manifest names {name!r} as the final norm", "the manifest was edited or is corrupt")
         return contained_file(self.root, name, "final-norm file")

@@ -16,7 +16,6 @@ A remote cache has exactly the local layout (docs/FORMAT.md). dinocache works on
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,20 +25,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import manifest as manifest_rules  # its size limit read when used, like read_manifest does
 from .errors import CacheError, untrusted
 from .fileio import atomic_write_bytes, is_link, remove_owned
 from .lock import LOCK_BYTES
+from .manifest import OWNED, TEMP, read_manifest, schema_problems
 from .names import INDEX_DIR, LOCK_NAME, MANIFEST_NAME, NORM_FILE, RANK_DIR, SHARD_DIR, STATS_DIR
-from .sources import _fsspec, is_url
-from .state import LocalShards
+from .sources import _fsspec
+from .stfile import parse_json_bounded
+from .store import RemoteShards  # noqa: F401 - named here too: the store of a remote cache
 
 log = logging.getLogger("dinocache")
 
 DEFAULT_SHARD_CACHE_GB = 50.0
-
-
-def is_remote(path) -> bool:
-    return is_url(str(path))
 
 
 def _mirror_base() -> Path:
@@ -86,13 +84,12 @@ class Remote:
             return None
 
     def _read_manifest_bytes(self) -> bytes | None:
-        from .manifest import MAX_MANIFEST_BYTES
-
+        limit = manifest_rules.MAX_MANIFEST_BYTES
         size = self.size(MANIFEST_NAME)
-        data = self.read(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES) if (size or 0) <= MAX_MANIFEST_BYTES else b""
-        if data is not None and (len(data) > MAX_MANIFEST_BYTES or (size or 0) > MAX_MANIFEST_BYTES):
+        data = self.read(MANIFEST_NAME, limit=limit) if (size or 0) <= limit else b""
+        if data is not None and (len(data) > limit or (size or 0) > limit):
             raise CacheError(
-                f"{self.url}/{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may be",
+                f"{self.url}/{MANIFEST_NAME} is larger than {limit} bytes, the most a manifest may be",
                 "pass the URL of a dinocache cache; a manifest that large is not one dinocache wrote",
             )
         return data
@@ -163,13 +160,10 @@ class Remote:
         A mirror that disagrees (the remote has no manifest, or one of another cache: the bucket
         was emptied or recreated) is discarded first, so no old manifest, table or shard of it
         decides anything: not the settings check, not adoption."""
-        from .manifest import MANIFEST_NAME as NAME
-        from .manifest import OWNED, TEMP, read_manifest
-
         mirror = self.mirror()
         remote_manifest = self._read_manifest_bytes()
         try:
-            local_created = read_manifest(mirror).get("created") if (mirror / NAME).is_file() else None
+            local_created = read_manifest(mirror).get("created") if (mirror / MANIFEST_NAME).is_file() else None
         except CacheError:
             local_created = "unreadable"
         remote_created = None
@@ -180,7 +174,7 @@ class Remote:
                 remote_created = "unreadable"  # pull_metadata says what is wrong with it
         if local_created is not None and local_created != remote_created:
             log.info("discarding the local mirror of %s: the remote cache is not the one it mirrors", self.url)
-            (mirror / NAME).unlink(missing_ok=True)
+            (mirror / MANIFEST_NAME).unlink(missing_ok=True)
             (mirror / NORM_FILE).unlink(missing_ok=True)
             for folder in (SHARD_DIR, INDEX_DIR, STATS_DIR, RANK_DIR):
                 remove_owned(mirror / folder, OWNED[folder])
@@ -189,9 +183,6 @@ class Remote:
 
     def pull_metadata(self) -> Path:
         """The manifest and the files it names (but shards) into the mirror, checked; returns it."""
-        from .manifest import read_manifest, schema_problems
-        from .stfile import parse_json_bounded
-
         mirror = self.mirror()
         for folder in (INDEX_DIR, STATS_DIR, SHARD_DIR):
             path = mirror / folder
@@ -259,73 +250,15 @@ class ShardCache:
                 path.unlink(missing_ok=True)
 
 
-def local_view(root: str | Path) -> Path:
-    """A cache folder to read: `root` itself, or the mirror of a remote cache (metadata pulled)."""
-    return Remote(str(root)).pull_metadata() if is_remote(root) else Path(root)
-
-
-class RemoteShards(LocalShards):
-    """The shards of a remote cache, for repair, adoption and --overwrite: sizes from one
-    listing, deep checks (--repair) and orphans on a downloaded copy, deletes remote."""
-
-    def __init__(self, remote: Remote, mirror: Path):
-        super().__init__(mirror)
-        self.remote = remote
-        self._sizes = remote.listing(SHARD_DIR)
-
-    def size(self, file: str) -> int | None:
-        return self._sizes.get(file.removeprefix(SHARD_DIR + "/"))
-
-    def orphans(self, known: set[str]) -> list[str]:
-        from .manifest import OWNED
-
-        return [
-            f"{SHARD_DIR}/{name}"
-            for name in sorted(self._sizes)
-            if OWNED[SHARD_DIR].fullmatch(name) and f"{SHARD_DIR}/{name}" not in known
-        ]
-
-    @contextlib.contextmanager
-    def local_copy(self, file: str):
-        name = file.removeprefix(SHARD_DIR + "/")
-        local = self.root / SHARD_DIR / f".check-{name}"
-        try:
-            yield self.remote.download(file, local)
-        finally:
-            local.unlink(missing_ok=True)
-
-    def delete(self, file: str) -> None:
-        from .manifest import owned_name
-
-        if not owned_name(file):  # a tampered manifest must not make us delete a foreign object
-            log.warning("%s/%s is not a name dinocache gives its files: left in place", self.remote.url, file)
-            return
-        self.remote.rm(file)
-        self._sizes.pop(file.removeprefix(SHARD_DIR + "/"), None)
-
-    def clear(self) -> None:
-        """--overwrite on a remote cache: its manifest and every object with dinocache's names."""
-        from .manifest import OWNED
-
-        self.remote.rm(MANIFEST_NAME)
-        self.remote.rm(NORM_FILE)
-        for folder in (SHARD_DIR, INDEX_DIR, RANK_DIR, STATS_DIR):
-            for name in self.remote.listing(folder):
-                if OWNED[folder].fullmatch(name):
-                    self.remote.rm(f"{folder}/{name}")
-        self._sizes = {}
-
-
 class RemoteSession:
     """extract writing to object storage: the remote lock, the mirror brought up to date (the
-    remote is the truth), shards left in the mirror by an interrupted run uploaded (they are
-    then adopted like any orphan), and the uploads: each shard once it is durable locally (then
-    the local copy goes), and at each commit the new files, the manifest last."""
+    remote is the truth), and shards left in the mirror by an interrupted run uploaded (they are
+    then adopted like any orphan). The run's own uploads are its store's (`store.RemoteShards`):
+    each shard once it is durable locally, and at each commit the new files, the manifest last."""
 
     def __init__(self, remote: Remote):
         self.remote = remote
         self.mirror = remote.mirror()
-        self._uploaded_extras: dict[str, str] = {}
 
     def __enter__(self) -> "RemoteSession":
         self.remote.lock()
@@ -337,8 +270,6 @@ class RemoteSession:
         return self
 
     def _prepare(self) -> None:
-        from .manifest import OWNED
-
         self.remote.sync_mirror()
         folder = self.mirror / SHARD_DIR
         remote_shards = self.remote.listing(SHARD_DIR)
@@ -348,23 +279,6 @@ class RemoteSession:
                     log.info("uploading %s, left by an interrupted run", path.name)
                     self.remote.put_file(path, f"{SHARD_DIR}/{path.name}")
                 path.unlink()
-
-    def upload_shard(self, path: Path, name: str) -> None:
-        self.remote.put_file(path, name)
-        path.unlink()
-
-    def after_commit(self, files: list[str], old_table: str | None) -> None:
-        for rel in files:
-            local = self.mirror / rel
-            digest = hashlib.sha256(local.read_bytes()).hexdigest()
-            if self._uploaded_extras.get(rel) != digest:
-                self.remote.put_file(local, rel)
-                self._uploaded_extras[rel] = digest
-        self.remote.put_file(self.mirror / MANIFEST_NAME, MANIFEST_NAME)
-        from .manifest import owned_name
-
-        if old_table and owned_name(old_table):
-            self.remote.rm(old_table)
 
     def __exit__(self, *exc) -> None:
         self.remote.unlock()

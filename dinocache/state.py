@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import CacheError, ConfigError, untrusted
 from .faults import fault_point
 from .fileio import (
@@ -34,6 +34,7 @@ from .fileio import (
 )
 from .index import SampleTable, record_from_json
 from .layout import FORMAT_NAME, FORMAT_VERSION, Layout, parse_shard_metadata, shard_tensor_problems
+from .location import CacheLocation
 from .lock import CacheLock
 from .manifest import (
     INDEX_DIR,
@@ -46,7 +47,6 @@ from .manifest import (
     SHARD_DIR,
     STATS_DIR,
     TEMP,
-    cache_path,
     delete_owned,
     load_samples,
     rank_report_problems,
@@ -56,6 +56,8 @@ from .manifest import (
 )
 from .names import table_name
 from .stfile import SafetensorsError, SafetensorsFile, parse_json_bounded
+from .store import LocalShards
+from .verify import _listed_shard_findings  # repair applies verify's own check of a listed shard
 
 log = logging.getLogger("dinocache")
 CACHE_FOLDERS = (SHARD_DIR, INDEX_DIR, RANK_DIR, STATS_DIR)
@@ -171,38 +173,6 @@ class Damage:
     hashed: bool = False
 
 
-class LocalShards:
-    """The shard files of a cache in its own shards/ folder (remote.RemoteShards: in object
-    storage): what repair, adoption and --overwrite look at and delete."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def size(self, file: str) -> int | None:
-        try:
-            path = cache_path(self.root, file)
-            return path.stat().st_size if path.is_file() else None
-        except (CacheError, OSError):
-            return None
-
-    def orphans(self, known: set[str]) -> list[str]:
-        folder = self.root / SHARD_DIR
-        if not folder.is_dir() or is_link(folder):
-            return []
-        return [
-            f"{SHARD_DIR}/{name}"
-            for name in sorted(os.listdir(folder))
-            if OWNED[SHARD_DIR].fullmatch(name) and f"{SHARD_DIR}/{name}" not in known
-        ]
-
-    @contextlib.contextmanager
-    def local_copy(self, file: str):
-        yield self.root / file
-
-    def delete(self, file: str) -> None:
-        delete_owned(self.root, file)
-
-
 class CacheState:
     """The cache while it is being written: the committed sample table plus what this run added.
     `commit` writes a new sample table, then the manifest that names it (both atomically)."""
@@ -211,8 +181,6 @@ class CacheState:
         check_cache_folders(root)  # every writer, the ranks of --rank/--world-size included
         self.root = root
         self.store = store or LocalShards(root)
-        self.after_commit = None  # called with (files written, previous table) once a commit is durable
-        self.upload = None  # remote caches: called with (local shard path, name) once a shard is durable
         self.settings = settings
         self.layout = Layout.from_record(settings["storage"])
         self.extras = extras or {}  # files the manifest names besides shards: {name: bytes} (final_norm)
@@ -301,8 +269,6 @@ class CacheState:
         (sha256, header, layout, metadata, finite values): whatever verify or a reader would
         refuse is recomputed."""
         import numpy as np
-
-        from .verify import _listed_shard_findings
 
         damage = Damage(hashed=deep)
         manifest = {**self.settings, "format_version": FORMAT_VERSION}
@@ -459,8 +425,8 @@ class CacheState:
         }
         fault_point("manifest_write")
         write_manifest(self.root, manifest)
-        if self.after_commit is not None:  # a remote cache: upload the table, then the manifest
-            self.after_commit(list(self.extras) + ([self.index_file] if old != self.index_file else []), old)
+        # a remote cache: upload the table, then the manifest
+        self.store.after_commit(list(self.extras) + ([self.index_file] if old != self.index_file else []), old)
         if old and old != self.index_file:
             delete_owned(self.root, old)
 
@@ -535,9 +501,7 @@ def read_rank_reports(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
 
 def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
     """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
-    from .sources import is_url
-
-    if is_url(str(root)):
+    if CacheLocation(root).is_remote:
         raise ConfigError(
             f"{root} is in object storage, which one process writes: it has no ranks to merge",
             "merge a multi-process cache on the shared filesystem it was written to",

@@ -31,6 +31,7 @@ from .layout import (
     shard_tensor_problems,
     stored_grid,
 )
+from .location import CacheLocation
 from .manifest import (
     INDEX_DIR,
     MANIFEST_NAME,
@@ -45,7 +46,6 @@ from .manifest import (
     settings_of,
     shard_path,
 )
-from .sources import is_url
 from .stfile import DTYPES, SafetensorsError, SafetensorsFile
 
 RECOMPUTE_MIN_COSINE = 0.995  # per token, stored vs recomputed (bf16 round trips give > 0.999)
@@ -186,7 +186,7 @@ def verify_paths(
     loose: list[Path] = []
     notes: list[str] = []
     for raw in paths or [Path("dinocache_out")]:
-        if is_url(str(raw)):  # a cache in object storage
+        if CacheLocation(raw).is_remote:  # a cache in object storage
             remotes.append(str(raw))
             continue
         path = Path(raw)

@@ -285,3 +285,21 @@ def test_shard_windows_keep_the_shuffle_deterministic_complete_and_local(tmp_pat
     resumed = BucketBatchSampler(cache, batch_size=2, seed=1, shard_window=2)
     resumed.set_epoch(1, start_step=4)
     assert list(resumed) == list(windowed)[4:]
+
+
+def test_iter_shard_rows_reads_every_live_row_once_as_indexing_does(cache):
+    """The public row iterator norm-stats streams through: each live sample's values exactly
+    once, valued as cache[i] gives them, in chunks of at most chunk_rows(grid) rows."""
+    from collections import Counter
+
+    def row(cls, patches) -> bytes:  # bf16 has no numpy dtype: its bits
+        return cls.view(torch.int16).numpy().tobytes() + patches.view(torch.int16).numpy().tobytes()
+
+    streamed = Counter()
+    for grid, chunks in cache.iter_shard_rows(("",), {"cls", "patches"}, chunk_rows=lambda grid: 3):
+        for batch in chunks:
+            assert set(batch) == {"cls", "patches"} and 1 <= len(batch["cls"]) <= 3
+            assert tuple(batch["patches"].shape[1:3]) == grid
+            streamed.update(row(c, p) for c, p in zip(batch["cls"], batch["patches"]))
+    indexed = Counter(row(cache[i]["cls"], cache[i]["patches"]) for i in range(16))
+    assert streamed == indexed and sum(streamed.values()) == len(cache) == 16
