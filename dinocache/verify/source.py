@@ -1,6 +1,6 @@
 """--source: the images a cache (or loose shards) was extracted from, missing or changed since.
-Every read of a source goes through the sources module; the one place this package finds an
-item's bytes is `_same_bytes`."""
+Every read goes through the sources module; the one call here that reaches an item by its path
+and tar offset is in `_same_bytes` (the Source seam's to replace)."""
 
 from __future__ import annotations
 
