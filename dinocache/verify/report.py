@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -10,7 +11,7 @@ class VerifyOptions:
     """Every choice of one verify run, passed as one object to each part."""
 
     check_values: bool = True  # the NaN/Inf scan (checksums always run)
-    source: str | None = None  # the images: find missing and changed ones
+    source: str | Path | None = None  # the images: find missing and changed ones
     recompute: int = 0  # re-extract this many random samples and compare
     seed: int = 0  # which samples --recompute takes
     device: str = "auto"  # for --recompute
