@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -112,65 +112,108 @@ LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16
 REGISTERS_HELP = "Also store the register tokens."
 FLIP_HELP = "Also store the features of the mirrored image."
 
+# Options as types (typer reads the Annotated part); the default is given where each is used.
+# Shared by extract and plan, which must mean the same by them:
+Source = Annotated[
+    str,
+    typer.Argument(
+        metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar) or a list file."
+    ),
+]
+StorageDtype = Annotated[str, typer.Option(metavar="DTYPE", help=STORAGE_HELP)]
+Pool = Annotated[int, typer.Option(min=1, max=64, metavar="N", help=POOL_HELP)]
+Layers = Annotated[Optional[str], typer.Option(metavar="K,K", help=LAYERS_HELP)]
+KeepRegisters = Annotated[bool, typer.Option("--keep-registers", help=REGISTERS_HELP)]
+Flip = Annotated[bool, typer.Option("--flip", help=FLIP_HELP)]
+Preset = Annotated[Optional[str], typer.Option("--preset", metavar="NAME", help=PRESET_HELP)]
+TokenPixels = Annotated[Optional[int], typer.Option("--token-pixels", min=0, metavar="PX", help=TOKEN_PIXELS_HELP)]
+ShardSizeMb = Annotated[float, typer.Option(min=0.001, metavar="MB", help="Largest shard.")]
+# extract's own:
+Buckets = Annotated[
+    Optional[Path], typer.Option("--buckets", "-b", metavar="YAML", help="Bucket config, e.g. configs/dit-1024.yaml.")
+]
+Crops = Annotated[
+    Optional[Path], typer.Option("--crops", metavar="JSONL", help="The trainer's own crops: key, size, box per line.")
+]
+Out = Annotated[str, typer.Option("--out", "-o", metavar="OUT", help="Cache folder, or s3://... (any fsspec URL).")]
+Model = Annotated[
+    str, typer.Option("--model", "-m", metavar="MODEL", help="Hub id, local folder, official .pth, or random:<arch>.")
+]
+Revision = Annotated[Optional[str], typer.Option(metavar="REV", help="Hub branch, tag or commit.")]
+Device = Annotated[str, typer.Option(metavar="DEV", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(metavar="DTYPE", help="Compute: auto, bfloat16, float16, float32.")]
+BatchSize = Annotated[
+    Optional[int], typer.Option(min=1, metavar="N", help="Images per forward (default: config's, else by size).")
+]
+Workers = Annotated[
+    Optional[int], typer.Option(min=0, metavar="N", help="Decode processes (default: cores - 1, at most 8).")
+]
+ImageMean = Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Override the checkpoint's mean.")]
+ImageStd = Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Override the checkpoint's std.")]
+CommitEvery = Annotated[float, typer.Option(min=0, metavar="S", help="Seconds between manifest commits.")]
+MaxPixels = Annotated[int, typer.Option(min=1, metavar="N", help="Refuse larger images (bombs).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Rebuild a cache made with other settings.")]
+Rehash = Annotated[bool, typer.Option("--rehash", help="Decide what is cached by content hash.")]
+Repair = Annotated[bool, typer.Option("--repair", help="Hash every shard; recompute damaged ones.")]
+Prune = Annotated[bool, typer.Option("--prune", help="Drop cached images whose file is gone.")]
+RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="Try failed images again, changed or not.")]
+NewSource = Annotated[bool, typer.Option("--new-source", help="Accept a source other than the cache's.")]
+FollowSymlinks = Annotated[bool, typer.Option("--follow-symlinks", help="Read links that lead outside SOURCE.")]
+MaxFailures = Annotated[Optional[str], typer.Option(metavar="N|F", help="Stop past N failures, or a fraction (5%).")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPUs).")]
+SdpaBackend = Annotated[str, typer.Option(metavar="NAME", help="Attention: auto, cudnn, flash, efficient, math.")]
+JpegDraft = Annotated[bool, typer.Option("--jpeg-draft", help="Decode big JPEGs at reduced scale.")]
+ResizeOnDevice = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--resize-on-device/--resize-in-workers", show_default=False, help="Where to resize (default: GPU if any)."
+    ),
+]
+Rank = Annotated[Optional[int], typer.Option(min=0, metavar="I", help="This share, without torchrun.")]
+WorldSize = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Number of shares, with --rank.")]
+
 
 @app.command(no_args_is_help=True)
 def extract(
-    input_dir: str = typer.Argument(
-        ..., metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar) or a list file."
-    ),
-    buckets: Optional[Path] = typer.Option(
-        None, "--buckets", "-b", metavar="YAML", help="Bucket config, e.g. configs/dit-1024.yaml."
-    ),
-    crops: Optional[Path] = typer.Option(
-        None, "--crops", metavar="JSONL", help="The trainer's own crops: key, size, box per line."
-    ),
-    out: str = typer.Option(
-        DEFAULT_OUT, "--out", "-o", metavar="OUT", help="Cache folder, or s3://... (any fsspec URL)."
-    ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Hub id, local folder, official .pth, or random:<arch>."
-    ),
-    preset: Optional[str] = typer.Option(None, "--preset", metavar="NAME", help=PRESET_HELP),
-    token_pixels: Optional[int] = typer.Option(None, "--token-pixels", min=0, metavar="PX", help=TOKEN_PIXELS_HELP),
-    revision: Optional[str] = typer.Option(None, metavar="REV", help="Hub branch, tag or commit."),
-    device: str = typer.Option("auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", metavar="DTYPE", help="Compute: auto, bfloat16, float16, float32."),
-    storage_dtype: str = typer.Option("bfloat16", metavar="DTYPE", help=STORAGE_HELP),
-    pool: int = typer.Option(1, min=1, max=64, metavar="N", help=POOL_HELP),
-    layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
-    keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
-    flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
-    batch_size: Optional[int] = typer.Option(
-        None, min=1, metavar="N", help="Images per forward (default: config's, else by size)."
-    ),
-    workers: Optional[int] = typer.Option(
-        None, min=0, metavar="N", help="Decode processes (default: cores - 1, at most 8)."
-    ),
-    image_mean: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's mean."),
-    image_std: Optional[str] = typer.Option(None, metavar="R,G,B", help="Override the checkpoint's std."),
-    shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
-    commit_every: float = typer.Option(30.0, min=0, metavar="S", help="Seconds between manifest commits."),
-    max_pixels: int = typer.Option(178_956_970, min=1, metavar="N", help="Refuse larger images (bombs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache made with other settings."),
-    rehash: bool = typer.Option(False, "--rehash", help="Decide what is cached by content hash."),
-    repair: bool = typer.Option(False, "--repair", help="Hash every shard; recompute damaged ones."),
-    prune: bool = typer.Option(False, "--prune", help="Drop cached images whose file is gone."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try failed images again, changed or not."),
-    new_source: bool = typer.Option(False, "--new-source", help="Accept a source other than the cache's."),
-    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read links that lead outside SOURCE."),
-    max_failures: Optional[str] = typer.Option(None, metavar="N|F", help="Stop past N failures, or a fraction (5%)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPUs)."),
-    sdpa_backend: str = typer.Option("auto", metavar="NAME", help="Attention: auto, cudnn, flash, efficient, math."),
-    jpeg_draft: bool = typer.Option(False, "--jpeg-draft", help="Decode big JPEGs at reduced scale."),
-    resize_on_device: Optional[bool] = typer.Option(
-        None,
-        "--resize-on-device/--resize-in-workers",
-        show_default=False,
-        help="Where to resize (default: GPU if any).",
-    ),
-    rank: Optional[int] = typer.Option(None, min=0, metavar="I", help="This share, without torchrun."),
-    world_size: Optional[int] = typer.Option(None, min=1, metavar="N", help="Number of shares, with --rank."),
+    ctx: typer.Context,
+    input_dir: Source,
+    buckets: Buckets = None,
+    crops: Crops = None,
+    out: Out = DEFAULT_OUT,
+    model: Model = DEFAULT_MODEL,
+    preset: Preset = None,
+    token_pixels: TokenPixels = None,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    storage_dtype: StorageDtype = "bfloat16",
+    pool: Pool = 1,
+    layers: Layers = None,
+    keep_registers: KeepRegisters = False,
+    flip: Flip = False,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    image_mean: ImageMean = None,
+    image_std: ImageStd = None,
+    shard_size_mb: ShardSizeMb = 512,
+    commit_every: CommitEvery = 30.0,
+    max_pixels: MaxPixels = 178_956_970,
+    overwrite: Overwrite = False,
+    rehash: Rehash = False,
+    repair: Repair = False,
+    prune: Prune = False,
+    retry_failed: RetryFailed = False,
+    new_source: NewSource = False,
+    follow_symlinks: FollowSymlinks = False,
+    max_failures: MaxFailures = None,
+    progress: Progress = True,
+    compile: Compile = False,
+    sdpa_backend: SdpaBackend = "auto",
+    jpeg_draft: JpegDraft = False,
+    resize_on_device: ResizeOnDevice = None,
+    rank: Rank = None,
+    world_size: WorldSize = None,
 ):
     """Extract features for every image of SOURCE into OUT.
 
@@ -187,69 +230,56 @@ def extract(
       torchrun --nproc_per_node=8 -m dinocache extract data/images \\
           --buckets configs/dit-1024.yaml -o cache/
     """
-    from .config import BucketConfig, ExtractOptions, load_bucket_config, parse_max_failures
+    _run_extract(ctx.params)  # every option by name
+
+
+# extract's options that ExtractOptions takes as they are given
+_AS_GIVEN = (
+    "out",
+    "model",
+    "revision",
+    "device",
+    "dtype",
+    "storage_dtype",
+    "keep_registers",
+    "pool",
+    "flip",
+    "batch_size",
+    "workers",
+    "max_pixels",
+    "overwrite",
+    "rehash",
+    "prune",
+    "repair",
+    "retry_failed",
+    "new_source",
+    "follow_symlinks",
+    "progress",
+    "compile",
+    "sdpa_backend",
+    "jpeg_draft",
+    "rank",
+    "world_size",
+    "resize_on_device",
+    "crops",
+    "preset",
+    "token_pixels",
+)
+
+
+def _run_extract(given: dict) -> None:
     from .distributed import LauncherEnv
     from .extract import Interrupted
     from .extract import extract as run_extract
 
+    input_dir, out, rank, world_size = given["input_dir"], given["out"], given["rank"], given["world_size"]
     cores = os.cpu_count() or 1
-    if workers is not None and workers > cores:
-        typer.echo(f"warning: --workers {workers} is more than the {cores} cores here: no faster decoding", err=True)
-    try:
-        if buckets is None and crops is None:
-            raise DinocacheError(
-                "extract needs --buckets (a bucket config), --crops (the trainer's crops), or both",
-                "e.g. --buckets configs/dit-1024.yaml",
-            )
-        config = load_bucket_config(buckets) if buckets is not None else None
-        if crops is not None:
-            from .crops import buckets_for_crops
-
-            config = buckets_for_crops(crops, config)
-        options = ExtractOptions(
-            out=out,
-            buckets=config or BucketConfig([]),
-            model=model,
-            revision=revision,
-            device=device,
-            dtype=dtype,
-            storage_dtype=storage_dtype,
-            keep_registers=keep_registers,
-            pool=pool,
-            layers=_layer_list(layers),
-            flip=flip,
-            image_mean=_floats3(image_mean, "--image-mean"),
-            image_std=_floats3(image_std, "--image-std"),
-            batch_size=batch_size,
-            workers=workers,
-            shard_max_bytes=int(shard_size_mb * 1024**2),
-            commit_every_s=commit_every,
-            max_pixels=max_pixels,
-            overwrite=overwrite,
-            rehash=rehash,
-            prune=prune,
-            repair=repair,
-            retry_failed=retry_failed,
-            new_source=new_source,
-            follow_symlinks=follow_symlinks,
-            max_failures=parse_max_failures(max_failures),
-            progress=progress,
-            compile=compile,
-            sdpa_backend=sdpa_backend,
-            jpeg_draft=jpeg_draft,
-            rank=rank,
-            world_size=world_size,
-            resize_on_device=resize_on_device,
-            crops=crops,
-            preset=preset,
-            token_pixels=token_pixels,
+    if given["workers"] is not None and given["workers"] > cores:
+        typer.echo(
+            f"warning: --workers {given['workers']} is more than the {cores} cores here: no faster decoding", err=True
         )
-        options.layout()  # an unknown --storage-dtype is reported before anything runs
-        if preset is not None:
-            from .presets import check_no_crops
-
-            check_no_crops(preset, crops)
-        result = run_extract(input_dir, options)
+    try:
+        result = run_extract(input_dir, _extract_options(given))
     except Interrupted as exc:
         _print_extract_summary(exc.result, input_dir, world_size, rank, out)
         typer.echo(f"interrupted: {exc.kept} image(s) kept; rerun the same command to resume", err=True)
@@ -261,6 +291,39 @@ def extract(
         typer.echo(f"error: no image was extracted: all {result.failed_this_run} tried failed", err=True)
         typer.echo(f"  fix: `dinocache keys {out} --failed` says why (paths relative to another folder?)", err=True)
         raise typer.Exit(EXIT_PROBLEMS)
+
+
+def _extract_options(given: dict):
+    """extract's options as one ExtractOptions, each checked (DinocacheError) before anything runs."""
+    from .config import BucketConfig, ExtractOptions, load_bucket_config, parse_max_failures
+
+    buckets, crops, preset = given["buckets"], given["crops"], given["preset"]
+    if buckets is None and crops is None:
+        raise DinocacheError(
+            "extract needs --buckets (a bucket config), --crops (the trainer's crops), or both",
+            "e.g. --buckets configs/dit-1024.yaml",
+        )
+    config = load_bucket_config(buckets) if buckets is not None else None
+    if crops is not None:
+        from .crops import buckets_for_crops
+
+        config = buckets_for_crops(crops, config)
+    options = ExtractOptions(
+        **{name: given[name] for name in _AS_GIVEN},
+        buckets=config or BucketConfig([]),
+        layers=_layer_list(given["layers"]),
+        image_mean=_floats3(given["image_mean"], "--image-mean"),
+        image_std=_floats3(given["image_std"], "--image-std"),
+        shard_max_bytes=int(given["shard_size_mb"] * 1024**2),
+        commit_every_s=given["commit_every"],
+        max_failures=parse_max_failures(given["max_failures"]),
+    )
+    options.layout()  # an unknown --storage-dtype is reported before anything runs
+    if preset is not None:
+        from .presets import check_no_crops
+
+        check_no_crops(preset, crops)
+    return options
 
 
 def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:
@@ -316,28 +379,33 @@ def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -
         typer.echo(f"rank {rank} of {world_size} done: run `dinocache merge {out}` once every rank has finished")
 
 
+# plan's own:
+PlanBuckets = Annotated[Optional[Path], typer.Option("--buckets", "-b", metavar="YAML", help="Bucket config.")]
+PlanCrops = Annotated[Optional[Path], typer.Option("--crops", metavar="JSONL", help="The trainer's own crops.")]
+PlanModel = Annotated[
+    str,
+    typer.Option("--model", "-m", metavar="MODEL", help="Only its shape matters (Hub id, folder, random:<arch>)."),
+]
+PlanOut = Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help="Where the cache would go (free space).")]
+PlanJson = Annotated[bool, typer.Option("--json", help="Print JSON (lists every file).")]
+
+
 @app.command(no_args_is_help=True)
 def plan(
-    input_dir: str = typer.Argument(
-        ..., metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar) or a list file."
-    ),
-    buckets: Optional[Path] = typer.Option(None, "--buckets", "-b", metavar="YAML", help="Bucket config."),
-    crops: Optional[Path] = typer.Option(None, "--crops", metavar="JSONL", help="The trainer's own crops."),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", metavar="MODEL", help="Only its shape matters (Hub id, folder, random:<arch>)."
-    ),
-    storage_dtype: str = typer.Option("bfloat16", metavar="DTYPE", help=STORAGE_HELP),
-    pool: int = typer.Option(1, min=1, max=64, metavar="N", help=POOL_HELP),
-    layers: Optional[str] = typer.Option(None, metavar="K,K", help=LAYERS_HELP),
-    keep_registers: bool = typer.Option(False, "--keep-registers", help=REGISTERS_HELP),
-    flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
-    preset: Optional[str] = typer.Option(None, "--preset", metavar="NAME", help=PRESET_HELP),
-    token_pixels: Optional[int] = typer.Option(None, "--token-pixels", min=0, metavar="PX", help=TOKEN_PIXELS_HELP),
-    shard_size_mb: float = typer.Option(512, min=0.001, metavar="MB", help="Largest shard."),
-    out: Path = typer.Option(
-        Path(DEFAULT_OUT), "--out", "-o", metavar="OUT", help="Where the cache would go (free space)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (lists every file)."),
+    input_dir: Source,
+    buckets: PlanBuckets = None,
+    crops: PlanCrops = None,
+    model: PlanModel = DEFAULT_MODEL,
+    storage_dtype: StorageDtype = "bfloat16",
+    pool: Pool = 1,
+    layers: Layers = None,
+    keep_registers: KeepRegisters = False,
+    flip: Flip = False,
+    preset: Preset = None,
+    token_pixels: TokenPixels = None,
+    shard_size_mb: ShardSizeMb = 512,
+    out: PlanOut = Path(DEFAULT_OUT),
+    as_json: PlanJson = False,
 ):
     """Show what extract would do, without a model: buckets, distortion, size, time.
 
@@ -347,22 +415,12 @@ def plan(
     """
     import dataclasses
 
-    from .config import load_bucket_config
     from .layout import Layout
     from .layout import storage_dtype as check_dtype
     from .plan import format_plan, plan_extraction
 
     try:
-        if buckets is None and crops is None:
-            raise DinocacheError("plan needs --buckets, --crops, or both", "e.g. --buckets configs/dit-1024.yaml")
-        config = load_bucket_config(buckets) if buckets is not None else None
-        crop_table = None
-        if crops is not None:
-            from .crops import buckets_for_crops, load_crops
-            from .sources import open_source
-
-            config = buckets_for_crops(crops, config)
-            crop_table = load_crops(crops, config, open_source(input_dir, exclude=[out]).scan())
+        config, crop_table = _plan_buckets(input_dir, buckets, crops, out)
         check_dtype(storage_dtype)
         layout = Layout(dtype=storage_dtype, registers=keep_registers, pool=pool, layers=_layer_list(layers), flip=flip)
         if preset is not None:
@@ -387,6 +445,23 @@ def plan(
         if as_json
         else format_plan(report, config, model, storage_dtype)
     )
+
+
+def _plan_buckets(input_dir: str, buckets: Optional[Path], crops: Optional[Path], out: Path):
+    """(the bucket config, the --crops table or None) plan works with, as extract would read them."""
+    from .config import load_bucket_config
+
+    if buckets is None and crops is None:
+        raise DinocacheError("plan needs --buckets, --crops, or both", "e.g. --buckets configs/dit-1024.yaml")
+    config = load_bucket_config(buckets) if buckets is not None else None
+    crop_table = None
+    if crops is not None:
+        from .crops import buckets_for_crops, load_crops
+        from .sources import open_source
+
+        config = buckets_for_crops(crops, config)
+        crop_table = load_crops(crops, config, open_source(input_dir, exclude=[out]).scan())
+    return config, crop_table
 
 
 @app.command(no_args_is_help=True)
@@ -628,24 +703,37 @@ def merge(out: str = OUT_ARG):
     )
 
 
-@app.command()
-def verify(
-    paths: Optional[List[str]] = typer.Argument(
-        None,
+Paths = Annotated[
+    Optional[List[str]],
+    typer.Argument(
         metavar="PATH",
         show_default=False,
         help=f"Cache folders, shards/ folders or shard files (default: ./{DEFAULT_OUT}).",
     ),
-    source: Optional[str] = typer.Option(
-        None, "--source", metavar="DIR", help="Image folder: find missing and changed images."
-    ),
-    recompute: int = typer.Option(0, min=0, metavar="N", help="Re-extract N random samples and compare."),
-    seed: int = typer.Option(0, metavar="S", help="Which samples --recompute takes."),
-    device: str = typer.Option("auto", metavar="DEV", help="Device for --recompute."),
-    skip_values: bool = typer.Option(False, "--skip-values", help="Skip the NaN/Inf scan (checksums run)."),
-    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read --source links that lead outside it."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
-    listed: int = typer.Option(50, metavar="N", help="Problems to print (all with --json)."),
+]
+VerifySource = Annotated[
+    Optional[str], typer.Option("--source", metavar="DIR", help="Image folder: find missing and changed images.")
+]
+Recompute = Annotated[int, typer.Option(min=0, metavar="N", help="Re-extract N random samples and compare.")]
+Seed = Annotated[int, typer.Option(metavar="S", help="Which samples --recompute takes.")]
+RecomputeDevice = Annotated[str, typer.Option(metavar="DEV", help="Device for --recompute.")]
+SkipValues = Annotated[bool, typer.Option("--skip-values", help="Skip the NaN/Inf scan (checksums run).")]
+SourceSymlinks = Annotated[bool, typer.Option("--follow-symlinks", help="Read --source links that lead outside it.")]
+VerifyJson = Annotated[bool, typer.Option("--json", help="Print a JSON report.")]
+Listed = Annotated[int, typer.Option(metavar="N", help="Problems to print (all with --json).")]
+
+
+@app.command()
+def verify(
+    paths: Paths = None,
+    source: VerifySource = None,
+    recompute: Recompute = 0,
+    seed: Seed = 0,
+    device: RecomputeDevice = "auto",
+    skip_values: SkipValues = False,
+    follow_symlinks: SourceSymlinks = False,
+    as_json: VerifyJson = False,
+    listed: Listed = 50,
 ):
     """Check that a cache (or loose shards) is complete and intact.
 
@@ -658,7 +746,7 @@ def verify(
       dinocache verify cache/shards/            (the whole cache)
       dinocache verify copied-shards/*.safetensors --json
     """
-    from .verify import RECOMPUTE_MIN_COSINE, verify_paths
+    from .verify import verify_paths
 
     try:
         report = verify_paths(
@@ -672,6 +760,13 @@ def verify(
         )
     except DinocacheError as exc:
         _fail(exc)
+    _print_verify_report(report, as_json, listed)
+
+
+def _print_verify_report(report, as_json: bool, listed: int) -> None:
+    """The report as text (or JSON), and the exit code: 0 intact, 1 problems."""
+    from .verify import RECOMPUTE_MIN_COSINE
+
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         raise typer.Exit(0 if report.ok else EXIT_PROBLEMS)

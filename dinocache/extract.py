@@ -7,7 +7,12 @@ Everything cheap is checked before the model's weights load: the input, the sett
 the cache, the lock, damaged shards, and whether there is anything to do at all. Per-image
 problems are recorded as failures and the run goes on. SIGINT/SIGTERM stop it in order: the
 batch in flight is finished, written and committed. State bookkeeping lives in state.py, the
-decode workers in decoding.py, the layout of what is written in layout.py.
+decode workers in decoding.py, the forward and its out-of-memory halving in forward.py, the
+layout of what is written in layout.py.
+
+Read top-down: `_extract` (checks, settings, the cache settled, work selected and shared out),
+`_extract_work` (one run's loader, writer and forward), `_Batches` (each batch in turn), `_finish`
+(the run recorded: a commit, or a rank's report). Every failure goes through `RunFailures`.
 """
 
 from __future__ import annotations
@@ -36,13 +41,12 @@ from .decoding import (
     collate_decoded,
     cpu_worker_init,
     gpu_worker_init,
-    resize_on,
 )
 from .distributed import RankContext, split_by_cost
 from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
-from .features import stored_features
 from .fileio import atomic_write_bytes
+from .forward import Forward, nonfinite_rows
 from .imaging import Preprocessing
 from .lock import CacheLock
 from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
@@ -205,55 +209,17 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
 
     location = CacheLocation(options.out)
     remote = location.remote
-    if remote is not None and ctx.multi:
-        raise ConfigError(
-            "a cache in object storage is written by one process",
-            "write to a shared filesystem with several ranks (then copy it up), or use one process",
-        )
-    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
-    if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
-        raise ConfigError(
-            "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
-            "run `dinocache merge OUT` after the ranks, then a single extract with the option",
-        )
+    root = _output_root(remote, options, ctx)
     source = open_source(input_dir, exclude=[root], follow_symlinks=options.follow_symlinks)
     sources = source.scan()
-    crops = None
-    if options.preset is not None:
-        from .presets import check_no_crops
-
-        check_no_crops(options.preset, options.crops)
-    if options.crops is not None:
-        from .crops import load_crops
-
-        crops = load_crops(options.crops, options.buckets, sources)
+    crops = _load_crops(options, sources)
     # Cheap checks first: the model the cache was built with, the model's shape and settings (no
     # weights), then the cache.
     _check_same_model(root, options)
-    mspec = (
-        loaded.spec
-        if loaded is not None and loaded.spec is not None
-        else resolve_model(
-            options.model,
-            options.revision,
-            ctx.device(options.device),
-            options.dtype,
-            options.image_mean,
-            options.image_std,
-            options.seed,
-        )
-    )
-    check_layers(options.layers, mspec)
-    check_registers(options.keep_registers, mspec)
-    prep = preprocessing(mspec, options)
-    buckets = make_buckets(options.buckets.sizes, mspec.patch_size, prep.token_pixels)
-    _warn_about_partial_pool_windows(buckets, options.pool)
-    settings = cache_settings(mspec, prep, options.layout(), buckets)
+    mspec = loaded.spec if loaded is not None and loaded.spec is not None else _resolve_model(options, ctx)
+    prep, buckets, settings = _run_settings(mspec, options)
     result = ExtractResult(out=options.out, scanned=len(sources))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
+    _make_output_folder(root)
     session = RemoteSession(remote) if remote is not None else contextlib.nullcontext()
     with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
@@ -261,32 +227,10 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             state = CacheState.open(
                 root, settings, options.overwrite, extras={NORM_FILE: mspec.norm_file()}, store=store
             )
-            damage = state.find_damage(deep=options.repair)
-            if damage.shards:
-                result.repaired_shards = {state.shards[i]["file"]: why for i, why in damage.shards.items()}
-                state.drop_damaged(damage)
-            result.shards_adopted = state.adopt_orphans()
-            _check_same_source(state, source.describe(), options)
-            _note_missing_sources(state, sources, options, result)
-            if damage.lost_keys:
-                present = {s.key for s in sources}
-                result.lost = [k for k in damage.lost_keys if k not in present]
-                for key in result.lost:
-                    state.failures[key] = {
-                        "key": key,
-                        "reason": "lost",
-                        "source_bytes": -1,
-                        "source_mtime_ns": "-1",
-                        "detail": "its shard was damaged and its source image is gone",
-                    }
-            state.commit()  # repairs, adopted shards and pruning are durable before any new work
+            _settle_cache(state, source.describe(), sources, options, result)
         ctx.barrier()
         if not ctx.leader or ctx.multi:  # every rank selects work from the same committed snapshot
-            state = (
-                CacheState.open(root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()})
-                if (root / MANIFEST_NAME).exists()
-                else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
-            )
+            state = _committed_state(root, settings, mspec)
         selection = select_work(
             sources,
             buckets,
@@ -299,31 +243,16 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             retry_failed=options.retry_failed,
         )
         del sources  # the work list holds what is needed; a run may scan millions of files
-        work = _apply_selection(selection, state, result, ctx)
-        if ctx.multi:
-            share = split_by_cost([w.bucket for w in work], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
-            work = [work[i] for i in share]
-        # The failures found in headers count before any weights load.
-        try:
-            _check_failure_budget(options, result, result.failed_this_run, len(work) + result.failed_this_run, root)
-        except DinocacheError:
-            if ctx.leader and not ctx.multi:
-                state.commit()  # the failures that stopped the run are what `keys --failed` must list
-            raise
+        work = _my_share(_apply_selection(selection, state, result, ctx), buckets, ctx)
+        _check_header_failures(options, result, work, state, ctx, root)
         if work:
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
-        try:
-            _extract_work(source.describe(), work, buckets, loaded, state, options, result, ctx)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise CacheError(
-                    f"the disk holding {root} is full: {exc}",
-                    "free space and rerun the same command; everything finished so far is kept",
-                ) from None
-            raise
-        finally:
-            result.failed = len(state.failures)
+        with _disk_full_is_a_cache_error(root):
+            try:
+                _extract_work(source.describe(), work, buckets, loaded, state, options, result, ctx)
+            finally:
+                result.failed = len(state.failures)
         ctx.barrier()
         if ctx.multi and ctx.group and ctx.rank == 0:
             result.job_processed = merge_cache(root, locked=True).processed
@@ -333,16 +262,156 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     return result
 
 
+def _output_root(remote, options: ExtractOptions, ctx: RankContext) -> Path:
+    """The local folder the run writes (a remote cache's mirror), after the checks of what a
+    multi-process run may not do."""
+    if remote is not None and ctx.multi:
+        raise ConfigError(
+            "a cache in object storage is written by one process",
+            "write to a shared filesystem with several ranks (then copy it up), or use one process",
+        )
+    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
+    if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
+        raise ConfigError(
+            "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
+            "run `dinocache merge OUT` after the ranks, then a single extract with the option",
+        )
+    return root
+
+
+def _load_crops(options: ExtractOptions, sources: list[SourceFile]) -> dict | None:
+    if options.preset is not None:
+        from .presets import check_no_crops
+
+        check_no_crops(options.preset, options.crops)
+    if options.crops is None:
+        return None
+    from .crops import load_crops
+
+    return load_crops(options.crops, options.buckets, sources)
+
+
+def _resolve_model(options: ExtractOptions, ctx: RankContext) -> ModelSpec:
+    return resolve_model(
+        options.model,
+        options.revision,
+        ctx.device(options.device),
+        options.dtype,
+        options.image_mean,
+        options.image_std,
+        options.seed,
+    )
+
+
+def _run_settings(mspec: ModelSpec, options: ExtractOptions) -> tuple[Preprocessing, list[Bucket], dict]:
+    """(preprocessing, buckets, the cache settings) of this run, checked against the model."""
+    check_layers(options.layers, mspec)
+    check_registers(options.keep_registers, mspec)
+    prep = preprocessing(mspec, options)
+    buckets = make_buckets(options.buckets.sizes, mspec.patch_size, prep.token_pixels)
+    _warn_about_partial_pool_windows(buckets, options.pool)
+    return prep, buckets, cache_settings(mspec, prep, options.layout(), buckets)
+
+
+def _make_output_folder(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
+
+
+def _settle_cache(
+    state: CacheState, source: str, sources: list[SourceFile], options: ExtractOptions, result: ExtractResult
+) -> None:
+    """The leader's work on the cache before any new work: damaged shards dropped, orphan shards
+    adopted, the source checked, images gone noted (or pruned); then one commit, so repairs,
+    adopted shards and pruning are durable first."""
+    damage = state.find_damage(deep=options.repair)
+    if damage.shards:
+        result.repaired_shards = {state.shards[i]["file"]: why for i, why in damage.shards.items()}
+        state.drop_damaged(damage)
+    result.shards_adopted = state.adopt_orphans()
+    _check_same_source(state, source, options)
+    _note_missing_sources(state, sources, options, result)
+    if damage.lost_keys:
+        present = {s.key for s in sources}
+        result.lost = [k for k in damage.lost_keys if k not in present]
+        failures = RunFailures(state, result)
+        for key in result.lost:  # not this run's failure: not counted
+            failures.record(key, -1, -1, "lost", "its shard was damaged and its source image is gone", counted=False)
+    state.commit()  # repairs, adopted shards and pruning are durable before any new work
+
+
+def _committed_state(root: Path, settings: dict, mspec: ModelSpec) -> CacheState:
+    """The cache as committed (a rank's view: it never cleans up or overwrites)."""
+    return (
+        CacheState.open(root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()})
+        if (root / MANIFEST_NAME).exists()
+        else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
+    )
+
+
+def _my_share(work: list[WorkItem], buckets: list[Bucket], ctx: RankContext) -> list[WorkItem]:
+    if not ctx.multi:
+        return work
+    share = split_by_cost([w.bucket for w in work], [b.num_patches for b in buckets], ctx.world_size)[ctx.rank]
+    return [work[i] for i in share]
+
+
+def _check_header_failures(
+    options: ExtractOptions, result: ExtractResult, work: list, state: CacheState, ctx: RankContext, root: Path
+) -> None:
+    """The failures found in headers count before any weights load."""
+    try:
+        _check_failure_budget(options, result, result.failed_this_run, len(work) + result.failed_this_run, root)
+    except DinocacheError:
+        if ctx.leader and not ctx.multi:
+            state.commit()  # the failures that stopped the run are what `keys --failed` must list
+        raise
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_cache_error(root: Path):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CacheError(
+                f"the disk holding {root} is full: {exc}",
+                "free space and rerun the same command; everything finished so far is kept",
+            ) from None
+        raise
+
+
+class RunFailures:
+    """Every image a run cannot use is recorded here, the one way: in the cache
+    (`state.add_failure`: the manifest lists it, and an older cached version of it is dropped)
+    and, when this process counts it, in the run's counts per reason."""
+
+    def __init__(self, state: CacheState, result: ExtractResult):
+        self.state, self.result = state, result
+
+    def record(
+        self, key: str, source_bytes: int, source_mtime_ns: int, reason: str, detail: str, counted: bool = True
+    ) -> None:
+        self.state.add_failure(key, source_bytes, source_mtime_ns, reason, detail)
+        if counted:
+            self.result.failed_this_run += 1
+            self.result.failures_this_run[reason] = self.result.failures_this_run.get(reason, 0) + 1
+
+    def of_work(self, item: WorkItem, reason: str, detail: str) -> None:
+        self.record(item.key, item.source_bytes, item.source_mtime_ns, reason, detail)
+
+
 def _apply_selection(
     selection: Selection, state: CacheState, result: ExtractResult, ctx: RankContext
 ) -> list[WorkItem]:
     state.pending.extend(selection.refreshed)
     result.skipped, result.failed_before = selection.cached, selection.failed_before
+    failures = RunFailures(state, result)
     for src, reason, detail in selection.failures:
-        state.add_failure(src.key, src.size, src.mtime_ns, reason, detail)
-        if ctx.rank == 0:  # header failures are known to every rank: rank 0 reports them
-            result.failed_this_run += 1
-            result.failures_this_run[reason] = result.failures_this_run.get(reason, 0) + 1
+        # header failures are known to every rank: rank 0 reports them
+        failures.record(src.key, src.size, src.mtime_ns, reason, detail, counted=ctx.rank == 0)
     return selection.work
 
 
@@ -445,81 +514,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-class GpuMemory:
-    """Measures what one forward needs: its peak over the memory in use before it (weights and
-    batches in flight), and the budget there is: free device memory plus torch's cached blocks."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-
-    def stop(self) -> tuple[int, int]:
-        torch.cuda.synchronize(self.device)
-        activation = torch.cuda.max_memory_allocated(self.device) - self.base
-        free, _ = torch.cuda.mem_get_info(self.device)
-        budget = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return activation, budget
-
-
-def _forward_in_chunks(
-    loaded: LoadedModel, pixels, bucket: Bucket, layout, sizes: BatchSizes, run: RunRecord, timer: StageTimer
-):
-    """Features of a batch, in chunks of the bucket's batch size; on out-of-memory the size is
-    halved for the rest of the bucket and the same images are retried: no image is lost."""
-    size = (bucket.input_width, bucket.input_height)
-    start, outputs = 0, []
-    count = len(pixels)
-    while start < count:
-        n = min(sizes.for_bucket(bucket), count - start)
-        chunk = pixels[start : start + n]
-        measure = GpuMemory(loaded.device) if sizes.needs_measuring(bucket) else None
-        try:
-            began = time.perf_counter()
-            if isinstance(chunk, list):
-                chunk = resize_on(loaded.device, chunk, size, loaded.image_mean, loaded.image_std)
-                timer.add("upload", time.perf_counter() - began)
-                began = time.perf_counter()
-            if measure:
-                measure.start()
-            fault_point("forward")
-            outputs.append(stored_features(loaded, chunk, bucket.grid, layout))
-            if measure:
-                chosen = sizes.learn(bucket, n, *measure.stop())
-                if chosen:
-                    run.batch_sizes[bucket.name] = chosen
-                    log.info("batches of %d images for %s (measured on the first batch)", chosen, bucket.name)
-            timer.add("forward", time.perf_counter() - began)
-        except torch.OutOfMemoryError as exc:
-            if n == 1:
-                raise DinocacheError(
-                    f"{loaded.model_id} runs out of memory on a single "
-                    f"{bucket.input_width}x{bucket.input_height} image (bucket {bucket.name}) on {loaded.device}: "
-                    f"{str(exc).splitlines()[0]}",
-                    "use a GPU with more memory, a smaller bucket, or --dtype bfloat16",
-                ) from None
-            sizes.halved[bucket.index] = max(1, n // 2)
-            run.oom_retries += 1
-            run.batch_sizes[bucket.name] = sizes.halved[bucket.index]
-            log.warning(
-                "out of memory with %d images of %s: retrying with batches of %d",
-                n,
-                bucket.name,
-                sizes.halved[bucket.index],
-            )
-            if loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        start += n
-    if len(outputs) == 1:
-        return outputs[0]
-    return {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}
-
-
 def _extract_work(
     input_dir: str,
     work: list[WorkItem],
@@ -546,143 +540,168 @@ def _extract_work(
     if not work:
         _finish(state, run, timer, result, commits, ctx, [], None)
         return
-    from tqdm import tqdm
-
-    layout = state.layout
     sizes = BatchSizes(options.batch_size or options.buckets.batch_size, device.type)
-    prep = Preprocessing.from_record(state.settings["preprocessing"])
-    crop_only = device.type == "cuda" if options.resize_on_device is None else options.resize_on_device
-    crop_only = crop_only and prep.is_processor_resize  # a recipe's own resize runs in the workers
-    dataset = DecodeDataset(work, buckets, prep, options.max_pixels, crop_only)
-    workers = ctx.default_workers() if options.workers is None else options.workers
-    loader = DataLoader(
-        dataset,
-        batch_sampler=BucketBatches(work, buckets, sizes),
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=(cpu_worker_init if device.type == "cpu" else gpu_worker_init) if workers else None,
-    )
+    loader = _decode_loader(work, buckets, state, options, sizes, ctx)
     model = state.settings["model"]
     writer = ShardWriter(
         state.root,
-        layout,
+        state.layout,
         state.settings,
         model["hidden_size"],
         model["num_registers"],
         options.shard_max_bytes,
         upload=state.store.upload,
     )
-    written: list[dict] = []  # this run's shard records, for the rank report
+    forward = Forward(loaded, state.layout, sizes, run, timer)
+    batches = _Batches(work, buckets, forward, writer, state, options, result, commits)
+    try:
+        with StopSignals() as stop:
+            batches.run_all(loader, stop)
+    finally:
+        _finish(state, run, timer, result, commits, ctx, batches.written, writer.run_id)
+    if run.interrupted:
+        raise Interrupted(stop.signum, result.processed, result)
 
-    def landed(shards: list[tuple[dict, list[dict]]]) -> None:
-        for record, samples in shards:
-            state.add_shard(record, samples)
-            written.append(record)
-            result.shards_written += 1
 
-    pacer = CommitPacer(options.commit_every_s)
-    current_bucket = None
-    total = len(work) + result.failed_this_run
-    bar = tqdm(
-        total=len(work),
+def _decode_loader(
+    work: list[WorkItem], buckets: list[Bucket], state: CacheState, options: ExtractOptions, sizes, ctx: RankContext
+) -> DataLoader:
+    """Decoded batches of one bucket each, from worker processes (in this one with --workers 0)."""
+    device_type = sizes.device_type
+    prep = Preprocessing.from_record(state.settings["preprocessing"])
+    crop_only = device_type == "cuda" if options.resize_on_device is None else options.resize_on_device
+    crop_only = crop_only and prep.is_processor_resize  # a recipe's own resize runs in the workers
+    dataset = DecodeDataset(work, buckets, prep, options.max_pixels, crop_only)
+    workers = ctx.default_workers() if options.workers is None else options.workers
+    return DataLoader(
+        dataset,
+        batch_sampler=BucketBatches(work, buckets, sizes),
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=device_type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=(cpu_worker_init if device_type == "cpu" else gpu_worker_init) if workers else None,
+    )
+
+
+def _progress_bar(total: int, shown: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
         unit="img",
-        disable=not options.progress,
+        disable=not shown,
         mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not 10 a second
         dynamic_ncols=True,
         desc="extract",
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
     )
-    try:
-        with StopSignals() as stop:
-            try:
-                header_failed = result.failed_this_run  # known before the first batch
-                _check_failure_budget(options, result, header_failed, total)
-                batches = iter(loader)
-                while stop.signum is None:
-                    began = time.perf_counter()
-                    try:
-                        indices, hashes, pixels, failed = next(batches)
-                    except StopIteration:
-                        break
-                    timer.add("decode_wait", time.perf_counter() - began)
-                    for i, (reason, detail) in failed:
-                        w = work[i]
-                        state.add_failure(w.key, w.source_bytes, w.source_mtime_ns, reason, detail)
-                        result.failures_this_run[reason] = result.failures_this_run.get(reason, 0) + 1
-                    result.failed_this_run += len(failed)
-                    batch_bucket = work[(indices or [failed[0][0]])[0]].bucket
-                    if current_bucket is not None and batch_bucket != current_bucket:
-                        writer.flush(current_bucket)  # a bucket is done: its last shard need not wait
-                    current_bucket = batch_bucket
-                    attempted = len(indices) + len(failed)
-                    if pixels is not None:
-                        bucket = buckets[batch_bucket]
-                        tensors = _forward_in_chunks(loaded, pixels, bucket, layout, sizes, run, timer)
-                        tensors, indices, hashes = _drop_nonfinite(tensors, indices, hashes, work, state, result)
-                    if pixels is not None and indices:
-                        began = time.perf_counter()
-                        writer.add(bucket, tensors, [work[i].record(h) for i, h in zip(indices, hashes)])
-                        waited = writer.take_wait_seconds()
-                        timer.add("write_wait", waited)
-                        timer.add("download", time.perf_counter() - began - waited)
-                    landed(writer.completed())
-                    result.processed += len(indices)
-                    run.processed, run.failed = result.processed, result.failed_this_run
-                    bar.update(attempted)
-                    fault_point("batch_done")
-                    if commits and pacer.due():
-                        began = time.monotonic()
-                        state.commit()
-                        pacer.committed(time.monotonic() - began)
-                        timer.add("commit", time.monotonic() - began)
-                    _check_failure_budget(options, result, header_failed, total)
-                del batches
-                closing = writer.close()  # also on a stop signal: what is done gets written
-            except BaseException:
-                landed(writer.close_quietly())  # index every shard that did reach the disk, then fail
-                raise
-            finally:
-                bar.close()
-            landed(closing)
-            timer.add("write_wait", writer.take_wait_seconds())
-            if stop.signum is not None:
-                run.interrupted = signal.Signals(stop.signum).name
-    finally:
-        _finish(state, run, timer, result, commits, ctx, written, writer.run_id)
-    if run.interrupted:
-        raise Interrupted(stop.signum, result.processed, result)
 
 
-def _drop_nonfinite(tensors: dict, indices: list, hashes: list, work: list, state: CacheState, result: ExtractResult):
-    """Rows whose features hold NaN or Inf (float16 overflow, a broken checkpoint) become
-    recorded failures instead of poisoning the cache."""
-    bad = None
-    for value in tensors.values():
-        row_bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
-        bad = row_bad if bad is None else bad | row_bad
-    if bad is None or not bool(bad.any()):
-        return tensors, indices, hashes
-    bad_rows = bad.nonzero().flatten().tolist()
-    for row in bad_rows:
-        w = work[indices[row]]
-        state.add_failure(
-            w.key,
-            w.source_bytes,
-            w.source_mtime_ns,
-            "nonfinite",
-            "the model produced NaN or Inf for this image (float16 overflow? try --dtype bfloat16)",
+class _Batches:
+    """One run's decoded batches, each in turn: its decode failures recorded, its features computed
+    (`Forward`), rows that are not finite recorded as failures, the rest written; shards that
+    landed indexed, the manifest committed at the pacer's pace, the failure budget checked."""
+
+    def __init__(self, work, buckets, forward: Forward, writer: ShardWriter, state, options, result, commits: bool):
+        self.work, self.buckets, self.forward, self.writer = work, buckets, forward, writer
+        self.state, self.options, self.result, self.commits = state, options, result, commits
+        self.run, self.timer = forward.run, forward.timer
+        self.failures = RunFailures(state, result)
+        self.pacer = CommitPacer(options.commit_every_s)
+        self.written: list[dict] = []  # this run's shard records, for the rank report
+        self.current_bucket: int | None = None
+        self.header_failed = result.failed_this_run  # known before the first batch
+        self.total = len(work) + result.failed_this_run
+
+    def run_all(self, loader: DataLoader, stop: StopSignals) -> None:
+        """Every batch until the loader ends or a stop signal; then the writer closes (also on a
+        stop: what is done gets written) and every shard that reached the disk is indexed."""
+        writer, timer = self.writer, self.timer
+        bar = _progress_bar(len(self.work), self.options.progress)
+        try:
+            self.check_budget()
+            batches = iter(loader)
+            while stop.signum is None:
+                began = time.perf_counter()
+                try:
+                    indices, hashes, pixels, failed = next(batches)
+                except StopIteration:
+                    break
+                timer.add("decode_wait", time.perf_counter() - began)
+                self.one(indices, hashes, pixels, failed, bar)
+                self.check_budget()
+            del batches
+            closing = writer.close()  # also on a stop signal: what is done gets written
+        except BaseException:
+            self.landed(writer.close_quietly())  # index every shard that did reach the disk, then fail
+            raise
+        finally:
+            bar.close()
+        self.landed(closing)
+        timer.add("write_wait", writer.take_wait_seconds())
+        if stop.signum is not None:
+            self.run.interrupted = signal.Signals(stop.signum).name
+
+    def one(self, indices: list[int], hashes: list[str], pixels, failed: list, bar) -> None:
+        work, result, timer = self.work, self.result, self.timer
+        for i, (reason, detail) in failed:
+            self.failures.of_work(work[i], reason, detail)
+        batch_bucket = work[(indices or [failed[0][0]])[0]].bucket
+        if self.current_bucket is not None and batch_bucket != self.current_bucket:
+            self.writer.flush(self.current_bucket)  # a bucket is done: its last shard need not wait
+        self.current_bucket = batch_bucket
+        attempted = len(indices) + len(failed)
+        if pixels is not None:
+            bucket = self.buckets[batch_bucket]
+            tensors = self.forward.features(pixels, bucket)
+            tensors, indices, hashes = self.drop_nonfinite(tensors, indices, hashes)
+        if pixels is not None and indices:
+            began = time.perf_counter()
+            self.writer.add(bucket, tensors, [work[i].record(h) for i, h in zip(indices, hashes)])
+            waited = self.writer.take_wait_seconds()
+            timer.add("write_wait", waited)
+            timer.add("download", time.perf_counter() - began - waited)
+        self.landed(self.writer.completed())
+        result.processed += len(indices)
+        self.run.processed, self.run.failed = result.processed, result.failed_this_run
+        bar.update(attempted)
+        fault_point("batch_done")
+        if self.commits and self.pacer.due():
+            began = time.monotonic()
+            self.state.commit()
+            self.pacer.committed(time.monotonic() - began)
+            timer.add("commit", time.monotonic() - began)
+
+    def drop_nonfinite(self, tensors: dict, indices: list, hashes: list):
+        """Rows whose features hold NaN or Inf (float16 overflow, a broken checkpoint) become
+        recorded failures instead of poisoning the cache."""
+        bad_rows = nonfinite_rows(tensors)
+        if not bad_rows:
+            return tensors, indices, hashes
+        for row in bad_rows:
+            self.failures.of_work(
+                self.work[indices[row]],
+                "nonfinite",
+                "the model produced NaN or Inf for this image (float16 overflow? try --dtype bfloat16)",
+            )
+        bad = set(bad_rows)
+        kept = [r for r in range(len(indices)) if r not in bad]
+        keep = torch.tensor(kept, dtype=torch.long)
+        return (
+            {k: v[keep.to(v.device)] for k, v in tensors.items()},
+            [indices[r] for r in kept],
+            [hashes[r] for r in kept],
         )
-        result.failures_this_run["nonfinite"] = result.failures_this_run.get("nonfinite", 0) + 1
-    result.failed_this_run += len(bad_rows)
-    keep = (~bad).nonzero().flatten()
-    kept = keep.tolist()
-    return (
-        {k: v[keep.to(v.device)] for k, v in tensors.items()},
-        [indices[r] for r in kept],
-        [hashes[r] for r in kept],
-    )
+
+    def landed(self, shards: list[tuple[dict, list[dict]]]) -> None:
+        for record, samples in shards:
+            self.state.add_shard(record, samples)
+            self.written.append(record)
+            self.result.shards_written += 1
+
+    def check_budget(self) -> None:
+        _check_failure_budget(self.options, self.result, self.header_failed, self.total)
 
 
 def _finish(

@@ -114,30 +114,58 @@ def plan_extraction(
     buckets = make_buckets(config.sizes, mspec.patch_size, prep.token_pixels)
     settings = cache_settings(mspec, prep, layout, buckets)
     report = PlanReport(resize=prep.resize)
-    per_bucket: list[list[dict]] = [[] for _ in buckets]
-    distortions = []
+    placer = _Placer(buckets, prep.resize, crops, max_pixels, report)
     sources = open_source(str(input_dir), exclude=[out] if out else [], follow_symlinks=follow_symlinks).scan()
     for src in sources:
-        status, a, b = probe_source(src, max_pixels)
+        placer.add(src)
+    placer.finish()
+    _project(report, placer, settings, layout, mspec, shard_max_bytes)
+    if out is not None:
+        report.already_cached = _keys_cached(out, placer.per_bucket, settings, report)
+        _check_disk(out, report)
+    if report.upscaled > 0.2 * max(1, report.images):
+        report.warnings.append(
+            f"{report.upscaled} of {report.images} images are smaller than their bucket and "
+            "will be upscaled: consider smaller buckets"
+        )
+    return report
+
+
+class _Placer:
+    """Each image placed as extract places it (placement.place): its row record in its bucket,
+    and the report's unusable, distortion and upscaling figures."""
+
+    def __init__(self, buckets: list, resize: str, crops, max_pixels: int, report: PlanReport):
+        self.buckets, self.resize, self.crops, self.max_pixels, self.report = buckets, resize, crops, max_pixels, report
+        self.per_bucket: list[list[dict]] = [[] for _ in buckets]
+        self.distortions: list[float] = []
+
+    def add(self, src) -> None:
+        report = self.report
+        status, a, b = probe_source(src, self.max_pixels)
         try:
             if status != "ok":
                 raise _Unusable(a, b)
             width, height = a, b
-            where = place(width, height, buckets, prep.resize, (crops or {}).get(src.key))
+            where = place(width, height, self.buckets, self.resize, (self.crops or {}).get(src.key))
         except _Unusable as exc:
             report.unreadable[exc.reason] = report.unreadable.get(exc.reason, 0) + 1
             report.unreadable_files.append({"key": src.key, "reason": exc.reason, "detail": exc.detail})
-            continue
+            return
         except Exception as exc:  # DecodeError: a crop that does not fit
             reason = getattr(exc, "reason", "crop_outside")
             report.unreadable[reason] = report.unreadable.get(reason, 0) + 1
             report.unreadable_files.append(
                 {"key": src.key, "reason": reason, "detail": getattr(exc, "detail", str(exc))}
             )
-            continue
-        bucket = buckets[where.bucket]
+            return
+        self._placed(src, width, height, where)
+
+    def _placed(self, src, width: int, height: int, where) -> None:
+        report = self.report
+        bucket = self.buckets[where.bucket]
         left, top, right, bottom = where.box
-        per_bucket[bucket.index].append(
+        self.per_bucket[bucket.index].append(
             {
                 "key": src.key,
                 "bucket": bucket.index,
@@ -150,19 +178,28 @@ def plan_extraction(
             }
         )
         report.by_crops += bool(where.placement)
-        if prep.resize in ("crop", "adm") or where.placement:
+        if self.resize in ("crop", "adm") or where.placement:
             distortion = 1 - (right - left) * (bottom - top) / (width * height)
         else:
             distortion = math.exp(abs(math.log(width / height) - bucket.log_aspect)) - 1
-        distortions.append(distortion)
+        self.distortions.append(distortion)
         if distortion > report.worst_distortion or report.worst_key is None:
             report.worst_distortion, report.worst_key = distortion, src.key
         if right - left < bucket.input_width or bottom - top < bucket.input_height:
             report.upscaled += 1
             report.upscaled_files.append(src.key)
-    report.images = sum(len(r) for r in per_bucket)
-    report.mean_distortion = sum(distortions) / len(distortions) if distortions else 0.0
-    for bucket, records in zip(buckets, per_bucket):
+
+    def finish(self) -> None:
+        report, distortions = self.report, self.distortions
+        report.images = sum(len(r) for r in self.per_bucket)
+        report.mean_distortion = sum(distortions) / len(distortions) if distortions else 0.0
+
+
+def _project(
+    report: PlanReport, placer: _Placer, settings: dict, layout: Layout, mspec: ModelSpec, shard_max_bytes: int
+) -> None:
+    """Bytes, shards and GPU time per bucket: the shards extract would write, headers included."""
+    for bucket, records in zip(placer.buckets, placer.per_bucket):
         records.sort(key=lambda r: r["key"])  # the order extract writes them in
         grid = tuple(settings["buckets"][bucket.index]["stored_grid"])
         specs = layout.tensors(mspec.hidden_size, mspec.num_registers, grid)
@@ -188,24 +225,20 @@ def plan_extraction(
                 "bytes": nbytes,
             }
         )
-    if out is not None:
-        report.already_cached = _keys_cached(out, per_bucket, settings, report)
-        target = Path(out)
-        while not target.exists() and target != target.parent:
-            target = target.parent  # the folder the cache would be created in (as the user wrote it)
-        report.disk_free_bytes = shutil.disk_usage(target).free
-        report.disk_checked_at = str(target)
-        if report.projected_bytes > report.disk_free_bytes:
-            report.warnings.append(
-                f"the cache would need {human_bytes(report.projected_bytes)} but only "
-                f"{human_bytes(report.disk_free_bytes)} are free under {target}"
-            )
-    if report.upscaled > 0.2 * max(1, report.images):
+
+
+def _check_disk(out: str | Path, report: PlanReport) -> None:
+    """Free space where the cache would be created, and a warning when the projection exceeds it."""
+    target = Path(out)
+    while not target.exists() and target != target.parent:
+        target = target.parent  # the folder the cache would be created in (as the user wrote it)
+    report.disk_free_bytes = shutil.disk_usage(target).free
+    report.disk_checked_at = str(target)
+    if report.projected_bytes > report.disk_free_bytes:
         report.warnings.append(
-            f"{report.upscaled} of {report.images} images are smaller than their bucket and "
-            "will be upscaled: consider smaller buckets"
+            f"the cache would need {human_bytes(report.projected_bytes)} but only "
+            f"{human_bytes(report.disk_free_bytes)} are free under {target}"
         )
-    return report
 
 
 def _keys_cached(out: str | Path, per_bucket: list[list[dict]], settings: dict, report: PlanReport) -> int | None:

@@ -213,6 +213,35 @@ def test_a_nan_is_found_in_every_storage_dtype(tmp_path, tiny_model_dir, storage
     assert code == 1 and "patches contains NaN or Inf" in text
 
 
+@pytest.mark.parametrize("special", ["nan", "-nan", "inf", "-inf"])
+@pytest.mark.parametrize("storage", sorted(__import__("dinocache.layout").layout.STORAGE_DTYPES))
+def test_the_byte_scan_finds_nan_and_inf_in_every_storage_dtype(tmp_path, storage, special):
+    """Every row of the layout's dtype table (a new row is covered by being added): a single NaN
+    (either sign), +Inf or -Inf among finite values, first, inside or last, straddling scan
+    windows or not, is found by the streamed scan; the same tensor without it is clean. torch
+    decides what is not finite once stored (float8_e4m3fn has no Inf: it saturates to 448)."""
+    from safetensors.torch import save_file
+
+    from dinocache.layout import STORAGE_DTYPES
+
+    dtype = STORAGE_DTYPES[storage].torch_dtype
+    values = torch.linspace(-3, 3, 999)
+    path = tmp_path / "x.safetensors"
+    save_file({"cls": values[:7].to(dtype).clone(), "patches": values.to(dtype)}, path)
+    assert scan_shard(path, True, window=256)[2] == []
+    for at in (0, 500, 998):
+        bad = values.clone()
+        bad[at] = float(special)
+        stored = bad.to(dtype)
+        nonfinite = not bool(torch.isfinite(stored.float()).all())
+        assert nonfinite or "inf" in special  # a NaN is always stored as one
+        save_file({"cls": values[:7].to(dtype).clone(), "patches": stored}, path)
+        for window in (256, 1 << 20):
+            found = scan_shard(path, True, window=window)[2]
+            assert found == (["patches contains NaN or Inf"] if nonfinite else []), (at, window)
+        assert scan_shard(path, False)[2] == []  # --skip-values
+
+
 def test_the_nonfinite_masks_agree_with_torch():
     """Each row's mask flags exactly the values torch calls NaN or Inf in that dtype, over every
     bit pattern of the 8- and 16-bit dtypes and special values of float32."""
