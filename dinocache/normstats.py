@@ -159,11 +159,11 @@ def compute_statistics(
         per_chunk = max(1, CHUNK_BYTES // (8 * (tokens + 1) * dim))
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
-            batch = cache._read(shard, shard_index, chunk, set(wanted), only={"cls", "patches"})
+            batch = cache._read(shard, shard_index, chunk, set(wanted), only={layout.summary, "patches"})
             for view in wanted:
                 p = batch["patches" + view].reshape(len(chunk), tokens, dim)
                 patches.add(p if per_position else p.reshape(-1, dim))
-                cls.add(batch["cls" + view])
+                cls.add(batch[layout.summary + view])  # a SigLIP cache's cls_* hold its pooled feature's
     tensors = {"patches_mean": patches.mean, "patches_var": patches.var, "cls_mean": cls.mean, "cls_var": cls.var}
     if per_position:
         tensors = {k: v.reshape(grid[0], grid[1], dim) if k.startswith("patches") else v for k, v in tensors.items()}

@@ -8,6 +8,9 @@ named; tests/test_presets.py re-implements each recipe's lines and compares pixe
     rae   bytetriper/RAE@a4d18c4: ADM crop to 256 + ToTensor (src/calculate_stat.py:227-231), then
           F.interpolate(224, bicubic, align_corners=False) and (x - mean) / std
           (src/stage1/rae.py:83-86); RAE trains on the ln_noaffine flavour
+    rae-siglip2  the same recipe with its SigLIP 2 encoder (configs/stage1/pretrained/SigLIP2.yaml:
+          google/siglip2-base-patch16-256, encoder_input_size 256): the same crop and resize, and
+          the mean/std RAE reads from that checkpoint's image processor (rae.py:38-40), 0.5
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from .buckets import resolve_token_pixels
+from .families.siglip2 import SIGLIP_MEAN, SIGLIP_STD
 from .imaging import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger("dinocache")
@@ -31,6 +35,7 @@ class Preset:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     flavour: str  # what the recipe trains against (read with FeatureCache(flavour=...))
+    families: tuple[str, ...] = ("dinov3", "dinov2")  # the model families whose inputs it makes
 
 
 PRESETS: dict[str, Preset] = {
@@ -38,6 +43,7 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("repa", "adm", "bicubic", False, True, IMAGENET_MEAN, IMAGENET_STD, "normed"),
         Preset("rae", "adm", "bicubic", False, False, IMAGENET_MEAN, IMAGENET_STD, "ln_noaffine"),
+        Preset("rae-siglip2", "adm", "bicubic", False, False, SIGLIP_MEAN, SIGLIP_STD, "ln_noaffine", ("siglip2",)),
     )
 }
 
@@ -78,6 +84,16 @@ def build_preprocessing(
     if preset_name is None:
         return Preprocessing(mspec.image_mean, mspec.image_std, resize, jpeg_draft, token_pixels=token_px)
     p = preset(preset_name)
+    family = mspec.family.name
+    if family not in p.families:
+        from .errors import ConfigError
+
+        fitting = [q.name for q in PRESETS.values() if family in q.families]
+        raise ConfigError(
+            f"--preset {p.name} makes the inputs of a {' or '.join(p.families)} encoder; "
+            f"{mspec.id} is a {family} model",
+            f"use --preset {' or '.join(fitting)}" if fitting else "drop --preset",
+        )
     if resize != p.resize:
         log.info("--preset %s crops as its recipe does (resize: %s), not with resize: %s", p.name, p.resize, resize)
     if p.name == "rae" and mspec.num_registers == 0:

@@ -49,7 +49,15 @@ def rae_pixels(path) -> torch.Tensor:
     return ((x - MEAN) / STD)[0]
 
 
-RECIPES = {"repa": repa_pixels, "rae": rae_pixels}
+def rae_siglip2_pixels(path) -> torch.Tensor:
+    """bytetriper/RAE@a4d18c4 with configs/stage1/pretrained/SigLIP2.yaml: encoder_input_size 256,
+    so RAE.encode skips the resize of a 256 crop (src/stage1/rae.py:83-85), and normalises by
+    google/siglip2-base-patch16-256's processor mean/std, 0.5 (rae.py:38-40, 86)."""
+    x = adm_uint8(path).float().div(255)  # ToTensor
+    return ((x - 0.5) / 0.5)[0]
+
+
+RECIPES = {"repa": (repa_pixels, 224), "rae": (rae_pixels, 224), "rae-siglip2": (rae_siglip2_pixels, 256)}
 SIZES = [(640, 480), (300, 420), (1100, 700)]
 
 
@@ -68,14 +76,17 @@ def test_preset_pixels_equal_the_recipes(tmp_path, name, size):
         preset=name,
         token_pixels=16,
     )
-    got = model_input(path.read_bytes(), size, (0, 0, *size), (224, 224), prep, 1 << 40, bucket_size=(256, 256))
-    expected = RECIPES[name](path)
-    assert got.shape == expected.shape == (3, 224, 224)
+    recipe, side = RECIPES[name]
+    got = model_input(path.read_bytes(), size, (0, 0, *size), (side, side), prep, 1 << 40, bucket_size=(256, 256))
+    expected = recipe(path)
+    assert got.shape == expected.shape == (3, side, side)
     assert torch.equal(got, expected)
+    if side == 256:
+        return  # the encoder sees the crop itself: no resize for the preset to change
     # what the preset changes: transformers' processor resize (bilinear, antialiased) is far off
     default = Preprocessing(p.image_mean, p.image_std, p.resize, token_pixels=16)
     processor = model_input(
-        path.read_bytes(), size, (0, 0, *size), (224, 224), default, 1 << 40, bucket_size=(256, 256)
+        path.read_bytes(), size, (0, 0, *size), (side, side), default, 1 << 40, bucket_size=(256, 256)
     )
     assert (processor - expected).abs().max() > 1e-2
 
