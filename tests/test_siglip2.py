@@ -177,3 +177,70 @@ def test_random_siglip2_architectures_have_the_released_shapes():
         c = random_config(f"siglip2_{arch}")
         assert (c.hidden_size, c.num_hidden_layers, c.patch_size, c.image_size) == (dim, depth, patch, size)
         assert c.model_type == "siglip_vision_model"
+
+
+@pytest.fixture(scope="module")
+def naflex_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-naflex")
+    tiny_naflex().save_pretrained(path)
+    return path
+
+
+def convert_image_to_patches(image, patch_size):
+    """transformers 5.24 models/siglip2/image_processing_siglip2.py:90-101 (that module needs
+    torchvision to import)."""
+    num_channels, image_height, image_width = image.shape
+    num_patches_height = image_height // patch_size
+    num_patches_width = image_width // patch_size
+    patched_image = image.reshape(num_channels, num_patches_height, patch_size, num_patches_width, patch_size)
+    patched_image = patched_image.permute(1, 3, 2, 4, 0)
+    return patched_image.reshape(num_patches_height * num_patches_width, -1)
+
+
+def naflex_reference(path, pixels):
+    """Plain transformers on what Siglip2ImageProcessor hands the model: each image patchified by
+    its own convert_image_to_patches, its spatial shape, and a full mask (no padding: a bucket's
+    images all have one shape)."""
+    from transformers import Siglip2Model
+
+    patches = torch.stack([convert_image_to_patches(image, 16) for image in pixels])
+    rows, cols = pixels.shape[-2] // 16, pixels.shape[-1] // 16
+    shapes = torch.tensor([[rows, cols]] * len(pixels))
+    mask = torch.ones(len(pixels), rows * cols, dtype=torch.long)
+    model = Siglip2Model.from_pretrained(path).vision_model.eval()
+    with torch.no_grad():
+        return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, output_hidden_states=True)
+
+
+def test_a_naflex_checkpoint_gives_transformers_features(naflex_dir):
+    loaded = load_model(str(naflex_dir), device="cpu", dtype="float32")
+    assert loaded.spec.family.name == "siglip2" and loaded.spec.config.model_type == "siglip2_vision_model"
+    got = loaded.forward_tokens(PIXELS, (2,))
+    ref = naflex_reference(naflex_dir, PIXELS)
+    assert got.normed.shape == ref.last_hidden_state.shape == (2, 24, 64)  # 4x6 patches from 16 positions
+    assert (got.normed - ref.last_hidden_state).abs().max() < 1e-5
+    assert (got.prenorm - ref.hidden_states[-1]).abs().max() < 1e-5
+    assert (got.layers[2] - ref.hidden_states[2]).abs().max() < 1e-5
+    assert (got.pooled - ref.pooler_output).abs().max() < 1e-5
+    # one shape per batch, no padding: an image's features do not depend on its batch
+    alone = loaded.forward_tokens(PIXELS[1:])
+    assert (alone.normed[0] - got.normed[1]).abs().max() < 1e-5 and (alone.pooled[0] - got.pooled[1]).abs().max() < 1e-5
+    bf16 = load_model(str(naflex_dir), device="cpu", dtype="bfloat16").forward_tokens(PIXELS)
+    assert F.cosine_similarity(bf16.normed.float(), ref.last_hidden_state, dim=-1).min() >= 0.999
+    assert F.cosine_similarity(bf16.pooled.float(), ref.pooler_output, dim=-1).min() >= 0.999
+
+
+def test_a_naflex_cache_extracts_and_reads(tmp_path, naflex_dir):
+    images = tmp_path / "imgs"
+    save_scene(images / "a.png", 400, 300, seed=2)
+    config = tmp_path / "b.yaml"
+    config.write_text("buckets: [[256, 192]]\n")
+    plan = runner.invoke(app, ["plan", str(images), "-b", str(config), "--model", "google/siglip2-base-patch16-naflex"])
+    assert plan.exit_code == 0 and "256x192" in plan.output, plan.output
+    args = ["extract", str(images), "-b", str(config), "--model", str(naflex_dir), "-o", str(tmp_path / "c")]
+    assert runner.invoke(app, [*args, "--workers", "0", "--layers", "1"]).exit_code == 0
+    cache = FeatureCache(tmp_path / "c")
+    item = cache["a.png"]
+    assert item["patches"].shape == (12, 16, 64) and item["pooled"].shape == (64,)
+    assert "layer1_patches" in item and "layer1_cls" not in item
+    assert cache.manifest["model"]["config"]["num_patches"] == 16

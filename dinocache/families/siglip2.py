@@ -7,6 +7,11 @@ the module RAE takes (bytetriper/RAE@a4d18c4 src/stage1/encoders/siglip2.py:13,
 (siglip2.py:27): at any grid but the pretraining one its position embeddings are resized
 (bicubic, by size, no antialias: transformers' SiglipVisionEmbeddings.interpolate_pos_encoding).
 
+NaFlex: `Siglip2VisionModel` (model type "siglip2") embeds pre-patchified pixels
+[B, rows*cols, 3*p*p] and resizes its position embeddings per image to `spatial_shapes`
+(bilinear, antialiased). Every image of a batch has one bucket shape, so the batch gets one
+spatial shape and a full attention mask: no padding token, nothing that changes a feature.
+
 No CLS token: every output token is a patch (prefix 0). The single-token feature is the
 attention-pooling (MAP) head's output, stored as `pooled`, computed as the model computes it:
 from the final LayerNorm's OUTPUT (last_hidden_state), whatever flavour the patches are read in.
@@ -41,8 +46,10 @@ _FIXED = {  # arch -> (width, patch, image size)
     "siglip2_g16_256": ("g", 16, 256),
     "siglip2_g16_384": ("g", 16, 384),
 }
+_NAFLEX = {"siglip2_vitb16_naflex": "vitb", "siglip2_so400m16_naflex": "so400m"}  # 256 position embeddings
 ARCHITECTURES: dict[str, dict] = {
     **{a: _WIDTHS[w] | {"patch_size": p, "image_size": s} for a, (w, p, s) in _FIXED.items()},
+    **{a: _WIDTHS[w] | {"patch_size": 16, "num_patches": 256} for a, w in _NAFLEX.items()},
 }
 _HUB_WIDTH = {"vitb": "base", "vitl": "large", "so400m": "so400m", "g": "giant-opt"}
 
@@ -50,7 +57,7 @@ _HUB_WIDTH = {"vitb": "base", "vitl": "large", "so400m": "so400m", "g": "giant-o
 class SigLIP2(Family):
     name = "siglip2"
     # a whole SigLIP checkpoint (text tower too) or its vision tower saved alone
-    model_types = ("siglip", "siglip_vision_model")
+    model_types = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
     summary = "pooled"
     image_mean, image_std = SIGLIP_MEAN, SIGLIP_STD
     architectures = ARCHITECTURES
@@ -58,10 +65,12 @@ class SigLIP2(Family):
     norm_keys = ("vision_model.post_layernorm.weight", "post_layernorm.weight")
     name_aliases = {
         **{f"siglip2-{_HUB_WIDTH[w]}-patch{p}-{s}": a for a, (w, p, s) in _FIXED.items()},
+        **{f"siglip2-{_HUB_WIDTH[w]}-patch16-naflex": a for a, w in _NAFLEX.items()},
     }
     config_fields = (
         "patch_size",
         "image_size",  # fixed resolution: the grid the position embeddings were learned for
+        "num_patches",  # NaFlex: the same, as a count of positions
         "hidden_size",
         "intermediate_size",
         "num_hidden_layers",
@@ -72,17 +81,18 @@ class SigLIP2(Family):
     )
 
     def random_config(self, arch: str):
-        from transformers import SiglipVisionConfig
+        from transformers import Siglip2VisionConfig, SiglipVisionConfig
 
-        return SiglipVisionConfig(**ARCHITECTURES[arch])
+        fields = ARCHITECTURES[arch]
+        return (Siglip2VisionConfig if "num_patches" in fields else SiglipVisionConfig)(**fields)
 
     def encoder_config(self, config):
-        return config.vision_config if config.model_type == "siglip" else config
+        return config.vision_config if config.model_type in ("siglip", "siglip2") else config
 
     def model_class(self, config) -> type:
-        from transformers import SiglipVisionModel
+        from transformers import Siglip2VisionModel, SiglipVisionModel
 
-        return SiglipVisionModel
+        return Siglip2VisionModel if naflex(config) else SiglipVisionModel
 
     def num_registers(self, config) -> int:
         return 0
@@ -104,10 +114,36 @@ class SigLIP2(Family):
         return model
 
     def tokens(self, model, final_norm, pixels, hidden_states):
-        out = model(pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=hidden_states)
+        if naflex(model.config):
+            patches, rows, cols = patchify(pixels, self.patch_size(model.config))
+            batch = patches.shape[0]
+            shapes = torch.tensor([[rows, cols]], device=pixels.device).expand(batch, 2)
+            mask = torch.ones(batch, rows * cols, dtype=torch.long, device=pixels.device)  # no padding
+            out = model(
+                pixel_values=patches,
+                pixel_attention_mask=mask,
+                spatial_shapes=shapes,
+                output_hidden_states=hidden_states,
+            )
+        else:
+            out = model(pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=hidden_states)
         prenorm = out.last_hidden_state  # post_layernorm is an Identity here
         normed = final_norm(prenorm)
         return prenorm, normed, out.hidden_states, model.head(normed)
+
+
+def naflex(config) -> bool:
+    return config.model_type.startswith("siglip2")
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, int, int]:
+    """[B, C, H, W] -> ([B, rows*cols, patch*patch*C], rows, cols): row-major patches, each
+    flattened (row, column, channel) as transformers' Siglip2ImageProcessor does
+    (image_processing_siglip2.py, convert_image_to_patches)."""
+    b, c, h, w = pixels.shape
+    rows, cols = h // patch, w // patch
+    x = pixels.reshape(b, c, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, rows * cols, patch * patch * c), rows, cols
 
 
 FAMILY = SigLIP2()
