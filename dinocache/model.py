@@ -241,6 +241,8 @@ class ModelSpec:
     preloaded: torch.nn.Module | None = field(repr=False, default=None)  # official .pth: loaded to read it
     family: Family = field(repr=False, default=FAMILIES[0])
     fingerprint: str | None = None  # of a local checkpoint's weights (weights_fingerprint); None: Hub or random
+    # a recipe's position-embedding interpolation (one of family.interpolations); None: the family's own
+    pos_embed_interpolation: str | None = None
 
     @property
     def patch_size(self) -> int:
@@ -284,7 +286,7 @@ class ModelSpec:
             extra["weights_fingerprint"] = self.fingerprint
         return (
             extra
-            | self.family.record(self.config)
+            | self.family.record(self.config, self.pos_embed_interpolation)
             | {
                 "id": self.id,
                 "revision": self.revision,
@@ -468,7 +470,7 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
     else:
         model = _from_pretrained(mspec.id, mspec.revision, mspec.config, mspec.dtype, mspec.device, family)
     model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
-    model = family.prepare(model)
+    model = family.prepare(model, mspec.pos_embed_interpolation)
     final_norm = getattr(model, family.norm_attr)
     setattr(model, family.norm_attr, torch.nn.Identity())
     loaded = LoadedModel(
@@ -519,13 +521,26 @@ def load_model(
     seed: int = 0,
     compile: bool = False,
     sdpa_backend: str = "auto",
+    pos_embed_interpolation: str | None = None,
 ) -> LoadedModel:
-    """Load a DINOv3 ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
+    """Load a ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
     if sdpa_backend not in SDPA_BACKENDS:
         raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
-    return load_weights(
-        resolve_model(spec, revision, device, dtype, image_mean, image_std, seed), compile, sdpa_backend
-    )
+    mspec = resolve_model(spec, revision, device, dtype, image_mean, image_std, seed)
+    use_interpolation(mspec, pos_embed_interpolation)
+    return load_weights(mspec, compile, sdpa_backend)
+
+
+def use_interpolation(mspec: ModelSpec, name: str | None) -> None:
+    """Interpolate the position embeddings as a recipe's code does (`name`, one the family
+    offers), or as the family's official code does (None). Recorded in the manifest's model."""
+    if name is not None and name not in mspec.family.interpolations:
+        offered = ", ".join(mspec.family.interpolations) or "none"
+        raise ModelLoadError(
+            f"{mspec.id} ({mspec.family.name}) cannot interpolate its position embeddings by {untrusted(repr(name))}",
+            f"this family offers: {offered}",
+        )
+    mspec.pos_embed_interpolation = name
 
 
 def _from_pretrained(

@@ -685,6 +685,7 @@ def _recompute(
         model.get("compute_dtype", "float32"),
         prep.image_mean,
         prep.image_std,
+        pos_embed_interpolation=model.get("pos_embed_interpolation"),  # a preset's (VA-VAE: timm's)
     )
     cache = FeatureCache(root, flavour=layout.normed_values)  # the stored values, as stored_features computes them
     reader = SourceReader(source, follow_symlinks)

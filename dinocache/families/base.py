@@ -80,8 +80,13 @@ class Family:
         """(transformers model in eval mode, its config) from an official checkpoint's tensors."""
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Anything the loaded model needs to compute what the family's official code computes."""
+    # the position-embedding interpolations a recipe may ask for instead of the family's own
+    # (ModelSpec.pos_embed_interpolation; DINOv2: timm's, for VA-VAE)
+    interpolations: tuple[str, ...] = ()
+
+    def prepare(self, model: torch.nn.Module, interpolation: str | None = None) -> torch.nn.Module:
+        """Anything the loaded model needs to compute what the family's official code computes
+        (or, given one of `interpolations`, what the recipe's code computes)."""
         return model
 
     def tokens(self, model: torch.nn.Module, final_norm: torch.nn.Module, pixels: torch.Tensor, hidden_states: bool):
@@ -91,6 +96,6 @@ class Family:
         prenorm = out.last_hidden_state  # the model's norm is an Identity: the last block's output
         return prenorm, final_norm(prenorm), out.hidden_states, None
 
-    def record(self, config) -> dict:
+    def record(self, config, interpolation: str | None = None) -> dict:
         """Fields the manifest's model section gets for this family (DINOv3: none, as before)."""
         return {"family": self.name}

@@ -102,7 +102,7 @@ class SigLIP2(Family):
             config.hidden_size, config.num_hidden_layers, config.intermediate_size, False, 0, self.patch_size(config)
         )
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, interpolation: str | None = None) -> torch.nn.Module:
         from ..errors import ModelLoadError
 
         if not getattr(model, "use_head", False):
