@@ -637,7 +637,7 @@ def check_layers(layers, mspec: ModelSpec) -> None:
 def check_registers(keep_registers: bool, mspec: ModelSpec) -> None:
     if keep_registers and mspec.num_registers == 0:
         raise ConfigError(
-            f"--keep-registers: {mspec.id} has no register tokens (a DINOv2 without registers)",
+            f"--keep-registers: {mspec.id} has no register tokens (a {mspec.family.name} without registers)",
             "drop --keep-registers, or use a model with registers (e.g. facebook/dinov2-with-registers-base)",
         )
 

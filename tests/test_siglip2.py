@@ -244,3 +244,20 @@ def test_a_naflex_cache_extracts_and_reads(tmp_path, naflex_dir):
     assert item["patches"].shape == (12, 16, 64) and item["pooled"].shape == (64,)
     assert "layer1_patches" in item and "layer1_cls" not in item
     assert cache.manifest["model"]["config"]["num_patches"] == 16
+
+
+def test_a_manifest_naming_another_single_token_feature_is_refused(tmp_path, siglip_dir):
+    from dinocache.layout import Layout, storage_problems
+
+    assert Layout.from_record(Layout(summary="pooled").record()).summary == "pooled"
+    assert "summary" not in Layout().record()  # a CLS cache's storage section is what it was
+    images = tmp_path / "imgs"
+    save_scene(images / "a.png", 300, 300, seed=1)
+    out = tmp_path / "cache"
+    assert extract(images, out, siglip_dir).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["storage"]["summary"] = "cls_token\x1b[31m"
+    assert storage_problems(manifest["storage"]) == ["storage.summary must be one of cls, pooled"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "storage.summary" in result.output and "\x1b" not in result.output
