@@ -261,3 +261,10 @@ def test_a_manifest_naming_another_single_token_feature_is_refused(tmp_path, sig
     (out / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["stats", str(out)])
     assert result.exit_code == 2 and "storage.summary" in result.output and "\x1b" not in result.output
+
+
+def test_an_interpolation_the_family_does_not_offer_is_refused(siglip_dir):
+    from dinocache.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="offers: none"):  # what verify --recompute meets in a tampered manifest
+        load_model(str(siglip_dir), device="cpu", dtype="float32", pos_embed_interpolation="size, antialias\x1b")
