@@ -113,6 +113,8 @@ def build_preprocessing(
         log.info("--preset %s crops as its recipe does (resize: %s), not with resize: %s", p.name, p.resize, resize)
     if p.name == "rae" and mspec.num_registers == 0:
         log.warning("--preset rae: RAE's encoder is a DINOv2 with registers; %s has none", mspec.id)
+    if p.name == "vavae" and mspec.num_registers:
+        log.warning("--preset vavae: VA-VAE's encoder is DINOv2-L/14 without registers; %s has some", mspec.id)
     return Preprocessing(
         tuple(image_mean or p.image_mean),
         tuple(image_std or p.image_std),
