@@ -106,7 +106,7 @@ OUT_ARG = typer.Argument(  # a str: a cache may be a URL (s3://...), which Path 
 )
 STORAGE_HELP = "Stored dtype: bfloat16 (default), float16, float32 (exact parity), float8_e4m3fn (docs/FORMAT.md)."
 POOL_HELP = "Average-pool the patch grid N x N (2: 4x smaller)."
-PRESET_HELP = "A recipe's own preprocessing: repa or rae (docs/TRAINING.md)."
+PRESET_HELP = "A recipe's own preprocessing: repa, rae, rae-siglip2 or vavae (docs/TRAINING.md)."
 TOKEN_PIXELS_HELP = "Pixels per DiT token: a patch-14 encoder sees 256 px as 224 (default 16 if patch != 16; 0: off)."
 LAYERS_HELP = "Also store these blocks' outputs (1-based, not normed), e.g. 8,16."
 REGISTERS_HELP = "Also store the register tokens."

@@ -116,6 +116,9 @@ class Interrupted(DinocacheError):
 def cache_settings(mspec: ModelSpec, prep: Preprocessing, layout, buckets: list[Bucket]) -> dict:
     """Everything that changes the stored features; a cache never mixes two of these.
     JSON-normalized, so that it compares equal to what a manifest read back holds."""
+    import dataclasses
+
+    layout = dataclasses.replace(layout, summary=mspec.family.summary)  # CLS, or a pooling head's output
     return json.loads(
         json.dumps(
             {

@@ -45,14 +45,18 @@ def normed_values(tokens: Tokens, prenorm: torch.Tensor, layout: Layout, eps: fl
 def feature_tensors(
     tokens: Tokens, num_registers: int, grid: tuple[int, int], layout: Layout, eps: float
 ) -> dict[str, torch.Tensor]:
-    """Named [B, ...] tensors of one view: cls, patches (pooled), registers (if kept), their
-    `_lnstats` (if the layout keeps them), and layer{k}_cls / layer{k}_patches (not normed)."""
+    """Named [B, ...] tensors of one view: cls (or pooled, for a model without a CLS token),
+    patches (pooled), registers (if kept), their `_lnstats` (if the layout keeps them), and
+    layer{k}_cls / layer{k}_patches (not normed)."""
+    has_cls = layout.summary == "cls"
     prenorm = tokens.prenorm.float()  # once, for the stored values and the statistics
-    cls, registers, patches = split_tokens(normed_values(tokens, prenorm, layout, eps), num_registers, grid)
+    cls, registers, patches = split_tokens(normed_values(tokens, prenorm, layout, eps), num_registers, grid, has_cls)
     values = {"cls": cls, "patches": pool_patches(patches, grid, layout.pool), "registers": registers}
+    values["pooled"] = tokens.pooled
     stats = None
     if layout.ln_stats:
-        stats = dict(zip(("cls", "registers", "patches"), split_tokens(token_stats(prenorm, eps), num_registers, grid)))
+        split = split_tokens(token_stats(prenorm, eps), num_registers, grid, has_cls)
+        stats = dict(zip(("cls", "registers", "patches"), split))
     out = {}
     for feature in layout.features():
         if feature.name in values:
@@ -60,8 +64,9 @@ def feature_tensors(
             if layout.has_lnstats(feature):
                 out[feature.name + "_lnstats"] = stats[feature.name]
     for k, hidden in tokens.layers.items():
-        layer_cls, _, layer_patches = split_tokens(hidden, num_registers, grid)
-        out[f"layer{k}_cls"] = layer_cls
+        layer_cls, _, layer_patches = split_tokens(hidden, num_registers, grid, has_cls)
+        if has_cls:
+            out[f"layer{k}_cls"] = layer_cls
         out[f"layer{k}_patches"] = pool_patches(layer_patches, grid, layout.pool)
     return out
 

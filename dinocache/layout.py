@@ -6,8 +6,9 @@ Writer, reader, verify, plan, state and the CLI ask this module; none restates i
 storage dtype is one row of STORAGE_DTYPES; a new tensor kind is one entry of FEATURES (plus
 the code in features.py that computes it).
 
-Names in a shard, for a feature F (cls, registers, patches, layer{k}_cls, layer{k}_patches)
-and a view V ("" or "_flip"):
+Names in a shard, for a feature F (cls, registers, patches, layer{k}_cls, layer{k}_patches;
+for a model without a CLS token, SigLIP, pooled in place of cls and no layer{k}_cls) and a view
+V ("" or "_flip"):
     F + V               the feature itself, in the storage dtype
     F + V + "_scale"    float32 [N]: one scale per row, for scaled (float8) storage
     F + V + "_lnstats"  float32 [N, tokens, 2]: per token (mean, std) of the final LayerNorm's
@@ -67,6 +68,7 @@ NORMED_VALUES = ("normed", "ln_noaffine")  # what the normed features hold: form
 COMPANION_CODE = "F32"  # `_scale` and `_lnstats` tensors
 COMPANION_ITEMSIZE = 4
 VIEWS = ("", "_flip")
+SUMMARIES = ("cls", "pooled")  # the single-token feature: a CLS token, or a pooling head's output
 
 
 @dataclass(frozen=True)
@@ -124,17 +126,22 @@ class Layout:
     flip: bool = False
     ln_stats: bool = True
     normed_values: str = "ln_noaffine"  # the flavour stored for the normed features
+    # the single-token feature: "cls", or "pooled" (the attention-pooling head's output of a
+    # model without a CLS token, SigLIP: not a token of the final norm, so no flavours or stats)
+    summary: str = "cls"
 
     @property
     def storage(self) -> StorageDtype:
         return STORAGE_DTYPES[self.dtype]
 
     def features(self) -> list[Feature]:
-        out = [Feature("cls", "one", True), Feature("patches", "grid", True)]
+        out = [Feature(self.summary, "one", self.summary == "cls"), Feature("patches", "grid", True)]
         if self.registers:
             out.append(Feature("registers", "registers", True))
         for k in self.layers:
-            out += [Feature(f"layer{k}_cls", "one", False), Feature(f"layer{k}_patches", "grid", False)]
+            if self.summary == "cls":
+                out.append(Feature(f"layer{k}_cls", "one", False))
+            out.append(Feature(f"layer{k}_patches", "grid", False))
         return out
 
     def views(self) -> tuple[str, ...]:
@@ -178,7 +185,7 @@ class Layout:
             "flip": self.flip,
             "ln_stats": self.ln_stats,
             "normed_values": self.normed_values,
-        }
+        } | ({"summary": self.summary} if self.summary != "cls" else {})  # a CLS cache's record as before
 
     @classmethod
     def from_record(cls, storage: dict) -> "Layout":
@@ -192,6 +199,7 @@ class Layout:
             flip=storage.get("flip", False),
             ln_stats=storage.get("ln_stats", False),
             normed_values=storage.get("normed_values", "normed"),
+            summary=storage.get("summary", "cls"),
         )
 
 
@@ -226,6 +234,8 @@ def storage_problems(storage: Any, version: int = FORMAT_VERSION) -> list[str]:
         problems.append(f"storage.normed_values must be one of {', '.join(NORMED_VALUES)}")
     if version < 3 and "normed_values" in storage:
         problems.append(f"storage.normed_values is not a field of format {version}")
+    if storage.get("summary", "cls") not in SUMMARIES:
+        problems.append(f"storage.summary must be one of {', '.join(SUMMARIES)}")
     return problems
 
 

@@ -21,7 +21,6 @@ import torch
 
 from .errors import ConfigError, ModelLoadError, untrusted
 from .families import FAMILIES, Family, architectures, family_of_config, load_official
-from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .names import DEFAULT_MODEL, NORM_FILE
 
 log = logging.getLogger("dinocache")
@@ -37,26 +36,25 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class Tokens:
-    """One forward's tokens, [B, 1 + R + rows*cols, D] each: `prenorm` is the last block's output
+    """One forward's tokens, [B, prefix + rows*cols, D] each: `prenorm` is the last block's output
     (hidden_states[-1]), `normed` the final LayerNorm of it (last_hidden_state)."""
 
     prenorm: torch.Tensor
     normed: torch.Tensor
     layers: dict[int, torch.Tensor]  # block k's output (1-based), not normed
+    pooled: torch.Tensor | None = None  # [B, D]: a pooling head's output (SigLIP), from `normed`
 
 
 class _TokenForward(torch.nn.Module):
     """The transformers model with its final LayerNorm applied here, so that the input of that
     norm (the last block's output) is available too; what `torch.compile` compiles."""
 
-    def __init__(self, vit: torch.nn.Module, final_norm: torch.nn.Module):
+    def __init__(self, vit: torch.nn.Module, final_norm: torch.nn.Module, family: Family):
         super().__init__()
-        self.vit, self.final_norm = vit, final_norm
+        self.vit, self.final_norm, self.family = vit, final_norm, family
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        out = self.vit(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
-        prenorm = out.last_hidden_state  # vit.norm is an Identity: this is the last block's output
-        return prenorm, self.final_norm(prenorm), out.hidden_states
+        return self.family.tokens(self.vit, self.final_norm, pixel_values, output_hidden_states)
 
 
 @dataclass
@@ -83,7 +81,11 @@ class LoadedModel:
     spec: "ModelSpec | None" = field(repr=False, default=None)
 
     def __post_init__(self):
-        self._forward = _TokenForward(self.model, self.final_norm)
+        self._forward = _TokenForward(self.model, self.final_norm, self.family)
+
+    @property
+    def family(self) -> Family:
+        return self.spec.family if self.spec is not None else FAMILIES[0]
 
     @property
     def norm_eps(self) -> float:
@@ -99,9 +101,9 @@ class LoadedModel:
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         run = self.compiled if self.compiled is not None else self._forward
         with sdpa_context(self.sdpa_backend):
-            prenorm, normed, hidden_states = run(pixels, bool(layers))
+            prenorm, normed, hidden_states, pooled = run(pixels, bool(layers))
         # hidden_states[0] is the embedding output, hidden_states[k] the output of block k.
-        return Tokens(prenorm, normed, {k: hidden_states[k] for k in layers})
+        return Tokens(prenorm, normed, {k: hidden_states[k] for k in layers}, pooled)
 
     def enable_compile(self, mode: str | None = None) -> None:
         """torch.compile with static shapes: one graph per bucket shape, compiled on first use.
@@ -135,16 +137,22 @@ def sdpa_context(backend: str):
     return sdpa_kernel(kernel)
 
 
-def split_tokens(hidden: torch.Tensor, num_registers: int, grid: tuple[int, int]):
-    """Split [B, 1 + R + rows*cols, D] into cls [B, D], registers [B, R, D], patches [B, rows*cols, D]."""
+def split_tokens(hidden: torch.Tensor, num_registers: int, grid: tuple[int, int], cls: bool = True):
+    """Split [B, 1 + R + rows*cols, D] into cls [B, D], registers [B, R, D], patches [B, rows*cols, D];
+    without a CLS token (`cls` False: SigLIP) [B, R + rows*cols, D], and cls is None."""
     rows, cols = grid
-    expected = 1 + num_registers + rows * cols
+    first = int(cls)
+    expected = first + num_registers + rows * cols
     if hidden.shape[1] != expected:
         raise RuntimeError(
-            f"model returned {hidden.shape[1]} tokens, expected 1 CLS + {num_registers} registers + "
+            f"model returned {hidden.shape[1]} tokens, expected {first} CLS + {num_registers} registers + "
             f"{rows}x{cols} patches = {expected}; the input size is not a multiple of the patch size"
         )
-    return hidden[:, 0], hidden[:, 1 : 1 + num_registers], hidden[:, 1 + num_registers :]
+    return (
+        hidden[:, 0] if cls else None,
+        hidden[:, first : first + num_registers],
+        hidden[:, first + num_registers :],
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -233,6 +241,8 @@ class ModelSpec:
     preloaded: torch.nn.Module | None = field(repr=False, default=None)  # official .pth: loaded to read it
     family: Family = field(repr=False, default=FAMILIES[0])
     fingerprint: str | None = None  # of a local checkpoint's weights (weights_fingerprint); None: Hub or random
+    # a recipe's position-embedding interpolation (one of family.interpolations); None: the family's own
+    pos_embed_interpolation: str | None = None
 
     @property
     def patch_size(self) -> int:
@@ -276,7 +286,7 @@ class ModelSpec:
             extra["weights_fingerprint"] = self.fingerprint
         return (
             extra
-            | self.family.record(self.config)
+            | self.family.record(self.config, self.pos_embed_interpolation)
             | {
                 "id": self.id,
                 "revision": self.revision,
@@ -322,6 +332,7 @@ def resolve_model(
     else:
         config = _load_config(spec, revision)
         family, kind = family_of_config(config), "pretrained"
+        config = family.encoder_config(config)
         processor_cfg = _load_processor_config(spec, revision)
         found = _read_final_norm(spec, revision, family)
         if found is None:  # not a safetensors checkpoint: read the norm from the loaded model
@@ -332,8 +343,8 @@ def resolve_model(
         if Path(spec).is_dir():  # a local checkpoint: known by content, not by the spelling of its path
             files = _safetensors_files(Path(spec))
             fingerprint = file_fingerprint(files) if files else module_fingerprint(preloaded)
-    mean = tuple(image_mean or processor_cfg.get("image_mean") or IMAGENET_MEAN)
-    std = tuple(image_std or processor_cfg.get("image_std") or IMAGENET_STD)
+    mean = tuple(image_mean or processor_cfg.get("image_mean") or family.image_mean)
+    std = tuple(image_std or processor_cfg.get("image_std") or family.image_std)
     _check_normalization(mean, std)
     return ModelSpec(
         spec,
@@ -459,7 +470,7 @@ def load_weights(mspec: ModelSpec, compile: bool = False, sdpa_backend: str = "a
     else:
         model = _from_pretrained(mspec.id, mspec.revision, mspec.config, mspec.dtype, mspec.device, family)
     model = model.to(device=mspec.device, dtype=mspec.dtype).eval()  # eval: no RoPE jitter, no drop-path
-    model = family.prepare(model)
+    model = family.prepare(model, mspec.pos_embed_interpolation)
     final_norm = getattr(model, family.norm_attr)
     setattr(model, family.norm_attr, torch.nn.Identity())
     loaded = LoadedModel(
@@ -510,13 +521,26 @@ def load_model(
     seed: int = 0,
     compile: bool = False,
     sdpa_backend: str = "auto",
+    pos_embed_interpolation: str | None = None,
 ) -> LoadedModel:
-    """Load a DINOv3 ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
+    """Load a ViT from a Hub id, a local folder, an official .pth or `random:<arch>`."""
     if sdpa_backend not in SDPA_BACKENDS:
         raise ModelLoadError(f"unknown attention backend {sdpa_backend!r}", f"use one of {', '.join(SDPA_BACKENDS)}")
-    return load_weights(
-        resolve_model(spec, revision, device, dtype, image_mean, image_std, seed), compile, sdpa_backend
-    )
+    mspec = resolve_model(spec, revision, device, dtype, image_mean, image_std, seed)
+    use_interpolation(mspec, pos_embed_interpolation)
+    return load_weights(mspec, compile, sdpa_backend)
+
+
+def use_interpolation(mspec: ModelSpec, name: str | None) -> None:
+    """Interpolate the position embeddings as a recipe's code does (`name`, one the family
+    offers), or as the family's official code does (None). Recorded in the manifest's model."""
+    if name is not None and name not in mspec.family.interpolations:
+        offered = ", ".join(mspec.family.interpolations) or "none"
+        raise ModelLoadError(
+            f"{mspec.id} ({mspec.family.name}) cannot interpolate its position embeddings by {untrusted(repr(name))}",
+            f"this family offers: {offered}",
+        )
+    mspec.pos_embed_interpolation = name
 
 
 def _from_pretrained(
@@ -613,7 +637,7 @@ def check_layers(layers, mspec: ModelSpec) -> None:
 def check_registers(keep_registers: bool, mspec: ModelSpec) -> None:
     if keep_registers and mspec.num_registers == 0:
         raise ConfigError(
-            f"--keep-registers: {mspec.id} has no register tokens (a DINOv2 without registers)",
+            f"--keep-registers: {mspec.id} has no register tokens (a {mspec.family.name} without registers)",
             "drop --keep-registers, or use a model with registers (e.g. facebook/dinov2-with-registers-base)",
         )
 
@@ -721,7 +745,7 @@ def _load_config(spec: str, revision: str | None):
         hint = (
             "ConvNeXt DINOv3 models have no CLS/register tokens and are not supported yet"
             if "convnext" in config.model_type
-            else "pass a DINOv3 or DINOv2 ViT, e.g. " + DEFAULT_MODEL + " or facebook/dinov2-base"
+            else "pass a DINOv3, DINOv2 or SigLIP ViT, e.g. " + DEFAULT_MODEL + " or facebook/dinov2-base"
         )
         known = ", ".join(t for f in FAMILIES for t in f.model_types)
         raise ModelLoadError(f"{spec} is a {config.model_type!r} model; dinocache loads {known}", hint)

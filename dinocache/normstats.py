@@ -159,10 +159,10 @@ def _moments(
     when one is given, else per channel."""
     from tqdm import tqdm
 
-    dim = cache.hidden_size
+    dim, summary = cache.hidden_size, cache.layout.summary  # a SigLIP cache's cls_* hold its pooled feature's
     patches, cls = Moments((grid[0] * grid[1], dim) if grid else (dim,)), Moments((dim,))
     shards = cache.iter_shard_rows(
-        wanted, {"cls", "patches"}, lambda g: max(1, CHUNK_BYTES // (8 * (g[0] * g[1] + 1) * dim))
+        wanted, {summary, "patches"}, lambda g: max(1, CHUNK_BYTES // (8 * (g[0] * g[1] + 1) * dim))
     )
     total = len(np.unique(cache.shard_indices()))
     for shard_grid, chunks in tqdm(shards, total=total, desc="norm-stats", unit="shard", disable=not progress):
@@ -171,7 +171,7 @@ def _moments(
             for view in wanted:
                 p = batch["patches" + view].reshape(-1, tokens, dim)
                 patches.add(p if grid else p.reshape(-1, dim))
-                cls.add(batch["cls" + view])
+                cls.add(batch[summary + view])
     return patches, cls
 
 

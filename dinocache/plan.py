@@ -104,10 +104,13 @@ def plan_extraction(
     """What `extract` would do with the same options, from the headers alone: the same scan,
     the same placement (placement.place), the same layout and shard split, so the projected
     bytes are what extract writes."""
+    import dataclasses
+
     from .extract import cache_settings
 
     layout = layout or Layout()
     mspec = plan_model(model)
+    layout = dataclasses.replace(layout, summary=mspec.family.summary)
     check_layers(layout.layers, mspec)
     check_registers(layout.registers, mspec)
     prep = build_preprocessing(mspec, config.resize, jpeg_draft, preset, token_pixels)

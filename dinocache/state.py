@@ -97,6 +97,12 @@ def model_differences(old, new) -> list[str]:
     the folder it resolves to."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return settings_differences(old, new, "model")
+    from .families import family_of_record
+
+    if family_of_record(old) != family_of_record(new):  # then every config field differs: say why
+        return [
+            f"model.family: cache has {_brief(family_of_record(old))}, this run has {_brief(family_of_record(new))}"
+        ]
     diffs = settings_differences(
         {k: v for k, v in old.items() if k not in MODEL_NAMES},
         {k: v for k, v in new.items() if k not in MODEL_NAMES},

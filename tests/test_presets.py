@@ -6,6 +6,7 @@ guided-diffusion's center_crop_arr (tests/test_adm_crop.py)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,32 @@ def rae_pixels(path) -> torch.Tensor:
     return ((x - MEAN) / STD)[0]
 
 
-RECIPES = {"repa": repa_pixels, "rae": rae_pixels}
+def rae_siglip2_pixels(path) -> torch.Tensor:
+    """bytetriper/RAE@a4d18c4 with configs/stage1/pretrained/SigLIP2.yaml: encoder_input_size 256,
+    so RAE.encode skips the resize of a 256 crop (src/stage1/rae.py:83-85), and normalises by
+    google/siglip2-base-patch16-256's processor mean/std, 0.5 (rae.py:38-40, 86)."""
+    x = adm_uint8(path).float().div(255)  # ToTensor
+    return ((x - 0.5) / 0.5)[0]
+
+
+def vavae_pixels(path) -> torch.Tensor:
+    """hustvl/LightningDiT@2725fed VA-VAE: the dataset's image / 127.5 - 1 in numpy
+    (taming-transformers@3ba01b2 taming/data/base.py:49-51, ImagePaths; its crop is a random one
+    and stands here as ADM's centre crop, as the preset does), then aux_foundation_model's
+    forward_dinov2 resize (vavae/ldm/models/foundation_models.py:54-56)."""
+    image = adm_uint8(path)[0].permute(1, 2, 0).numpy()  # HWC uint8, as np.array(image) is
+    image = (image / 127.5 - 1.0).astype(np.float32)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]  # AutoencoderKL.get_input (autoencoder.py:371-376)
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    return x[0]
+
+
+RECIPES = {
+    "repa": (repa_pixels, 224),
+    "rae": (rae_pixels, 224),
+    "rae-siglip2": (rae_siglip2_pixels, 256),
+    "vavae": (vavae_pixels, 224),
+}
 SIZES = [(640, 480), (300, 420), (1100, 700)]
 
 
@@ -68,14 +94,20 @@ def test_preset_pixels_equal_the_recipes(tmp_path, name, size):
         preset=name,
         token_pixels=16,
     )
-    got = model_input(path.read_bytes(), size, (0, 0, *size), (224, 224), prep, 1 << 40, bucket_size=(256, 256))
-    expected = RECIPES[name](path)
-    assert got.shape == expected.shape == (3, 224, 224)
-    assert torch.equal(got, expected)
+    recipe, side = RECIPES[name]
+    got = model_input(path.read_bytes(), size, (0, 0, *size), (side, side), prep, 1 << 40, bucket_size=(256, 256))
+    expected = recipe(path)
+    assert got.shape == expected.shape == (3, side, side)
+    if name == "vavae":  # image / 127.5 - 1 in float64, cast once, against x / 255 then (x - 0.5) / 0.5 in float32
+        assert (got - expected).abs().max() <= 2**-23
+    else:
+        assert torch.equal(got, expected)
+    if side == 256:
+        return  # the encoder sees the crop itself: no resize for the preset to change
     # what the preset changes: transformers' processor resize (bilinear, antialiased) is far off
     default = Preprocessing(p.image_mean, p.image_std, p.resize, token_pixels=16)
     processor = model_input(
-        path.read_bytes(), size, (0, 0, *size), (224, 224), default, 1 << 40, bucket_size=(256, 256)
+        path.read_bytes(), size, (0, 0, *size), (side, side), default, 1 << 40, bucket_size=(256, 256)
     )
     assert (processor - expected).abs().max() > 1e-2
 
@@ -140,3 +172,77 @@ def test_options_a_model_cannot_serve_are_refused(tmp_path, dinov2_dir):
     assert runner.invoke(app, [*args, "--workers", "0", "--no-progress"]).exit_code == 0
     crops = runner.invoke(app, ["crops", str(tmp_path / "c"), "-o", str(tmp_path / "crops.jsonl")])
     assert crops.exit_code == 0 and "resize: adm" in crops.output  # its boxes only approximate ADM's crop
+
+
+def timm_resample_abs_pos_embed(posemb, new_size, old_size, num_prefix_tokens=1):
+    """pytorch-image-models@aa4b585 timm/layers/pos_embed.py:19-58 with its defaults
+    (interpolation 'bicubic', antialias True), as VisionTransformer._pos_embed calls it with
+    dynamic_img_size (timm/models/vision_transformer.py:1049-1057)."""
+    num_pos_tokens = posemb.shape[1]
+    num_new_tokens = new_size[0] * new_size[1] + num_prefix_tokens
+    if num_new_tokens == num_pos_tokens and new_size[0] == new_size[1]:
+        return posemb
+    posemb_prefix, posemb = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    embed_dim = posemb.shape[-1]
+    orig_dtype = posemb.dtype
+    posemb = posemb.float()
+    posemb = posemb.reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2)
+    posemb = F.interpolate(posemb, size=new_size, mode="bicubic", antialias=True)
+    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, embed_dim)
+    posemb = posemb.to(orig_dtype)
+    return torch.cat([posemb_prefix, posemb], dim=1)
+
+
+def timm_forward_features(model, x):
+    """timm's DINOv2 forward_features on transformers' Dinov2Model weights (the same Meta
+    checkpoint): its pos-embed resample in place of the model's own interpolation."""
+    import types
+
+    emb = model.embeddings
+    original = emb.interpolate_pos_encoding
+    M = int((emb.position_embeddings.shape[1] - 1) ** 0.5)
+
+    def resample(self, embeddings, height, width):
+        return timm_resample_abs_pos_embed(self.position_embeddings, (height // 14, width // 14), (M, M))
+
+    emb.interpolate_pos_encoding = types.MethodType(resample, emb)
+    try:
+        with torch.no_grad():
+            return model(pixel_values=x).last_hidden_state
+    finally:
+        emb.interpolate_pos_encoding = original
+
+
+def test_the_vavae_preset_gives_va_vaes_dinov2_targets(tmp_path):
+    dinov2_dir = tmp_path / "dinov2"
+    model = tiny_dinov2(registers=False, seed=3)
+    with torch.no_grad():  # position embeddings that matter: the two interpolations' tokens differ in cosine
+        model.embeddings.position_embeddings.mul_(30)
+    model.save_pretrained(dinov2_dir)
+    images = tmp_path / "imgs"
+    for i, size in enumerate(SIZES[:2]):
+        save_scene(images / f"{i}.png", *size, seed=i)
+    config = tmp_path / "dit-256.yaml"
+    config.write_text("buckets: [[256, 256]]\n")
+    out = tmp_path / "cache"
+    args = ["extract", str(images), "-b", str(config), "--model", str(dinov2_dir), "--preset", "vavae", "-o", str(out)]
+    result = runner.invoke(app, [*args, "--dtype", "float32", "--storage-dtype", "float32", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["pos_embed_interpolation"] == "size, antialias"  # timm's, not torch.hub's offset
+    assert manifest["preprocessing"]["preset"] == "vavae" and manifest["preprocessing"]["resize"] == "adm"
+    from transformers import Dinov2Model
+
+    reference = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    cache = FeatureCache(out)  # flavour normed: timm's forward_features ends with its norm
+    for key in cache.keys():
+        x = vavae_pixels(images / key)[None]
+        expected = timm_forward_features(reference, x)[0, 1:]  # foundation_models.py:57, [:, 1:]
+        patches = cache[key]["patches"].reshape(-1, expected.shape[-1])
+        assert patches.shape[0] == 256 and (patches - expected).abs().max() < 1e-4
+        # the interpolation matters: torch.hub's (REPA's) gives other features on the same pixels
+        assert (official_forward(reference, x, registers=False)[0, 1:] - expected).abs().max() > 1e-3
+    verified = runner.invoke(app, ["verify", str(out), "--source", str(images), "--recompute", "2"])
+    assert verified.exit_code == 0, verified.output
+    other = runner.invoke(app, [*args[:-2], "--preset", "repa", "-o", str(out), "--workers", "0"])
+    assert other.exit_code == 2 and "preset" in other.output

@@ -75,14 +75,18 @@ def make_data(root: Path):
     shutil.copytree(REPO / "configs", root / "configs")
 
 
-def run_shell(block: str, model_dir: Path, dinov2_dirs: dict):
+def run_shell(block: str, model_dir: Path, family_dirs: dict):
     for line in block.strip().splitlines():
         args = shlex.split(line)
         assert args[0] == "dinocache", line
         if "--model" in args:  # a tiny model of the family the line names
             named = args[args.index("--model") + 1]
-            registers = "with-registers" in named
-            args[args.index("--model") + 1] = str(dinov2_dirs[registers] if "dinov2" in named else model_dir)
+            if "siglip2" in named:
+                args[args.index("--model") + 1] = str(family_dirs["siglip2"])
+            elif "dinov2" in named:
+                args[args.index("--model") + 1] = str(family_dirs["with-registers" in named])
+            else:
+                args[args.index("--model") + 1] = str(model_dir)
         if args[1] == "extract":
             args += ["--workers", "0", "--no-progress"]
         if args[1] == "norm-stats":
@@ -93,11 +97,13 @@ def run_shell(block: str, model_dir: Path, dinov2_dirs: dict):
 
 def test_training_md_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     from test_dinov2 import tiny_dinov2
+    from test_siglip2 import tiny_siglip
 
-    dinov2_dirs = {}
+    family_dirs = {"siglip2": tmp_path / "tiny-siglip2"}  # DINOv2: keyed by registers
+    tiny_siglip(image_size=256).save_pretrained(family_dirs["siglip2"])
     for registers in (False, True):
-        dinov2_dirs[registers] = tmp_path / f"tiny-dinov2-{registers}"
-        tiny_dinov2(registers).save_pretrained(dinov2_dirs[registers])
+        family_dirs[registers] = tmp_path / f"tiny-dinov2-{registers}"
+        tiny_dinov2(registers).save_pretrained(family_dirs[registers])
     make_data(tmp_path)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -105,7 +111,7 @@ def test_training_md_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     for kind, body in blocks((REPO / "docs" / "TRAINING.md").read_text()):
         kinds.append(kind)
         if kind == "bash":
-            run_shell(body, tiny_model_dir, dinov2_dirs)
+            run_shell(body, tiny_model_dir, family_dirs)
         else:
             exec(compile(body, "TRAINING.md", "exec"), namespace)  # noqa: S102 - the doc's own code
     assert kinds.count("python") >= 5 and kinds.count("bash") >= 5

@@ -8,10 +8,10 @@ import torch
 
 from ..errors import ModelLoadError
 from ..official import load_official_state_dict
-from . import dinov2, dinov3
+from . import dinov2, dinov3, siglip2
 from .base import Family, Shape
 
-FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, dinov2.FAMILY)
+FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, dinov2.FAMILY, siglip2.FAMILY)
 
 
 def architectures() -> dict[str, Family]:

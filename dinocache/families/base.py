@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..imaging import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -25,6 +27,12 @@ class Shape:
 class Family:
     name: str = ""
     model_types: tuple[str, ...] = ()  # the config.model_type values it loads
+    # the single-token feature a shard stores: "cls" (the CLS token, normed like the patches) or
+    # "pooled" (an attention-pooling head's output, for a model without a CLS token: SigLIP)
+    summary: str = "cls"
+    # mean and std when the checkpoint has no preprocessor_config.json (random:<arch> included)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
     architectures: dict[str, dict] = {}  # random:<arch> -> config fields
     norm_attr: str = "norm"  # the model's attribute holding the final LayerNorm
     # where a safetensors checkpoint keeps that norm's weight (bare, or under a wrapper's prefix)
@@ -42,6 +50,14 @@ class Family:
 
     def num_registers(self, config) -> int:
         return int(getattr(config, "num_register_tokens", 0) or 0)
+
+    def num_prefix_tokens(self, config) -> int:
+        """Tokens before the patches: CLS (if the model has one) and the registers."""
+        return int(self.summary == "cls") + self.num_registers(config)
+
+    def encoder_config(self, config):
+        """The config of the vision tower the family runs (a SigLIP checkpoint holds a text one too)."""
+        return config
 
     def patch_size(self, config) -> int:
         from ..errors import ModelLoadError
@@ -64,10 +80,22 @@ class Family:
         """(transformers model in eval mode, its config) from an official checkpoint's tensors."""
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Anything the loaded model needs to compute what the family's official code computes."""
+    # the position-embedding interpolations a recipe may ask for instead of the family's own
+    # (ModelSpec.pos_embed_interpolation; DINOv2: timm's, for VA-VAE)
+    interpolations: tuple[str, ...] = ()
+
+    def prepare(self, model: torch.nn.Module, interpolation: str | None = None) -> torch.nn.Module:
+        """Anything the loaded model needs to compute what the family's official code computes
+        (or, given one of `interpolations`, what the recipe's code computes)."""
         return model
 
-    def record(self, config) -> dict:
+    def tokens(self, model: torch.nn.Module, final_norm: torch.nn.Module, pixels: torch.Tensor, hidden_states: bool):
+        """(prenorm, normed, hidden_states or None, pooled or None) of one forward of `model`
+        (whose own final norm is an Identity) on pixels [B, 3, H, W]."""
+        out = model(pixel_values=pixels, output_hidden_states=hidden_states)
+        prenorm = out.last_hidden_state  # the model's norm is an Identity: the last block's output
+        return prenorm, final_norm(prenorm), out.hidden_states, None
+
+    def record(self, config, interpolation: str | None = None) -> dict:
         """Fields the manifest's model section gets for this family (DINOv3: none, as before)."""
         return {"family": self.name}

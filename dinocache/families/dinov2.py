@@ -11,6 +11,12 @@ antialiasing. transformers' Dinov2WithRegistersModel matches the latter; its Din
 interpolates by `size` without the offset, which gives other embeddings than torch.hub's
 `dinov2_vitb14` (the model REPA, REG and their successors load). So models without registers
 get Meta's interpolation here (`prepare`): the features are those of the official model.
+
+timm's DINOv2 (`vit_large_patch14_dinov2.lvd142m` with dynamic_img_size, VA-VAE's encoder: Meta's
+dinov2_vitl14_pretrain.pth) resizes by size with antialiasing for every model
+(pytorch-image-models@aa4b585 timm/layers/pos_embed.py:19-58, resample_abs_pos_embed with its
+defaults bicubic and antialias=True, called by vision_transformer.py:1049-1057): the models with
+registers' rule. A recipe asks for it by name (`interpolation` "size, antialias", --preset vavae).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .base import Family, Shape
 
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1536: 24}
 INTERPOLATE_OFFSET = 0.1  # vision_transformer.py:196-200, the models without registers
+OFFSET, SIZE_ANTIALIAS = "offset 0.1", "size, antialias"  # as the manifest records them
 
 # hub/backbones.py: dinov2_vit{s,b,l,g}14 and their _reg variants (4 registers); ViT-g uses the
 # fused SwiGLU FFN. Position embeddings for 518 px (37x37 patches of 14).
@@ -96,14 +103,24 @@ class DINOv2(Family):
             self.patch_size(config),
         )
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        if model.config.model_type == "dinov2":  # no registers: Meta's offset interpolation
-            model.embeddings.interpolate_pos_encoding = types.MethodType(_interpolate_with_offset, model.embeddings)
+    interpolations = (OFFSET, SIZE_ANTIALIAS)
+
+    def prepare(self, model: torch.nn.Module, interpolation: str | None = None) -> torch.nn.Module:
+        interpolation = interpolation or _official_interpolation(model.config)
+        if model.config.model_type == "dinov2_with_registers" and interpolation != SIZE_ANTIALIAS:
+            from ..errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"a DINOv2 with registers interpolates by {SIZE_ANTIALIAS}, not {interpolation}",
+                "use a DINOv2 without registers for this recipe",
+            )
+        if model.config.model_type == "dinov2":  # transformers' own (size, no antialias) is neither
+            method = _interpolate_with_offset if interpolation == OFFSET else _interpolate_by_size_antialiased
+            model.embeddings.interpolate_pos_encoding = types.MethodType(method, model.embeddings)
         return model
 
-    def record(self, config) -> dict:
-        interpolation = "size, antialias" if config.model_type == "dinov2_with_registers" else "offset 0.1"
-        return {"family": self.name, "pos_embed_interpolation": interpolation}
+    def record(self, config, interpolation: str | None = None) -> dict:
+        return {"family": self.name, "pos_embed_interpolation": interpolation or _official_interpolation(config)}
 
     def claims_official(self, state_dict: dict) -> bool:
         return "pos_embed" in state_dict and "storage_tokens" not in state_dict
@@ -123,6 +140,29 @@ class DINOv2(Family):
             )
         model.load_state_dict(converted, strict=True)
         return model.eval(), config
+
+
+def _official_interpolation(config) -> str:
+    """Meta's rule: the models with registers by size with antialias, the others by offset."""
+    return SIZE_ANTIALIAS if config.model_type == "dinov2_with_registers" else OFFSET
+
+
+def _interpolate_by_size_antialiased(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """timm's resample_abs_pos_embed (timm/layers/pos_embed.py:19-58: bicubic to the grid's size,
+    antialias=True, in float32) as a method of transformers' Dinov2Embeddings."""
+    patch = self.patch_embeddings.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    rows, cols = height // patch, width // patch
+    N = self.position_embeddings.shape[1] - 1
+    if rows * cols == N and rows == cols:
+        return self.position_embeddings
+    M = int(math.sqrt(N))
+    prefix, grid = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+    dim = grid.shape[-1]
+    grid = grid.float().reshape(1, M, M, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(prefix.dtype)
+    return torch.cat((prefix, grid), dim=1)
 
 
 def _interpolate_with_offset(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:

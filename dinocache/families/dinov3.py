@@ -78,7 +78,7 @@ class DINOv3(Family):
     def official_model(self, path: str, state_dict: dict, dtype: torch.dtype):
         return model_from_state_dict(path, state_dict, dtype)
 
-    def record(self, config) -> dict:
+    def record(self, config, interpolation: str | None = None) -> dict:
         return {}  # the first family: a record without "family" is DINOv3 (caches made before families)
 
 

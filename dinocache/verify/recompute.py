@@ -74,6 +74,7 @@ class _Recomputer:
             self.model.get("compute_dtype", "float32"),
             self.prep.image_mean,
             self.prep.image_std,
+            pos_embed_interpolation=self.model.get("pos_embed_interpolation"),  # a preset's (VA-VAE: timm's)
         )
 
     def pixels(self, data: bytes, record: dict):
