@@ -814,7 +814,7 @@ def _check_records_against_source(
     source: Path, records: list[dict], name: str, report: VerifyReport, follow_symlinks: bool
 ) -> None:
 
-    from .sources import SourceReader, sha256_source
+    from .sources import SourceReader
 
     reader = SourceReader(source, follow_symlinks)
     for record in records:
@@ -827,10 +827,7 @@ def _check_records_against_source(
         if src.size == record["source_bytes"] and src.mtime_ns == record["source_mtime_ns"]:
             continue
         try:
-            same = (
-                bool(record["source_sha256"])
-                and sha256_source(src.path, src.offset, src.size) == record["source_sha256"]
-            )
+            same = bool(record["source_sha256"]) and src.source.sha256(src) == record["source_sha256"]
         except DecodeError:
             same = False
         if same:
