@@ -26,6 +26,7 @@ from .tars import expand_braces, pattern_folder, scan_tar
 # is true reads the spec. The folder comes last: it takes any local path no other source claims.
 SOURCES = (
     "tars:TarSource",
+    "zips:ZipSource",
     "listfile:ListSource",
     "folder:FolderSource",
 )
