@@ -45,8 +45,7 @@ class ZipSource(Source):
         return PurePosixPath(spec.split("?", 1)[0]).name.lower().endswith(".zip")
 
     def scan(self) -> list[SourceFile]:
-        local = self._archive()
-        with open_regular(local) as fh:  # _archive has just opened it
+        with self._archive() as fh:
             zip_size = os.fstat(fh.fileno()).st_size
             members: dict[str, SourceFile] = {}
             for info in self._directory(fh):
@@ -72,21 +71,20 @@ class ZipSource(Source):
                 "pass a .zip of images (stored or deflated members), e.g. made with `zip -r photos.zip photos/`",
             ) from None
 
-    def _archive(self) -> str:
-        """The local zip: a remote one's spooled copy; a local one that is a link out of its
+    def _archive(self):
+        """The zip, opened: a remote one's spooled copy; a local one that is a link out of its
         folder is refused, as a tar's is (unless --follow-symlinks)."""
-        fix = "check the path, e.g. dinocache extract photos.zip"
         try:
-            if is_url(self.spec):
-                with decode_errors(self.spec):
-                    return spool(self.spec)
-            folder = os.path.dirname(self.spec) or "."
-            outside = None if self.follow_symlinks else link_out_problem(self.spec, os.path.realpath(folder))
-            if outside:
-                raise DecodeError(*outside)
-            with decode_errors(self.spec), open_regular(self.spec):
-                return self.spec
+            with decode_errors(self.spec):
+                if is_url(self.spec):
+                    return open_regular(spool(self.spec))
+                folder = os.path.realpath(os.path.dirname(self.spec) or ".")
+                outside = None if self.follow_symlinks else link_out_problem(self.spec, folder)
+                if outside:
+                    raise DecodeError(*outside)
+                return open_regular(self.spec)
         except DecodeError as exc:
+            fix = "check the path, e.g. dinocache extract photos.zip"
             raise DinocacheError(f"cannot read the zip {self.spec}: {exc.detail}", fix) from None
 
     def _member(self, info: zipfile.ZipInfo, fd: int, zip_size: int) -> SourceFile | None:
