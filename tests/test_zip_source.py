@@ -17,6 +17,7 @@ from dinocache.cli import app
 from dinocache.config import ExtractOptions, parse_bucket_config
 from dinocache.errors import DecodeError, DinocacheError
 from dinocache.extract import extract
+from dinocache.show import render
 from dinocache.sources import open_source
 
 BUCKETS = {"buckets": [[64, 64], [96, 48]]}
@@ -78,6 +79,7 @@ def test_extract_plan_and_verify_read_a_zip_in_place_as_its_folder(folder, tmp_p
     assert (again.processed, again.skipped) == (0, len(PICTURES))  # size + time from the zip's directory
     verify = runner.invoke(app, ["verify", str(tmp_path / "from-zip"), "--source", str(photos), "--recompute", "3"])
     assert verify.exit_code == 0, verify.output
+    assert render(tmp_path / "from-zip", "sub/b.png").size[0] > 0  # show reopens the recorded (local) zip
     save_scene(folder / "sub" / "b.png", 100, 50, seed=99)  # one picture changes; the zip is made again
     make_zip(folder, photos)
     changed = runner.invoke(app, ["verify", str(tmp_path / "from-zip"), "--source", str(photos), "--json"])
