@@ -15,7 +15,6 @@ from .errors import DecodeError
 from .faults import fault_point
 from .imaging import Preprocessing, model_input, preprocess
 from .scan import max_image_bytes
-from .sources import read_bytes
 
 # Default batch = this many patch tokens: 16 images at 1024x1024 on a GPU. On a CPU large batches
 # only delay the first forward (nothing overlaps decoding) and run no faster: ~4 images at 448x448.
@@ -45,7 +44,7 @@ class DecodeDataset(Dataset):
         bucket = self.buckets[item.bucket]
         fault_point("decode")
         try:
-            data = read_bytes(item.path, item.offset, item.source_bytes, max_image_bytes(*item.source_size))
+            data = item.source.read(item, max_image_bytes(*item.source_size))
             sha256 = hashlib.sha256(data).hexdigest()
             x = model_input(
                 data,

@@ -54,8 +54,7 @@ from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check
 from .names import DEFAULT_MODEL, rank_report_name
 from .normstats import is_fresh
 from .runlog import CommitPacer, RunRecord, StageTimer
-from .scan import SourceFile
-from .sources import open_source
+from .sources import SourceFile, open_source
 from .state import CacheState, merge_cache, now
 from .worklist import Selection, WorkItem, select_work
 from .writer import ShardWriter

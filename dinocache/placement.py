@@ -1,5 +1,5 @@
-"""Where each image goes: from its upright size (read from the header) to its bucket and crop
-box. Decided here once, for extract and plan alike, so their counts cannot differ; a --crops
+"""Where each image goes: from its upright size (its source probes the header) to its bucket
+and crop box. Decided here once, for extract and plan alike, so their counts cannot differ; a --crops
 file (the trainer's own crops) overrides the rule per key."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .buckets import Bucket, assign_bucket, crop_box
 from .errors import DecodeError
-from .scan import SourceFile, max_image_bytes, probe
+from .sources import SourceFile
 
 BY_RULE, BY_CROPS = 0, 1  # the sample table's `placement` column
 
@@ -45,31 +45,9 @@ def place(width: int, height: int, buckets: list[Bucket], resize: str, crop: Cro
 
 
 def probe_source(src: SourceFile, max_pixels: int) -> tuple:
-    """("ok", width, height) or ("failed", reason, detail): picklable, for gathering across ranks."""
+    """("ok", width, height) or ("failed", reason, detail): picklable, for gathering across ranks.
+    The item's source reads its header (sources/base.Source.probe)."""
     try:
-        if src.problem:
-            raise DecodeError(*src.problem)
-        if src.size < 0:
-            raise DecodeError("unreadable", "cannot stat the file (broken or looping symlink?)")
-        if src.size == 0:
-            raise DecodeError("empty", "zero-byte file")
-        if src.hint:
-            width, height = src.hint
-            if width * height > max_pixels:
-                raise DecodeError("too_large", f"the list gives {width}x{height}, over --max-pixels {max_pixels}")
-        else:
-            from .sources import open_image
-
-            # The header only, whatever the source; a file larger than any image within
-            # --max-pixels can need is refused unread.
-            with open_image(src.path, src.offset, src.size, max_image_bytes(max_pixels, 1)) as fh:
-                width, height = probe(fh, max_pixels)
-        if src.size > max_image_bytes(width, height):
-            raise DecodeError(
-                "too_large",
-                f"the file is {src.size} bytes, more than a {width}x{height} image can need "
-                f"({max_image_bytes(width, height)}): a picture followed by junk or a hole is not read",
-            )
-        return ("ok", width, height)
+        return ("ok", *src.source.probe(src, max_pixels))
     except DecodeError as exc:
         return ("failed", exc.reason, exc.detail)

@@ -1,17 +1,13 @@
-"""Find the images in a folder: a sorted, deterministic walk plus header-only size reads.
+"""What an image file is: its name (`IMAGE_EXTENSIONS`), what its header says (`probe`: the
+upright size), the most bytes an image of that size may have, and what a record can hold.
 
 Nothing here decodes pixels: `probe` reads only the file header (and the EXIF orientation),
-which is all bucket placement needs.
+which is all bucket placement needs. The sources (sources/) find the images and open them.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
-from .errors import DecodeError, DinocacheError
-from .keys import key_for_file
+from .errors import DecodeError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -48,74 +44,6 @@ def max_image_bytes(width: int, height: int) -> int:
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    key: str  # POSIX path relative to the input folder: the sample's identity in the cache
-    path: str
-    size: int  # bytes (-1: could not stat)
-    mtime_ns: int
-    problem: tuple[str, str] | None = None  # (reason, detail) known before decoding: a failure to record
-    offset: int = -1  # a tar member: where its bytes start in the tar at `path` (sources.py)
-    hint: tuple[int, int] | None = None  # (width, height) a list file gave: no header read needed
-
-
-def scan_folder(root: str | Path, exclude: list[str | Path] = (), follow_symlinks: bool = False) -> list[SourceFile]:
-    """Every image file under `root` (extensions case-insensitive), sorted by key.
-
-    Folder links are not followed (no loops). A file that cannot be stat'ed (a broken or looping
-    link) is still listed with size -1 so that it is reported, not skipped; so is a file whose
-    name cannot be a key, and (unless `follow_symlinks`) a link to a file outside `root`.
-    Folders in `exclude` (the cache being written, when it lies inside the input) are skipped.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DinocacheError(
-            f"input folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"),
-            "pass the folder that holds your images, e.g. dinocache extract data/images",
-        )
-    real_root = os.path.realpath(root)
-    skip = {os.path.realpath(p) for p in exclude}
-    found: list[SourceFile] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in skip)
-        for name in filenames:
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(dirpath, name)
-            key, key_problem = key_for_file(os.path.relpath(path, root))
-            if key_problem:
-                found.append(SourceFile(key, path, -1, -1, ("bad_filename", f"{key_problem}; rename the file")))
-                continue
-            problem = None if follow_symlinks or not os.path.islink(path) else link_out_problem(path, real_root)
-            try:
-                st = os.stat(path)
-                found.append(SourceFile(key, path, st.st_size, st.st_mtime_ns, problem))
-            except OSError:
-                found.append(SourceFile(key, path, -1, -1, problem))
-    found.sort(key=lambda s: s.key)
-    return found
-
-
-def link_out_problem(path: str, real_root: str, what: str = "the input folder") -> tuple[str, str] | None:
-    """("outside_source", detail) when `path` resolves outside `real_root` (a symbolic link on
-    the way leads out): the one link rule of every local source, lifted by --follow-symlinks."""
-    target = os.path.realpath(path)
-    if os.path.commonpath([real_root, target]) == real_root:
-        return None
-    return (
-        "outside_source",
-        f"a symbolic link to {target}, outside {what} (pass --follow-symlinks to read it)",
-    )
-
-
-def require_images(sources: list[SourceFile], root: str | Path) -> None:
-    if not sources:
-        raise DinocacheError(
-            f"no images found in {root} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, any case, in all subfolders)",
-            "check the path; point extract at the folder that holds your images",
-        )
 
 
 def probe(path, max_pixels: int | None = None) -> tuple[int, int]:

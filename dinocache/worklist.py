@@ -7,8 +7,9 @@ from dataclasses import dataclass, field, replace
 
 from .buckets import Bucket
 from .distributed import RankContext
+from .errors import DecodeError
 from .placement import BY_CROPS, Crop, place, probe_source
-from .scan import SourceFile
+from .sources import Source, SourceFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +22,13 @@ class WorkItem:  # one per image to extract: kept small, a run may have millions
     source_mtime_ns: int
     source_size: tuple[int, int]
     placement: int
-    offset: int = -1  # a tar member's data offset (sources.read_bytes)
+    locator: object = None  # where its bytes are in `path`, for its source (SourceFile.locator)
     hinted: bool = False  # placed from a list file's width/height, not from the header
+    source: Source | None = None  # the source that reads it: `item.source.read(item, limit)`
+
+    @property
+    def size(self) -> int:  # what a source reads an item by: path, locator and size
+        return self.source_bytes
 
     def record(self, sha256: str) -> dict:
         return {
@@ -78,44 +84,10 @@ def select_work(
     or with `rehash` every file, by content hash),
     recompute what changed, retry failures only when their file changed, and place the rest.
     Under a process group each rank reads 1/world of the headers and all receive every result."""
-    ctx = ctx or RankContext()
     crops = crops or {}
     out = Selection()
-    todo: list[SourceFile] = []
-    for src in sources:
-        cached = state.cached(src.key)
-        previous = cached or state.failures.get(src.key)
-        crop = crops.get(src.key)
-        same_stamp = (
-            previous is not None
-            and previous.get("source_bytes") == src.size
-            and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
-        )
-        retry = not cached and previous is not None and (retry_failed or previous.get("reason") in RETRIED_EVERY_RUN)
-        if retry and previous.get("reason") == "size_hint":
-            src = replace(src, hint=None)  # the list's width/height were wrong: read the header this time
-        if cached and _placement_changed(cached, crop):
-            todo.append(src)
-        elif same_stamp and not (rehash and cached) and not retry:
-            if cached:
-                out.cached += 1
-            else:
-                out.failed_before += 1
-        elif cached and same_content(src, cached.get("source_bytes"), cached["source_sha256"]):
-            # Same content, new stamp (a copied folder, a touched file): keep the row, refresh the stamp.
-            out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
-            out.cached += 1
-        else:
-            todo.append(src)
-    if ctx.group:
-        mine = {i: probe_source(todo[i], max_pixels) for i in range(ctx.rank, len(todo), ctx.world_size)}
-        probes: dict[int, tuple] = {}
-        for part in ctx.all_gather(mine):
-            probes.update(part)
-    else:
-        probes = {i: probe_source(src, max_pixels) for i, src in enumerate(todo)}
-    for i, src in enumerate(todo):
-        status, a, b = probes[i]
+    todo = [item for src in sources if (item := _triage(src, state, crops.get(src.key), rehash, retry_failed, out))]
+    for src, (status, a, b) in zip(todo, _probe_all(todo, max_pixels, ctx or RankContext())):
         if status != "ok":
             out.failures.append((src, a, b))
             continue
@@ -134,12 +106,53 @@ def select_work(
                 src.mtime_ns,
                 (a, b),
                 where.placement,
-                src.offset,
+                src.locator,
                 src.hint is not None,
+                src.source,
             )
         )
     out.work.sort(key=lambda w: (w.bucket, w.key))
     return out
+
+
+def _triage(src: SourceFile, state, crop: Crop | None, rehash: bool, retry_failed: bool, out: Selection):
+    """`src` (or the record to probe in its place) when it needs a header read and placement;
+    None when it is counted in `out` as cached, failed before, or refreshed."""
+    cached = state.cached(src.key)
+    previous = cached or state.failures.get(src.key)
+    same_stamp = (
+        previous is not None
+        and previous.get("source_bytes") == src.size
+        and _as_int(previous.get("source_mtime_ns")) == src.mtime_ns
+    )
+    retry = not cached and previous is not None and (retry_failed or previous.get("reason") in RETRIED_EVERY_RUN)
+    if retry and previous.get("reason") == "size_hint":
+        src = replace(src, hint=None)  # the list's width/height were wrong: read the header this time
+    if cached and _placement_changed(cached, crop):
+        return src
+    if same_stamp and not (rehash and cached) and not retry:
+        if cached:
+            out.cached += 1
+        else:
+            out.failed_before += 1
+        return None
+    if cached and same_content(src, cached.get("source_bytes"), cached["source_sha256"]):
+        # Same content, new stamp (a copied folder, a touched file): keep the row, refresh the stamp.
+        out.refreshed.append({**cached, "source_bytes": src.size, "source_mtime_ns": src.mtime_ns})
+        out.cached += 1
+        return None
+    return src
+
+
+def _probe_all(todo: list[SourceFile], max_pixels: int, ctx: RankContext) -> list[tuple]:
+    """Every item's probe result, in order; under a process group each rank probes 1/world."""
+    if not ctx.group:
+        return [probe_source(src, max_pixels) for src in todo]
+    mine = {i: probe_source(todo[i], max_pixels) for i in range(ctx.rank, len(todo), ctx.world_size)}
+    probes: dict[int, tuple] = {}
+    for part in ctx.all_gather(mine):
+        probes.update(part)
+    return [probes[i] for i in range(len(todo))]
 
 
 def _as_int(value) -> int | None:
@@ -158,10 +171,7 @@ def same_content(src: SourceFile, recorded_bytes: int | None, recorded_sha256: s
 
 
 def source_sha256_or_none(src: SourceFile) -> str | None:
-    from .errors import DecodeError
-    from .sources import sha256_source
-
     try:
-        return sha256_source(src.path, src.offset, src.size)
+        return src.source.sha256(src)
     except DecodeError:
         return None

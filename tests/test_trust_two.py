@@ -138,14 +138,14 @@ def member_source(tar_path, name):
 
 def test_a_member_larger_than_one_pread_is_read_whole(tmp_path, monkeypatch):
     """One os.pread returns at most ~2 GiB; here at most 1 MiB, so a 3 MiB member needs a loop."""
-    from dinocache import sources
+    from dinocache.sources import reading
 
     payload = os.urandom(3 * 1024 * 1024)
     src = member_source(write_tar(tmp_path / "t.tar", [("big.png", payload)]), "big")
     real_pread = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, offset: real_pread(fd, min(n, 1 << 20), offset))
-    monkeypatch.setattr(sources, "READ_CHUNK", 1 << 30, raising=False)  # as large as the kernel's cap
-    assert bytes(sources.read_bytes(src.path, src.offset, src.size)) == payload
+    monkeypatch.setattr(reading, "READ_CHUNK", 1 << 30, raising=False)  # as large as the kernel's cap
+    assert bytes(src.source.read(src)) == payload
 
 
 def test_the_header_probe_of_a_tar_member_reads_only_its_header(tmp_path, monkeypatch):
@@ -196,14 +196,14 @@ def test_repair_recomputes_a_shard_whose_header_was_altered_with_a_matching_chec
 
 
 def test_a_list_file_says_how_many_rows_lead_outside_its_folder_and_to_urls(tmp_path, monkeypatch, caplog):
-    from dinocache import sources
+    from dinocache.sources import listfile
 
     lists = tmp_path / "lists"
     lists.mkdir()
     rows = ["inside.png", "../elsewhere/a.png", "/abs/b.png", "http://127.0.0.1:9/c.png", "sub/../d.png"]
     (lists / "list.csv").write_text("path\n" + "".join(r + "\n" for r in rows))
     said = []
-    monkeypatch.setattr(sources, "_stat", lambda location: said.append(caplog.text) or (-1, -1, ("missing", "-")))
+    monkeypatch.setattr(listfile, "_stat", lambda location: said.append(caplog.text) or (-1, -1, ("missing", "-")))
     with caplog.at_level("INFO", logger="dinocache"):
         open_source(str(lists / "list.csv")).scan()
     assert "2 file(s) outside its folder" in caplog.text and "1 URL(s)" in caplog.text

@@ -67,11 +67,7 @@ def check_records_against_source(
 
 def _same_bytes(src, record: dict) -> bool:
     """The item's content hashes to what was recorded (False when it cannot be read)."""
-    from ..sources import sha256_source
-
     try:
-        return (
-            bool(record["source_sha256"]) and sha256_source(src.path, src.offset, src.size) == record["source_sha256"]
-        )
+        return bool(record["source_sha256"]) and src.source.sha256(src) == record["source_sha256"]
     except DecodeError:
         return False
