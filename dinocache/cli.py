@@ -621,7 +621,7 @@ def merge(out: str = OUT_ARG):
     Example:
       dinocache merge cache/
     """
-    from .state import merge_cache
+    from .reports import merge_cache
 
     try:
         result = merge_cache(out)

@@ -42,17 +42,17 @@ from .distributed import RankContext, split_by_cost
 from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
 from .features import stored_features
-from .fileio import atomic_write_bytes
 from .imaging import Preprocessing
 from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
+from .manifest import MANIFEST_NAME, NORM_FILE, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
-from .names import DEFAULT_MODEL, rank_report_name
+from .names import DEFAULT_MODEL
 from .normstats import is_fresh
+from .reports import merge_cache, write_rank_report
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .scan import SourceFile
 from .sources import open_source
-from .state import CacheState, merge_cache, now
+from .state import CacheState, now
 from .worklist import Selection, WorkItem, select_work
 from .writer import ShardWriter
 
@@ -713,20 +713,4 @@ def _finish(
             sha = state.index_info["sha256"]
             result.stale_statistics = sorted({str(e.get("flavour")) for e in state.statistics if not is_fresh(e, sha)})
     elif did_something:
-        import uuid
-
-        state.write_extras()
-        report = {
-            "rank": ctx.rank,
-            "world_size": ctx.world_size,
-            "settings": state.settings,
-            "run": record,
-            "shards": written,
-            "failures": list(state.failures.values()),
-        }
-        problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
-        if problems:
-            raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
-        (state.root / RANK_DIR).mkdir(exist_ok=True)
-        name = rank_report_name(ctx.rank, run_id or uuid.uuid4().hex[:8])
-        atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())
+        write_rank_report(state, record, ctx.rank, ctx.world_size, written, run_id)

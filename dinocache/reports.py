@@ -1,0 +1,174 @@
+"""Rank reports and merge: what a writer that does not commit (a rank of a multi-process run)
+leaves beside its shards, and `merge`, which folds every report (and every shard no manifest
+names yet) into the one manifest. Reports are written, checked and read here and nowhere else.
+
+Trust: a report is untrusted like the rest of the cache: `rank_report_problems` checks it by the
+manifest's own rules before merge uses any of it; a malformed one is left in place and ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CacheError, ConfigError, untrusted
+from .fileio import atomic_write_bytes, is_link, read_limited, remove_folder_if_empty
+from .lock import CacheLock
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    OWNED,
+    RANK_DIR,
+    _is_int,
+    _shard_problems,
+    failure_problem,
+    read_manifest,
+    run_problem,
+    settings_of,
+    settings_problems,
+)
+from .names import rank_report_name
+from .state import CacheState, check_cache_folders
+from .stfile import parse_json_bounded
+
+log = logging.getLogger("dinocache")
+
+
+def rank_report_problems(report: Any) -> list[str]:
+    """The one check of a rank report (`ranks/rank-*.json`, untrusted like the rest of the
+    cache) before merge uses any of it: the manifest's rules for every part it would copy."""
+    if not isinstance(report, dict):
+        return ["it is not an object"]
+    problems = [f"settings: {p}" for p in settings_problems(report.get("settings"))]
+    for key in ("rank", "world_size"):
+        if not _is_int(report.get(key), 0, 1 << 20):
+            problems.append(f"'{key}' is not a small integer")
+    problem = run_problem(report.get("run"))
+    if problem:
+        problems.append(f"run: {problem}")
+    shards, failures = report.get("shards", []), report.get("failures", [])
+    if not isinstance(shards, list) or not isinstance(failures, list):
+        return problems + ["'shards' and 'failures' must be lists"]
+    if not problems:
+        problems += _shard_problems(shards, len(report["settings"]["buckets"]))
+    for i, failure in enumerate(failures):
+        problem = failure_problem(failure)
+        if problem:
+            problems.append(f"failures[{i}]: {problem}")
+            break
+    return problems
+
+
+def write_rank_report(state: CacheState, run: dict, rank: int, world_size: int, written: list[dict], run_id) -> None:
+    """What a rank leaves for merge: its run record, the shards it wrote and the failures it
+    knows, checked by merge's own rules first. The files the manifest will name besides shards
+    (final_norm) are written too, so the merge that follows has them."""
+    state.write_extras()
+    report = {
+        "rank": rank,
+        "world_size": world_size,
+        "settings": state.settings,
+        "run": run,
+        "shards": written,
+        "failures": list(state.failures.values()),
+    }
+    problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
+    if problems:
+        raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
+    (state.root / RANK_DIR).mkdir(exist_ok=True)
+    name = rank_report_name(rank, run_id or uuid.uuid4().hex[:8])
+    atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards_adopted: int = 0
+    rank_reports: int = 0
+    samples: int = 0
+    processed: int = 0  # images extracted by the reporting ranks
+
+
+def read_rank_reports(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The rank reports that pass `rank_report_problems`. One that does not is left in place
+    (with a warning naming what is wrong) and nothing of it is used: its shards are still
+    adopted on their own merits, its images are extracted again by the next run. Returns the
+    good reports and the names of those ignored."""
+    reports, ignored = [], []
+    folder = root / RANK_DIR
+    if not folder.is_dir() or is_link(folder):
+        return reports, ignored
+    for name in sorted(os.listdir(folder)):
+        path = folder / name
+        if not OWNED[RANK_DIR].fullmatch(name) or is_link(path):
+            continue
+        try:
+            report = parse_json_bounded(read_limited(path, MAX_MANIFEST_BYTES), name)
+            problems = rank_report_problems(report)
+            if problems:
+                raise ValueError("; ".join(problems[:3]))
+            reports.append((path, report))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring rank report %s: %s", name, untrusted(str(exc)))
+            ignored.append(name)
+    return reports, ignored
+
+
+def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
+    """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
+    from .sources import is_url
+
+    if is_url(str(root)):
+        raise ConfigError(
+            f"{root} is in object storage, which one process writes: it has no ranks to merge",
+            "merge a multi-process cache on the shared filesystem it was written to",
+        )
+    root = Path(root)
+    check_cache_folders(root)
+    reports, ignored = read_rank_reports(root)
+    if (root / MANIFEST_NAME).exists():
+        settings = settings_of(read_manifest(root))
+    elif reports:
+        settings = reports[0][1]["settings"]
+    elif ignored:
+        raise CacheError(
+            f"{root} has no manifest, and its {len(ignored)} rank report(s) are malformed (warnings above): "
+            "nothing to merge",
+            "rerun the ranks' extract commands (--rank/--world-size), then merge",
+        )
+    else:
+        raise CacheError(
+            f"{root} has neither a manifest nor rank reports: nothing to merge",
+            "pass the --out folder the ranks wrote to",
+        )
+    with contextlib.nullcontext() if locked else CacheLock(root):
+        state = CacheState.open(root, settings, overwrite=False)
+        for _, report in reports:
+            if report["settings"] != settings:
+                raise CacheError(
+                    f"rank report {report.get('rank')} was made with other settings than {root}",
+                    "merge only ranks of the same command",
+                )
+        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
+        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
+        for _, report in reports:
+            for failure in report.get("failures", []):
+                state.failures.setdefault(failure["key"], failure)
+            state.runs.append(report["run"])
+            result.processed += int(report["run"].get("processed", 0))
+        cached = {r["key"] for r in state.pending}
+        for key in list(state.failures):
+            if key in cached or state.table.find(key) >= 0:
+                state.failures.pop(key)
+        state.commit()
+        for path, _ in reports:
+            path.unlink(missing_ok=True)
+        remove_folder_if_empty(root / RANK_DIR)
+        result.samples = len(state.table)
+    return result
