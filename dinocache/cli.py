@@ -620,6 +620,7 @@ def merge(out: str = OUT_ARG):
     \b
     Example:
       dinocache merge cache/
+      dinocache merge s3://bucket/cache
     """
     from .reports import merge_cache
 

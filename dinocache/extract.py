@@ -203,12 +203,10 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     from .remote import Remote, RemoteSession, RemoteShards, is_remote
 
     remote = Remote(str(options.out)) if is_remote(options.out) else None
-    if remote is not None and ctx.multi:
-        raise ConfigError(
-            "a cache in object storage is written by one process",
-            "write to a shared filesystem with several ranks (then copy it up), or use one process",
-        )
-    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
+    if remote is None:
+        root = Path(options.out)
+    else:  # the remote decides, not a stale mirror; the other ranks of a group pull once rank 0 has committed
+        root = remote.mirror() if ctx.group and not ctx.leader else remote.sync_mirror()
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
@@ -252,7 +250,7 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheError(f"cannot create the output folder {root}: {exc.strerror}", "pass a writable --out") from None
-    session = RemoteSession(remote) if remote is not None else contextlib.nullcontext()
+    session = RemoteSession(remote) if remote is not None and ctx.leader else contextlib.nullcontext()
     with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
             store = RemoteShards(remote, root) if remote is not None else None
@@ -282,11 +280,18 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             state.commit()  # repairs, adopted shards and pruning are durable before any new work
         ctx.barrier()
         if not ctx.leader or ctx.multi:  # every rank selects work from the same committed snapshot
+            if remote is not None and ctx.group and not ctx.leader:
+                remote.sync_mirror()
+            store = RemoteShards(remote, root) if remote is not None else None
             state = (
-                CacheState.open(root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()})
+                CacheState.open(
+                    root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()}, store=store
+                )
                 if (root / MANIFEST_NAME).exists()
-                else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
+                else CacheState(root, settings, {NORM_FILE: mspec.norm_file()}, store)
             )
+            if remote is not None:  # a writer of many: its shards go straight up, its report too (reports.py)
+                state.upload = store.upload
         selection = select_work(
             sources,
             buckets,
@@ -326,7 +331,8 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             result.failed = len(state.failures)
         ctx.barrier()
         if ctx.multi and ctx.group and ctx.rank == 0:
-            result.job_processed = merge_cache(root, locked=True).processed
+            merged = merge_cache(options.out, True, session) if remote is not None else merge_cache(root, True)
+            result.job_processed = merged.processed
     result.failed = len(state.failures)
     for f in state.failures.values():
         result.failures_by_reason[f["reason"]] = result.failures_by_reason.get(f["reason"], 0) + 1

@@ -106,6 +106,10 @@ class Remote:
     def put_file(self, local: Path, rel: str) -> None:
         self.fs.put_file(str(local), self.path(rel))
 
+    def write(self, rel: str, data: bytes) -> None:
+        """One object, in one PUT: whole or absent, never part of it."""
+        self.fs.pipe_file(self.path(rel), data)
+
     def rm(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
@@ -293,6 +297,11 @@ class RemoteShards(LocalShards):
             yield self.remote.download(file, local)
         finally:
             local.unlink(missing_ok=True)
+
+    def upload(self, path: Path, name: str) -> None:
+        """A shard durable locally goes up (one PUT: whole or absent), then the local copy goes."""
+        self.remote.put_file(path, name)
+        path.unlink()
 
     def delete(self, file: str) -> None:
         from .manifest import owned_name

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, ConfigError, untrusted
+from .errors import CacheError, untrusted
 from .fileio import atomic_write_bytes, is_link, read_limited, remove_folder_if_empty
 from .lock import CacheLock
 from .manifest import (
@@ -81,9 +81,13 @@ def write_rank_report(state: CacheState, run: dict, rank: int, world_size: int, 
     problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
     if problems:
         raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
-    (state.root / RANK_DIR).mkdir(exist_ok=True)
+    remote = getattr(state.store, "remote", None)  # a cache in object storage: the report goes there
+    if remote is not None:
+        for name, data in state.extras.items():
+            if remote.size(name) != len(data):
+                remote.put_file(state.root / name, name)
     name = rank_report_name(rank, run_id or uuid.uuid4().hex[:8])
-    atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())
+    ReportFolder(state.root, remote).write(name, json.dumps(report).encode())
 
 
 @dataclass
@@ -95,60 +99,90 @@ class MergeResult:
     processed: int = 0  # images extracted by the reporting ranks
 
 
-def read_rank_reports(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+class ReportFolder:
+    """The ranks/ folder of a cache: in its local folder, or under its URL in object storage
+    (`remote`: a report is one PUT, atomic there). Only names dinocache gives reports are read
+    or deleted."""
+
+    def __init__(self, root: Path, remote=None):
+        self.root, self.remote = Path(root), remote
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.remote is not None:
+            self.remote.write(f"{RANK_DIR}/{name}", data)
+            return
+        (self.root / RANK_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(self.root / RANK_DIR / name, data)
+
+    def names(self) -> list[str]:
+        if self.remote is not None:
+            found = list(self.remote.listing(RANK_DIR))
+        else:
+            folder = self.root / RANK_DIR
+            if not folder.is_dir() or is_link(folder):
+                return []
+            found = [name for name in os.listdir(folder) if not is_link(folder / name)]
+        return sorted(name for name in found if OWNED[RANK_DIR].fullmatch(name))
+
+    def read(self, name: str) -> bytes:
+        if self.remote is None:
+            return read_limited(self.root / RANK_DIR / name, MAX_MANIFEST_BYTES)
+        data = self.remote.read(f"{RANK_DIR}/{name}", limit=MAX_MANIFEST_BYTES)
+        if data is None:
+            raise OSError("it is gone")
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+        return data
+
+    def delete(self, names: list[str]) -> None:
+        for name in names:
+            if self.remote is not None:
+                self.remote.rm(f"{RANK_DIR}/{name}")
+            else:
+                (self.root / RANK_DIR / name).unlink(missing_ok=True)
+        if self.remote is None:
+            remove_folder_if_empty(self.root / RANK_DIR)
+
+
+def read_rank_reports(folder: ReportFolder) -> tuple[list[tuple[str, dict]], list[str]]:
     """The rank reports that pass `rank_report_problems`. One that does not is left in place
     (with a warning naming what is wrong) and nothing of it is used: its shards are still
     adopted on their own merits, its images are extracted again by the next run. Returns the
-    good reports and the names of those ignored."""
+    good reports (name, report) and the names of those ignored."""
     reports, ignored = [], []
-    folder = root / RANK_DIR
-    if not folder.is_dir() or is_link(folder):
-        return reports, ignored
-    for name in sorted(os.listdir(folder)):
-        path = folder / name
-        if not OWNED[RANK_DIR].fullmatch(name) or is_link(path):
-            continue
+    for name in folder.names():
         try:
-            report = parse_json_bounded(read_limited(path, MAX_MANIFEST_BYTES), name)
+            report = parse_json_bounded(folder.read(name), name)
             problems = rank_report_problems(report)
             if problems:
                 raise ValueError("; ".join(problems[:3]))
-            reports.append((path, report))
+            reports.append((name, report))
         except (OSError, ValueError) as exc:
             log.warning("ignoring rank report %s: %s", name, untrusted(str(exc)))
             ignored.append(name)
     return reports, ignored
 
 
-def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
-    """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
-    from .sources import is_url
+def merge_cache(root: str | Path, locked: bool = False, session=None, cleanup: bool = True) -> MergeResult:
+    """Fold what the writers of a multi-process run left (shards, rank reports) into the
+    manifest, in a folder or in object storage. `locked`/`session`: the caller holds the lock
+    (the remote session). `cleanup=False` while writers still run (their temp files stay)."""
+    from .remote import Remote, RemoteSession, RemoteShards, is_remote
 
-    if is_url(str(root)):
-        raise ConfigError(
-            f"{root} is in object storage, which one process writes: it has no ranks to merge",
-            "merge a multi-process cache on the shared filesystem it was written to",
-        )
-    root = Path(root)
-    check_cache_folders(root)
-    reports, ignored = read_rank_reports(root)
-    if (root / MANIFEST_NAME).exists():
-        settings = settings_of(read_manifest(root))
-    elif reports:
-        settings = reports[0][1]["settings"]
-    elif ignored:
-        raise CacheError(
-            f"{root} has no manifest, and its {len(ignored)} rank report(s) are malformed (warnings above): "
-            "nothing to merge",
-            "rerun the ranks' extract commands (--rank/--world-size), then merge",
-        )
+    if is_remote(root) and session is None:
+        with RemoteSession(Remote(str(root))) as session:
+            return merge_cache(root, True, session, cleanup)
+    if session is not None:
+        folder, store = ReportFolder(session.mirror, session.remote), RemoteShards(session.remote, session.mirror)
     else:
-        raise CacheError(
-            f"{root} has neither a manifest nor rank reports: nothing to merge",
-            "pass the --out folder the ranks wrote to",
-        )
-    with contextlib.nullcontext() if locked else CacheLock(root):
-        state = CacheState.open(root, settings, overwrite=False)
+        folder, store = ReportFolder(Path(root)), None
+        check_cache_folders(folder.root)
+    reports, ignored = read_rank_reports(folder)
+    settings = _merged_settings(folder.root, reports, ignored, root)
+    with contextlib.nullcontext() if locked else CacheLock(folder.root):
+        state = CacheState.open(folder.root, settings, overwrite=False, cleanup=cleanup, store=store)
+        if session is not None:
+            state.after_commit = session.after_commit
         for _, report in reports:
             if report["settings"] != settings:
                 raise CacheError(
@@ -156,7 +190,7 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
                     "merge only ranks of the same command",
                 )
         known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
-        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
+        result = MergeResult(folder.root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
         for _, report in reports:
             for failure in report.get("failures", []):
                 state.failures.setdefault(failure["key"], failure)
@@ -167,8 +201,24 @@ def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
             if key in cached or state.table.find(key) >= 0:
                 state.failures.pop(key)
         state.commit()
-        for path, _ in reports:
-            path.unlink(missing_ok=True)
-        remove_folder_if_empty(root / RANK_DIR)
+        folder.delete([name for name, _ in reports])  # folded into the manifest, which is durable
         result.samples = len(state.table)
     return result
+
+
+def _merged_settings(root: Path, reports: list, ignored: list, shown) -> dict:
+    """The settings of the cache being merged: its manifest's, else the first report's."""
+    if (root / MANIFEST_NAME).exists():
+        return settings_of(read_manifest(root))
+    if reports:
+        return reports[0][1]["settings"]
+    if ignored:
+        raise CacheError(
+            f"{shown} has no manifest, and its {len(ignored)} rank report(s) are malformed (warnings above): "
+            "nothing to merge",
+            "rerun the ranks' extract commands (--rank/--world-size), then merge",
+        )
+    raise CacheError(
+        f"{shown} has neither a manifest nor rank reports: nothing to merge",
+        "pass the --out folder or URL the ranks wrote to",
+    )
