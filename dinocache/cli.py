@@ -171,6 +171,11 @@ def extract(
     ),
     rank: Optional[int] = typer.Option(None, min=0, metavar="I", help="This share, without torchrun."),
     world_size: Optional[int] = typer.Option(None, min=1, metavar="N", help="Number of shares, with --rank."),
+    engine: str = typer.Option("local", metavar="NAME", help="local, or ray (a Ray cluster: dinocache[ray])."),
+    ray_address: Optional[str] = typer.Option(None, metavar="ADDR", help="Ray cluster to join (--engine ray)."),
+    gpus_per_worker: float = typer.Option(0.0, min=0, metavar="N", help="GPUs per Ray actor (--engine ray)."),
+    workers_max: int = typer.Option(1, min=1, metavar="N", help="Ray actors at most (--engine ray)."),
+    unit_size: int = typer.Option(1000, min=1, metavar="N", help="Images per Ray work unit (--engine ray)."),
 ):
     """Extract features for every image of SOURCE into OUT.
 
@@ -186,6 +191,8 @@ def extract(
           --model facebook/dinov2-base --preset repa
       torchrun --nproc_per_node=8 -m dinocache extract data/images \\
           --buckets configs/dit-1024.yaml -o cache/
+      dinocache extract 'tars/{000..099}.tar' -b configs/dit-512.yaml \\
+          --engine ray --gpus-per-worker 1 --workers-max 64 -o s3://bucket/cache
     """
     from .config import BucketConfig, ExtractOptions, load_bucket_config, parse_max_failures
     from .distributed import LauncherEnv
@@ -243,6 +250,7 @@ def extract(
             crops=crops,
             preset=preset,
             token_pixels=token_pixels,
+            engine=_engine(engine, ray_address, gpus_per_worker, workers_max, unit_size),
         )
         options.layout()  # an unknown --storage-dtype is reported before anything runs
         if preset is not None:
@@ -261,6 +269,16 @@ def extract(
         typer.echo(f"error: no image was extracted: all {result.failed_this_run} tried failed", err=True)
         typer.echo(f"  fix: `dinocache keys {out} --failed` says why (paths relative to another folder?)", err=True)
         raise typer.Exit(EXIT_PROBLEMS)
+
+
+def _engine(name: str, address, gpus: float, workers: int, unit_size: int):
+    if name == "local":
+        return None
+    if name != "ray":
+        raise DinocacheError(f"--engine {name} is not an engine", "pass --engine local (the default) or --engine ray")
+    from .ray_engine import RayOptions
+
+    return RayOptions(address, gpus, workers_max=workers, unit_size=unit_size)
 
 
 def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:

@@ -207,6 +207,8 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
         root = Path(options.out)
     else:  # the remote decides, not a stale mirror; the other ranks of a group pull once rank 0 has committed
         root = remote.mirror() if ctx.group and not ctx.leader else remote.sync_mirror()
+    if ctx.multi and options.engine is not None:
+        raise ConfigError("--engine ray runs its own workers", "drop --rank/--world-size (and torchrun)")
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
@@ -303,6 +305,8 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             ctx,
             retry_failed=options.retry_failed,
         )
+        # Another engine (ray_engine.py) cuts its work units from the whole sorted scan.
+        runner = options.engine.runner(sources, mspec) if options.engine is not None else _extract_work
         del sources  # the work list holds what is needed; a run may scan millions of files
         work = _apply_selection(selection, state, result, ctx)
         if ctx.multi:
@@ -315,11 +319,11 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
             if ctx.leader and not ctx.multi:
                 state.commit()  # the failures that stopped the run are what `keys --failed` must list
             raise
-        if work:
+        if work and options.engine is None:  # an engine's workers load their own
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
         try:
-            _extract_work(source.describe(), work, buckets, loaded, state, options, result, ctx)
+            runner(source.describe(), work, buckets, loaded, state, options, result, ctx)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise CacheError(

@@ -183,26 +183,32 @@ def merge_cache(root: str | Path, locked: bool = False, session=None, cleanup: b
         state = CacheState.open(folder.root, settings, overwrite=False, cleanup=cleanup, store=store)
         if session is not None:
             state.after_commit = session.after_commit
-        for _, report in reports:
-            if report["settings"] != settings:
-                raise CacheError(
-                    f"rank report {report.get('rank')} was made with other settings than {root}",
-                    "merge only ranks of the same command",
-                )
-        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
-        result = MergeResult(folder.root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
-        for _, report in reports:
-            for failure in report.get("failures", []):
-                state.failures.setdefault(failure["key"], failure)
-            state.runs.append(report["run"])
-            result.processed += int(report["run"].get("processed", 0))
-        cached = {r["key"] for r in state.pending}
-        for key in list(state.failures):
-            if key in cached or state.table.find(key) >= 0:
-                state.failures.pop(key)
-        state.commit()
-        folder.delete([name for name, _ in reports])  # folded into the manifest, which is durable
-        result.samples = len(state.table)
+        return fold_reports(state, folder, reports)
+
+
+def fold_reports(state: CacheState, folder: ReportFolder, reports: list[tuple[str, dict]]) -> MergeResult:
+    """Fold `reports`, and every shard no manifest names yet, into `state` (held by the one
+    committer) and commit; the reports go once the manifest that names their shards is durable."""
+    for _, report in reports:
+        if report["settings"] != state.settings:
+            raise CacheError(
+                f"rank report {report.get('rank')} was made with other settings than {folder.root}",
+                "merge only ranks of the same command",
+            )
+    known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
+    result = MergeResult(folder.root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
+    for _, report in reports:
+        for failure in report.get("failures", []):
+            state.failures.setdefault(failure["key"], failure)
+        state.runs.append(report["run"])
+        result.processed += int(report["run"].get("processed", 0))
+    cached = {r["key"] for r in state.pending}
+    for key in list(state.failures):
+        if key in cached or state.table.find(key) >= 0:
+            state.failures.pop(key)
+    state.commit()
+    folder.delete([name for name, _ in reports])  # folded into the manifest, which is durable
+    result.samples = len(state.table)
     return result
 
 

@@ -1,0 +1,126 @@
+"""The Ray engine (issue 24) on a local Ray (2 CPUs, a small object store, no dashboard), CPU
+and the tiny model: the same cache as one process, bit for bit, for a folder, tar shards and a
+list file, to a folder and to S3 (moto); an actor killed in the middle of a unit; a rerun skips
+what is committed. One Ray session for the module."""
+
+import json
+import tarfile
+
+import pytest
+import ray
+import torch
+from conftest import fresh_bucket
+from moto_server import moto_server
+from test_crash import N_IMAGES, assert_same_as_reference, dataset, options  # noqa: F401
+from typer.testing import CliRunner
+
+from dinocache import FeatureCache
+from dinocache.cli import app
+from dinocache.extract import extract
+from dinocache.ray_engine import RayOptions, group_units, unit_starts
+from dinocache.scan import SourceFile
+from dinocache.verify import verify_paths
+
+URL = "s3://caches/ray"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def on_ray(out, model_dir, unit_size=4, workers=2):
+    return options(out, model_dir, engine=RayOptions(workers_max=workers, unit_size=unit_size))
+
+
+def assert_same_cache(got, ref):
+    got, ref = FeatureCache(got), FeatureCache(ref)
+    assert got.keys() == ref.keys() and len(got) > 0
+    for key in ref.keys():
+        assert torch.equal(got[key]["patches"], ref[key]["patches"]), key
+        assert torch.equal(got[key]["cls"], ref[key]["cls"]), key
+
+
+def test_units_follow_the_sorted_scan_and_never_split_a_file():
+    items = [SourceFile(f"{t}.tar/{i}", f"/d/{t}.tar", 1, 0) for t in "ab" for i in range(3)]
+    items += [SourceFile(f"c/{i}", f"/d/c/{i}", 1, 0) for i in range(5)]
+    starts = unit_starts(items, 2)
+    assert starts == ["a.tar/0", "b.tar/0", "c/0", "c/2", "c/4"]  # a tar stays whole; files by twos
+    by_bucket = sorted(items, key=lambda s: (hash(s.key) % 2, s.key))  # a work list: bucket, then key
+    units = group_units(by_bucket, starts)
+    assert [u for u, _ in units] == [0, 1, 2, 3, 4]
+    assert sorted(i.key for _, unit in units for i in unit) == sorted(i.key for i in items)
+    assert all(i.path == "/d/a.tar" for i in units[0][1])
+
+
+def test_a_folder_on_ray_equals_one_process_and_a_rerun_skips_it(dataset, tmp_path, tiny_model_dir):
+    root, images = dataset
+    out = tmp_path / "out"
+    result = extract(images, on_ray(out, tiny_model_dir))
+    assert result.processed == N_IMAGES and result.shards_written >= 3
+    assert_same_as_reference(root, out)
+    runs = FeatureCache(out).manifest["runs"]
+    assert sorted(r["rank"] for r in runs) == [0, 1, 2] and {r["world_size"] for r in runs} == {3}  # 3 units of 4
+    assert not (out / "ranks").exists()
+    again = runner_cli(images, out, tiny_model_dir, root)
+    assert again.exit_code == 0 and "0 extracted" in again.output, again.output
+
+
+def runner_cli(images, out, model_dir, root):
+    from test_crash import extract_args
+
+    args = extract_args(root, images, out, model_dir) + ["--engine", "ray", "--workers-max", "2", "--unit-size", "4"]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("kind", ["tars", "list"])
+def test_tars_and_a_list_file_on_ray_equal_one_process(dataset, tmp_path, tiny_model_dir, kind):
+    _, images = dataset
+    names = sorted(p.name for p in images.iterdir())
+    if kind == "tars":  # three tar shards of four images: one unit each
+        for n in range(3):
+            with tarfile.open(tmp_path / f"part-{n}.tar", "w") as tar:
+                for name in names[4 * n : 4 * n + 4]:
+                    tar.add(images / name, arcname=name)
+        source = str(tmp_path / "part-{0..2}.tar")
+    else:
+        source = str(tmp_path / "list.jsonl")
+        (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": str(images / n)}) + "\n" for n in names))
+    assert extract(source, options(tmp_path / "one", tiny_model_dir)).processed == N_IMAGES
+    result = extract(source, on_ray(tmp_path / "ray", tiny_model_dir, unit_size=3))
+    assert result.processed == N_IMAGES
+    assert verify_paths([tmp_path / "ray"]).ok
+    assert_same_cache(tmp_path / "ray", tmp_path / "one")
+
+
+@pytest.fixture()
+def s3(tmp_path, monkeypatch):
+    with moto_server() as endpoint:
+        yield from fresh_bucket(endpoint, "caches", tmp_path, monkeypatch)
+
+
+def test_ray_to_s3_equals_one_process(dataset, s3, tiny_model_dir):
+    root, images = dataset
+    fs, _ = s3
+    result = extract(images, on_ray(URL, tiny_model_dir))
+    assert result.processed == N_IMAGES
+    assert not fs.exists(f"{URL}/.lock") and (not fs.exists(f"{URL}/ranks") or not fs.ls(f"{URL}/ranks"))
+    assert verify_paths([URL]).ok
+    assert_same_cache(URL, root / "reference")
+
+
+def test_an_actor_killed_in_the_middle_of_a_unit(dataset, tmp_path, tiny_model_dir, monkeypatch):
+    """The actor dies at its third decode (its first unit half done, a shard of it written):
+    Ray starts another and retries the unit; the run completes with the uninterrupted features."""
+    root, images = dataset
+    marker = tmp_path / "fired"
+    monkeypatch.setenv("DINOCACHE_FAULT", "decode:3:kill")
+    monkeypatch.setenv("DINOCACHE_FAULT_ONCE", str(marker))
+    out = tmp_path / "out"
+    result = extract(images, on_ray(out, tiny_model_dir, unit_size=6, workers=1))
+    assert marker.exists()  # the fault did fire: an actor was killed
+    assert result.processed >= N_IMAGES  # the retried unit's images were extracted again
+    assert_same_as_reference(root, out)
+    assert len(FeatureCache(out)) == N_IMAGES
