@@ -130,7 +130,7 @@ class RayRunner:
             UnitWorker,
             batch_size=1,
             fn_constructor_kwargs={"job": pickle.dumps(job)},
-            concurrency=(1, min(self.options.workers_max, len(rows))),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.options.workers_max, len(rows))),
             num_cpus=self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker,
         )
@@ -138,27 +138,52 @@ class RayRunner:
         folder = ReportFolder(state.root, remote)
         pacer = CommitPacer(options.commit_every_s)
         began = time.monotonic()
+        run = _job_run(input_dir, sum(len(items) for _, items in units), len(rows), result.failed_this_run)
+        state.runs.append(run)  # one record for the job; the units' reports add to it as they are folded
         for row in done.iter_rows():
             result.processed += int(row["processed"])
             result.failed_this_run += int(row["failed"])
             result.shards_written += int(row["shards"])
             if pacer.due():
                 commit_began = time.monotonic()
-                _fold(state, folder, remote)
+                _fold(state, folder, remote, run, began)
                 pacer.committed(time.monotonic() - commit_began)
-        _fold(state, folder, remote)
-        result.seconds = round(time.monotonic() - began, 3)
-        result.images_per_second = round(result.processed / result.seconds, 2) if result.seconds else 0.0
+        _fold(state, folder, remote, run, began)
+        result.seconds, result.images_per_second = run["seconds"], run["images_per_second"]
 
 
-def _fold(state, folder, remote) -> None:
+def _job_run(input_dir: str, planned: int, units: int, header_failed: int) -> dict:
+    from . import __version__
+    from .runlog import STAGES
+    from .state import now
+
+    return {
+        "started": now(),
+        "input_dir": input_dir,
+        "planned": planned,
+        "device": "ray",
+        "tool_version": __version__,
+        "engine": "ray",
+        "units": units,
+        "failed": header_failed,
+        "processed": 0,
+        "stage_seconds": dict.fromkeys(STAGES, 0.0),
+    }
+
+
+def _fold(state, folder, remote, run: dict, began: float) -> None:
     """The driver's commit: every report so far, and every shard no manifest names yet."""
     from .remote import RemoteShards
     from .reports import fold_reports, read_rank_reports
+    from .state import now
 
     if remote is not None:
         state.store = RemoteShards(remote, state.root)  # a fresh listing: the actors keep adding
-    fold_reports(state, folder, read_rank_reports(folder)[0])
+    reports = read_rank_reports(folder)[0]
+    processed = run["processed"] + sum(int(report["run"].get("processed", 0)) for _, report in reports)
+    run["finished"], run["seconds"] = now(), round(time.monotonic() - began, 3)
+    run["images_per_second"] = round(processed / run["seconds"], 3) if run["seconds"] else 0.0
+    fold_reports(state, folder, reports, into=run)
 
 
 class UnitWorker:

@@ -290,13 +290,31 @@ class RemoteShards(LocalShards):
         ]
 
     @contextlib.contextmanager
-    def local_copy(self, file: str):
+    def local_copy(self, file: str, reported: dict | None = None):
+        """A local copy to check. A shard a rank report describes at its listed size is not
+        downloaded: adoption reads only its header (two range reads, into a sparse file of the
+        shard's size) and takes the report's sha256, as a local merge does."""
         name = file.removeprefix(SHARD_DIR + "/")
         local = self.root / SHARD_DIR / f".check-{name}"
         try:
-            yield self.remote.download(file, local)
+            if reported is not None and reported.get("bytes") == self._sizes.get(name):
+                yield self._header_copy(file, local, reported["bytes"])
+            else:
+                yield self.remote.download(file, local)
         finally:
             local.unlink(missing_ok=True)
+
+    def _header_copy(self, file: str, local: Path, size: int) -> Path:
+        from .stfile import MAX_HEADER_BYTES
+
+        start = (self.remote.read(file, limit=7) or b"")[:8]
+        header_len = int.from_bytes(start, "little") if len(start) == 8 else -1
+        if not 0 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+            return self.remote.download(file, local)  # not a header we can read alone: check it whole
+        with open(local, "wb") as fh:
+            fh.write((self.remote.read(file, limit=8 + header_len - 1) or b"")[: 8 + header_len])
+            fh.truncate(size)
+        return local
 
     def upload(self, path: Path, name: str) -> None:
         """A shard durable locally goes up (one PUT: whole or absent), then the local copy goes."""

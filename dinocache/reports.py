@@ -186,9 +186,13 @@ def merge_cache(root: str | Path, locked: bool = False, session=None, cleanup: b
         return fold_reports(state, folder, reports)
 
 
-def fold_reports(state: CacheState, folder: ReportFolder, reports: list[tuple[str, dict]]) -> MergeResult:
+def fold_reports(
+    state: CacheState, folder: ReportFolder, reports: list[tuple[str, dict]], into: dict | None = None
+) -> MergeResult:
     """Fold `reports`, and every shard no manifest names yet, into `state` (held by the one
-    committer) and commit; the reports go once the manifest that names their shards is durable."""
+    committer) and commit; the reports go once the manifest that names their shards is durable.
+    With `into` (a job's one run record, already in state.runs: the Ray engine's thousands of
+    units), the reports' counts are added to it instead of each run being kept."""
     for _, report in reports:
         if report["settings"] != state.settings:
             raise CacheError(
@@ -200,7 +204,10 @@ def fold_reports(state: CacheState, folder: ReportFolder, reports: list[tuple[st
     for _, report in reports:
         for failure in report.get("failures", []):
             state.failures.setdefault(failure["key"], failure)
-        state.runs.append(report["run"])
+        if into is None:
+            state.runs.append(report["run"])
+        else:
+            _add_run(into, report["run"])
         result.processed += int(report["run"].get("processed", 0))
     cached = {r["key"] for r in state.pending}
     for key in list(state.failures):
@@ -210,6 +217,15 @@ def fold_reports(state: CacheState, folder: ReportFolder, reports: list[tuple[st
     folder.delete([name for name, _ in reports])  # folded into the manifest, which is durable
     result.samples = len(state.table)
     return result
+
+
+def _add_run(job: dict, run: dict) -> None:
+    for key in ("processed", "failed", "oom_retries"):
+        if key in run:
+            job[key] = job.get(key, 0) + run[key]
+    for stage, seconds in run.get("stage_seconds", {}).items():  # actor-seconds, summed over units
+        job["stage_seconds"][stage] = round(job["stage_seconds"].get(stage, 0.0) + seconds, 3)
+    job["units_done"] = job.get("units_done", 0) + 1
 
 
 def _merged_settings(root: Path, reports: list, ignored: list, shown) -> dict:

@@ -192,7 +192,7 @@ class LocalShards:
         ]
 
     @contextlib.contextmanager
-    def local_copy(self, file: str):
+    def local_copy(self, file: str, reported: dict | None = None):
         yield self.root / file
 
     def delete(self, file: str) -> None:
@@ -349,11 +349,11 @@ class CacheState:
         known_records = known_records or {}
         adopted = 0
         for file in self.store.orphans({s["file"] for s in self.shards}):
+            reported = known_records.get(file)
             try:
-                with self.store.local_copy(file) as path:
+                with self.store.local_copy(file, reported) as path:
                     bucket, samples = self._check_orphan(path)
                     size = path.stat().st_size
-                    reported = known_records.get(file)
                     digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
             except (ValueError, SafetensorsError, OSError, CacheError) as exc:  # not ours, or damaged
                 log.warning("not adopting %s: %s", file, exc)

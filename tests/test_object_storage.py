@@ -147,6 +147,24 @@ def test_explicit_ranks_to_s3_then_merge(dataset, s3, tiny_model_dir):
     assert_equals_reference(root, URL)
 
 
+def test_merge_reads_only_the_headers_of_reported_shards(dataset, s3, tiny_model_dir, monkeypatch):
+    """A shard a rank report describes is adopted from its header (two range reads), never
+    downloaded whole: at 100M images the shards are terabytes, the headers megabytes."""
+    from dinocache.remote import Remote
+
+    root, images = dataset
+    for rank in (0, 1):
+        opts = options(URL, tiny_model_dir)
+        opts.rank, opts.world_size = rank, 2
+        extract(images, opts)
+    with monkeypatch.context() as patch:
+        patch.setattr(Remote, "download", lambda *a, **k: pytest.fail("merge downloaded a whole object"))
+        merged = merge_cache(URL)
+    assert merged.shards_adopted >= 6 and merged.samples == N_IMAGES
+    assert verify_paths([URL]).ok  # every shard hashed whole by verify: the reports' hashes were right
+    assert_equals_reference(root, URL)
+
+
 @pytest.mark.parametrize("fault", ["shard_write:2:kill", "shard_uploaded:2:kill"])
 def test_a_rank_killed_mid_shard_leaves_nothing_the_manifest_names(dataset, s3, tiny_model_dir, fault):
     """Rank 1 dies while writing its second shard (not yet renamed), or once it is in the bucket
