@@ -216,12 +216,14 @@ class UnitWorker:
     def _unit(self, unit: int, work: list):
         from .distributed import RankContext
         from .extract import ExtractResult, _extract_work
+        from .lock import WriterLease
 
         job = self.job
         result = ExtractResult(out=job["out"])
         ctx = RankContext(rank=unit, world_size=job["units"], worker=True)
         state = _worker_state(job)
-        _extract_work(job["input_dir"], work, job["buckets"], self.loaded, state, job["options"], result, ctx)
+        with WriterLease(state.root, getattr(state.store, "remote", None)):
+            _extract_work(job["input_dir"], work, job["buckets"], self.loaded, state, job["options"], result, ctx)
         return result
 
 

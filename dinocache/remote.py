@@ -364,10 +364,13 @@ class RemoteSession:
         return self
 
     def _prepare(self) -> None:
+        from .lock import live_leases
         from .manifest import OWNED
 
         self.remote.sync_mirror()
         folder = self.mirror / SHARD_DIR
+        if live_leases(self.mirror, self.remote):  # shards here may be a running writer's, on their way up
+            return
         remote_shards = self.remote.listing(SHARD_DIR)
         for path in sorted(folder.iterdir()) if folder.is_dir() else ():
             if OWNED[SHARD_DIR].fullmatch(path.name) and path.is_file() and not is_link(path):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,10 @@ from typing import Any
 
 from .errors import CacheError, untrusted
 from .fileio import atomic_write_bytes, is_link, read_limited, remove_folder_if_empty
-from .lock import CacheLock
+from .lock import CacheLock, live_leases
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    OWNED,
     RANK_DIR,
     _is_int,
     _shard_problems,
@@ -33,11 +33,12 @@ from .manifest import (
     settings_of,
     settings_problems,
 )
-from .names import rank_report_name
+from .names import REPORT_PATTERN, rank_report_name
 from .state import CacheState, check_cache_folders
 from .stfile import parse_json_bounded
 
 log = logging.getLogger("dinocache")
+REPORT = re.compile(REPORT_PATTERN)  # ranks/ also holds the writers' leases (lock.WriterLease)
 
 
 def rank_report_problems(report: Any) -> list[str]:
@@ -122,7 +123,7 @@ class ReportFolder:
             if not folder.is_dir() or is_link(folder):
                 return []
             found = [name for name in os.listdir(folder) if not is_link(folder / name)]
-        return sorted(name for name in found if OWNED[RANK_DIR].fullmatch(name))
+        return sorted(name for name in found if REPORT.fullmatch(name))
 
     def read(self, name: str) -> bytes:
         if self.remote is None:
@@ -180,6 +181,7 @@ def merge_cache(root: str | Path, locked: bool = False, session=None, cleanup: b
     reports, ignored = read_rank_reports(folder)
     settings = _merged_settings(folder.root, reports, ignored, root)
     with contextlib.nullcontext() if locked else CacheLock(folder.root):
+        cleanup = cleanup and not live_leases(folder.root, folder.remote)  # writers at work: their temp files stay
         state = CacheState.open(folder.root, settings, overwrite=False, cleanup=cleanup, store=store)
         if session is not None:
             state.after_commit = session.after_commit
