@@ -9,9 +9,10 @@ A remote cache has exactly the local layout (docs/FORMAT.md). dinocache works on
   ($DINOCACHE_SHARD_CACHE_GB, default 50). Rows are always read from local copies.
 - writing: shards are written in the mirror, uploaded, and only then named by the manifest;
   after upload the local copy is dropped. A commit uploads the sample table, then the manifest,
-  last. One writer per cache: the lock is an object created with a conditional PUT (S3's
-  If-None-Match), so a second writer is refused; a lock left by a process that died must be
-  deleted by hand (its host and pid are in it).
+  last. One committer per cache: the lock is an object created with a conditional PUT (S3's
+  If-None-Match), so a second committer is refused; a lock left by a process that died must be
+  deleted by hand (its host and pid are in it). The writers of a multi-process or Ray job take
+  no lock: each PUTs its own shards, report and lease (lock.py) for a committer to fold in.
 """
 
 from __future__ import annotations
