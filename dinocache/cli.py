@@ -174,6 +174,7 @@ def extract(
     engine: str = typer.Option("local", metavar="NAME", help="local, or ray (a Ray cluster: dinocache[ray])."),
     ray_address: Optional[str] = typer.Option(None, metavar="ADDR", help="Ray cluster to join (--engine ray)."),
     gpus_per_worker: float = typer.Option(0.0, min=0, metavar="N", help="GPUs per Ray actor (--engine ray)."),
+    cpus_per_worker: float = typer.Option(1.0, min=0, metavar="N", help="CPUs per Ray actor, for decoding."),
     workers_max: int = typer.Option(1, min=1, metavar="N", help="Ray actors at most (--engine ray)."),
     unit_size: int = typer.Option(1000, min=1, metavar="N", help="Images per Ray work unit (--engine ray)."),
 ):
@@ -250,7 +251,7 @@ def extract(
             crops=crops,
             preset=preset,
             token_pixels=token_pixels,
-            engine=_engine(engine, ray_address, gpus_per_worker, workers_max, unit_size),
+            engine=_engine(engine, ray_address, gpus_per_worker, cpus_per_worker, workers_max, unit_size),
         )
         options.layout()  # an unknown --storage-dtype is reported before anything runs
         if preset is not None:
@@ -271,14 +272,14 @@ def extract(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
-def _engine(name: str, address, gpus: float, workers: int, unit_size: int):
+def _engine(name: str, address, gpus: float, cpus: float, workers: int, unit_size: int):
     if name == "local":
         return None
     if name != "ray":
         raise DinocacheError(f"--engine {name} is not an engine", "pass --engine local (the default) or --engine ray")
     from .ray_engine import RayOptions
 
-    return RayOptions(address, gpus, workers_max=workers, unit_size=unit_size)
+    return RayOptions(address, gpus, cpus, workers_max=workers, unit_size=unit_size)
 
 
 def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:

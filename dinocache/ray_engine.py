@@ -119,7 +119,14 @@ class RayRunner:
             "buckets": buckets,
             "settings": state.settings,
             "extras": state.extras,
-            "options": dataclasses.replace(options, progress=False, engine=None),
+            # each actor decodes with its own CPUs (DataLoader workers), as a torchrun rank does
+            "options": dataclasses.replace(
+                options,
+                progress=False,
+                engine=None,
+                workers=max(0, int(self.options.cpus_per_worker) - 1) if options.workers is None else options.workers,
+            ),
+            "cwd": os.getcwd(),  # relative input paths and --out mean what they meant here
             "mspec": self.mspec,
             "units": len(self.starts),
             "env": {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)},
@@ -193,6 +200,8 @@ class UnitWorker:
     def __init__(self, job: bytes):
         self.job = pickle.loads(job)
         os.environ.update(self.job["env"])
+        if os.path.isdir(self.job["cwd"]):  # a node that shares the driver's filesystem
+            os.chdir(self.job["cwd"])
         from .model import load_weights
 
         options = self.job["options"]

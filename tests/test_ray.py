@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dinocache import FeatureCache
 from dinocache.cli import app
+from dinocache.errors import ConfigError
 from dinocache.extract import extract
 from dinocache.ray_engine import RayOptions, group_units, unit_starts
 from dinocache.scan import SourceFile
@@ -124,3 +125,21 @@ def test_an_actor_killed_in_the_middle_of_a_unit(dataset, tmp_path, tiny_model_d
     assert result.processed >= N_IMAGES  # the retried unit's images were extracted again
     assert_same_as_reference(root, out)
     assert len(FeatureCache(out)) == N_IMAGES
+
+
+def test_the_core_never_imports_ray_and_a_missing_ray_is_named(dataset, tmp_path, tiny_model_dir, monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, dinocache.cli, dinocache.extract, dinocache.reader; assert 'ray' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    root, images = dataset
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dinocache\[ray\]'"):
+        extract(images, on_ray(tmp_path / "out", tiny_model_dir))
+    refused = CliRunner().invoke(app, ["extract", str(images), "-b", str(root / "buckets.yaml"), "--engine", "spark"])
+    assert refused.exit_code == 2 and "--engine spark is not an engine" in refused.output
+    opts = on_ray(tmp_path / "out", tiny_model_dir)
+    opts.rank, opts.world_size = 0, 2
+    with pytest.raises(ConfigError, match="--engine ray runs its own workers"):
+        extract(images, opts)
