@@ -276,7 +276,13 @@ class RemoteShards(LocalShards):
     def __init__(self, remote: Remote, mirror: Path):
         super().__init__(mirror)
         self.remote = remote
-        self._sizes = remote.listing(SHARD_DIR)
+        self._listing: dict[str, int] | None = None  # listed when first needed: a writer that only uploads never lists
+
+    @property
+    def _sizes(self) -> dict[str, int]:
+        if self._listing is None:
+            self._listing = self.remote.listing(SHARD_DIR)
+        return self._listing
 
     def size(self, file: str) -> int | None:
         return self._sizes.get(file.removeprefix(SHARD_DIR + "/"))
@@ -341,7 +347,7 @@ class RemoteShards(LocalShards):
             for name in self.remote.listing(folder):
                 if OWNED[folder].fullmatch(name):
                     self.remote.rm(f"{folder}/{name}")
-        self._sizes = {}
+        self._listing = {}
 
 
 class RemoteSession:

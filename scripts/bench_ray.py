@@ -2,7 +2,8 @@
 
 plain     one process, `extract` as usual
 ray       --engine ray: one actor vs two, and unit sizes (one actor): Ray's fixed cost (start,
-          actor, model load) and its cost per unit, fitted from the unit-size sweep
+          actor, model load) and its cost per unit, fitted from the unit-size sweep. Each figure
+          is the best of --repeats runs; the plain run uses one torch thread, as an actor does
 commits   the driver's commits (folds of reports into the manifest): seconds each
 s3        the same job to an S3 API server on 127.0.0.1 (moto): the driver's object-store
           requests by kind (the actors' are counted per unit in docs/SCALING.md, from the code)
@@ -64,25 +65,30 @@ def timed_extract(images: Path, opts) -> tuple[float, object]:
 
 
 def count_requests(counter: Counter):
-    """Every object-store call this process makes, by kind (fsspec methods the code uses)."""
+    """Every object-store call this process makes, by kind (s3fs's coroutines; a multipart upload
+    of a big file counts as one PUT)."""
     import s3fs
 
     for name, kind in (
-        ("cat_file", "GET"),
-        ("info", "HEAD"),
-        ("ls", "LIST"),
-        ("put_file", "PUT"),
-        ("pipe_file", "PUT"),
-        ("rm_file", "DELETE"),
-        ("open", "GET (stream)"),
+        ("_cat_file", "GET"),
+        ("_info", "HEAD"),
+        ("_ls", "LIST"),
+        ("_put_file", "PUT"),
+        ("_pipe_file", "PUT"),
+        ("_rm_file", "DELETE"),
     ):
         original = getattr(s3fs.S3FileSystem, name)
 
-        def wrapped(self, *args, _original=original, _kind=kind, **kwargs):
+        async def wrapped(self, *args, _original=original, _kind=kind, **kwargs):
             counter[_kind] += 1
-            return _original(self, *args, **kwargs)
+            return await _original(self, *args, **kwargs)
 
         setattr(s3fs.S3FileSystem, name, wrapped)
+
+
+def best_of(repeats: int, run) -> tuple[float, object]:
+    """The fastest of `repeats` runs (the machine is shared: the minimum is the least disturbed)."""
+    return min((run(i) for i in range(repeats)), key=lambda pair: pair[0])
 
 
 def main() -> None:
@@ -90,6 +96,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--model", default="random:vits16")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="each configuration's best of this many runs")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     import ray
@@ -101,8 +108,12 @@ def main() -> None:
     images = make_images(work / "images", args.images)
     n = args.images
     figures: dict = {"images": n, "model": args.model, "cpu": cpu_model(), "cores": os.cpu_count()}
-    seconds, result = timed_extract(images, options(work / "plain", args.model))
-    figures["plain"] = {"seconds": round(seconds, 2), "processed": result.processed}
+    import torch
+
+    torch.set_num_threads(1)  # what one Ray actor with one CPU gets (Ray sets OMP_NUM_THREADS=1)
+    timed_extract(images, options(work / "warm-up", args.model))  # imports and first-call costs, not timed
+    seconds, result = best_of(args.repeats, lambda i: timed_extract(images, options(work / f"plain{i}", args.model)))
+    figures["plain"] = {"seconds": round(seconds, 2), "processed": result.processed, "torch_threads": 1}
     print(f"plain extract: {seconds:.2f} s for {result.processed} images")
 
     began = time.perf_counter()
@@ -118,17 +129,15 @@ def main() -> None:
 
     ray_engine._fold = timed_fold
     runs = {}
-    for label, workers, unit in (
-        ("1 actor, 4 units", 1, n // 4),
-        ("2 actors, 4 units", 2, n // 4),
-        ("1 actor, 1 unit", 1, n),
-        ("1 actor, 16 units", 1, max(1, n // 16)),
-    ):
-        folds.clear()
-        out = work / f"ray-{workers}-{unit}"
-        seconds, result = timed_extract(
-            images, options(out, args.model, RayOptions(workers_max=workers, unit_size=unit))
-        )
+    sweep = (("1 actor, 1 unit", 1, n), ("1 actor, 8 units", 1, n // 8), ("1 actor, 48 units", 1, max(1, n // 48)))
+    for label, workers, unit in (("2 actors, 8 units", 2, n // 8),) + sweep:
+
+        def run(i, workers=workers, unit=unit):
+            folds.clear()
+            out = work / f"ray-{workers}-{unit}-{i}"
+            return timed_extract(images, options(out, args.model, RayOptions(workers_max=workers, unit_size=unit)))
+
+        seconds, result = best_of(args.repeats, run)
         runs[label] = {
             "seconds": round(seconds, 2),
             "vs_plain": round(seconds / figures["plain"]["seconds"], 2),
@@ -142,7 +151,7 @@ def main() -> None:
             f"commits {runs[label]['commit_seconds_mean']} s each"
         )
     figures["ray"] = runs
-    one, many = runs["1 actor, 1 unit"], runs["1 actor, 16 units"]
+    one, many = runs["1 actor, 1 unit"], runs["1 actor, 48 units"]
     figures["per_unit_seconds"] = round((many["seconds"] - one["seconds"]) / (many["units"] - one["units"]), 3)
     figures["fixed_seconds"] = round(one["seconds"] - figures["plain"]["seconds"], 2)
     print(
@@ -160,16 +169,17 @@ def main() -> None:
         )
         import s3fs
 
-        s3fs.S3FileSystem().mkdir("bench")
         requests: Counter = Counter()
-        count_requests(requests)
+        count_requests(requests)  # before any instance exists: s3fs binds its methods per instance
+        s3fs.S3FileSystem().mkdir("bench")
+        requests.clear()
         folds.clear()
         seconds, result = timed_extract(
-            images, options("s3://bench/cache", args.model, RayOptions(workers_max=2, unit_size=n // 4))
+            images, options("s3://bench/cache", args.model, RayOptions(workers_max=1, unit_size=n // 8))
         )
         figures["s3"] = {
             "seconds": round(seconds, 2),
-            "units": 4,
+            "units": 8,
             "commits": len(folds),
             "commit_seconds_mean": round(sum(folds) / len(folds), 4),
             "driver_requests": dict(requests),

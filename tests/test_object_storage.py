@@ -147,6 +147,18 @@ def test_explicit_ranks_to_s3_then_merge(dataset, s3, tiny_model_dir):
     assert_equals_reference(root, URL)
 
 
+def test_a_writer_of_many_never_lists_the_bucket(dataset, s3, tiny_model_dir, monkeypatch):
+    """A rank (or a Ray unit) only PUTs: a LIST of shards/ is one request per 1,000 shards, and
+    100,000 writers listing 450,000 shards would be 45M requests."""
+    from dinocache.remote import Remote
+
+    _, images = dataset
+    monkeypatch.setattr(Remote, "listing", lambda *a, **k: pytest.fail("a writer listed the bucket"))
+    opts = options(URL, tiny_model_dir)
+    opts.rank, opts.world_size = 1, 2
+    assert extract(images, opts).processed == N_IMAGES // 2
+
+
 def test_merge_reads_only_the_headers_of_reported_shards(dataset, s3, tiny_model_dir, monkeypatch):
     """A shard a rank report describes is adopted from its header (two range reads), never
     downloaded whole: at 100M images the shards are terabytes, the headers megabytes."""
