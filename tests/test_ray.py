@@ -11,7 +11,7 @@ import ray
 import torch
 from conftest import fresh_bucket
 from moto_server import moto_server
-from test_crash import N_IMAGES, assert_same_as_reference, dataset, options  # noqa: F401
+from test_crash import N_IMAGES, assert_same_as_reference, dataset, extract_args, options  # noqa: F401
 from typer.testing import CliRunner
 
 from dinocache import FeatureCache
@@ -70,22 +70,26 @@ def test_a_folder_on_ray_equals_one_process_and_a_rerun_skips_it(dataset, tmp_pa
 
 
 def runner_cli(images, out, model_dir, root):
-    from test_crash import extract_args
-
     args = extract_args(root, images, out, model_dir) + ["--engine", "ray", "--workers-max", "2", "--unit-size", "4"]
     return CliRunner().invoke(app, args)
+
+
+def make_tars(images, folder) -> str:
+    """Three tar shards of four images (one unit each), as a brace pattern."""
+    names = sorted(p.name for p in images.iterdir())
+    for n in range(3):
+        with tarfile.open(folder / f"part-{n}.tar", "w") as tar:
+            for name in names[4 * n : 4 * n + 4]:
+                tar.add(images / name, arcname=name)
+    return str(folder / "part-{0..2}.tar")
 
 
 @pytest.mark.parametrize("kind", ["tars", "list"])
 def test_tars_and_a_list_file_on_ray_equal_one_process(dataset, tmp_path, tiny_model_dir, kind):
     _, images = dataset
     names = sorted(p.name for p in images.iterdir())
-    if kind == "tars":  # three tar shards of four images: one unit each
-        for n in range(3):
-            with tarfile.open(tmp_path / f"part-{n}.tar", "w") as tar:
-                for name in names[4 * n : 4 * n + 4]:
-                    tar.add(images / name, arcname=name)
-        source = str(tmp_path / "part-{0..2}.tar")
+    if kind == "tars":
+        source = make_tars(images, tmp_path)
     else:
         source = str(tmp_path / "list.jsonl")
         (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": str(images / n)}) + "\n" for n in names))
@@ -102,14 +106,19 @@ def s3(tmp_path, monkeypatch):
         yield from fresh_bucket(endpoint, "caches", tmp_path, monkeypatch)
 
 
-def test_ray_to_s3_equals_one_process(dataset, s3, tiny_model_dir):
+def test_tars_on_ray_to_s3_equal_one_process(dataset, s3, tmp_path, tiny_model_dir):
+    """The issue's command: `extract 'data/{...}.tar' --engine ray --out s3://...`, from the CLI."""
     root, images = dataset
     fs, _ = s3
-    result = extract(images, on_ray(URL, tiny_model_dir))
-    assert result.processed == N_IMAGES
+    source = make_tars(images, tmp_path)
+    assert extract(source, options(tmp_path / "one", tiny_model_dir)).processed == N_IMAGES
+    args = extract_args(root, images, URL, tiny_model_dir) + ["--engine", "ray", "--workers-max", "2", "--unit-size", "4"]
+    args[1] = source
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0 and f"{N_IMAGES} extracted" in run.output, run.output
     assert not fs.exists(f"{URL}/.lock") and (not fs.exists(f"{URL}/ranks") or not fs.ls(f"{URL}/ranks"))
     assert verify_paths([URL]).ok
-    assert_same_cache(URL, root / "reference")
+    assert_same_cache(URL, tmp_path / "one")
 
 
 def test_an_actor_killed_in_the_middle_of_a_unit(dataset, tmp_path, tiny_model_dir, monkeypatch):
