@@ -112,7 +112,8 @@ def test_tars_on_ray_to_s3_equal_one_process(dataset, s3, tmp_path, tiny_model_d
     fs, _ = s3
     source = make_tars(images, tmp_path)
     assert extract(source, options(tmp_path / "one", tiny_model_dir)).processed == N_IMAGES
-    args = extract_args(root, images, URL, tiny_model_dir) + ["--engine", "ray", "--workers-max", "2", "--unit-size", "4"]
+    args = extract_args(root, images, URL, tiny_model_dir) + ["--engine", "ray", "--workers-max", "2"]
+    args += ["--unit-size", "4"]  # a tar per unit
     args[1] = source
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0 and f"{N_IMAGES} extracted" in run.output, run.output
