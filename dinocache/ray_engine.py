@@ -25,11 +25,13 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DinocacheError, untrusted
 
 log = logging.getLogger("dinocache")
 
@@ -110,9 +112,6 @@ class RayRunner:
                 ray.shutdown()
 
     def _run(self, ray, input_dir, units, buckets, state, options, result) -> None:
-        from .reports import ReportFolder
-        from .runlog import CommitPacer
-
         job = {
             "out": str(options.out),
             "input_dir": input_dir,
@@ -141,12 +140,23 @@ class RayRunner:
             num_cpus=self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker,
         )
-        remote = getattr(state.store, "remote", None)
-        folder = ReportFolder(state.root, remote)
-        pacer = CommitPacer(options.commit_every_s)
-        began = time.monotonic()
         run = _job_run(input_dir, sum(len(items) for _, items in units), len(rows), result.failed_this_run)
         state.runs.append(run)  # one record for the job; the units' reports add to it as they are folded
+        _collect(done, state, run, options, result)
+
+
+def _collect(done, state, run: dict, options, result) -> None:
+    """The driver's loop: count the units as they finish, fold their reports in now and then,
+    and at the end; on Ctrl-C or a unit's error, fold what finished first."""
+    from .extract import Interrupted
+    from .reports import ReportFolder
+    from .runlog import CommitPacer
+
+    remote = getattr(state.store, "remote", None)
+    folder = ReportFolder(state.root, remote)
+    pacer = CommitPacer(options.commit_every_s)
+    began = time.monotonic()
+    try:
         for row in done.iter_rows():
             result.processed += int(row["processed"])
             result.failed_this_run += int(row["failed"])
@@ -155,8 +165,25 @@ class RayRunner:
                 commit_began = time.monotonic()
                 _fold(state, folder, remote, run, began)
                 pacer.committed(time.monotonic() - commit_began)
+    except KeyboardInterrupt:
         _fold(state, folder, remote, run, began)
-        result.seconds, result.images_per_second = run["seconds"], run["images_per_second"]
+        raise Interrupted(signal.SIGINT, result.processed, result) from None
+    except Exception as exc:  # a unit raised (an actor's death is retried by Ray, never seen here)
+        _fold(state, folder, remote, run, began)
+        raise DinocacheError(
+            f"a work unit failed on Ray: {_first_cause(exc)}",
+            "everything finished so far is committed; fix the cause and rerun the same command",
+        ) from None
+    _fold(state, folder, remote, run, began)
+    result.seconds, result.images_per_second = run["seconds"], run["images_per_second"]
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The unit's own error message: Ray passes it on as text, inside its own tracebacks."""
+    text = str(exc)
+    ours = re.search(r"dinocache\.errors\.\w+: (.+)", text)  # dinocache's own error, as the actor raised it
+    raised = ours or re.search(r"^\w+(?:Error|Exception): (.+)$", text, re.MULTILINE)
+    return untrusted(raised.group(1) if raised else text.strip().splitlines()[-1] if text.strip() else repr(exc))
 
 
 def _job_run(input_dir: str, planned: int, units: int, header_failed: int) -> dict:

@@ -153,3 +153,23 @@ def test_the_core_never_imports_ray_and_a_missing_ray_is_named(dataset, tmp_path
     opts.rank, opts.world_size = 0, 2
     with pytest.raises(ConfigError, match="--engine ray runs its own workers"):
         extract(images, opts)
+
+
+def test_a_unit_that_raises_is_a_clear_error_and_what_finished_is_committed(dataset, tmp_path, tiny_model_dir):
+    """--max-failures 0 and an image that fails only when decoded (its header is fine): the
+    actor's unit stops; the driver commits what finished and says why, without a traceback."""
+    import shutil
+
+    from dinocache.errors import DinocacheError
+
+    _, images = dataset
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    data = (folder / "img00.png").read_bytes()
+    (folder / "img00.png").write_bytes(data[: len(data) // 2])  # cut in its pixel data
+    opts = on_ray(tmp_path / "out", tiny_model_dir, unit_size=6, workers=1)
+    opts.max_failures = 0
+    with pytest.raises(DinocacheError, match="a work unit failed on Ray: stopped: 1 of .* over --max-failures 0"):
+        extract(folder, opts)
+    cache = FeatureCache(tmp_path / "out")
+    assert [f["key"] for f in cache.manifest["failures"]] == ["img00.png"]
