@@ -43,8 +43,8 @@ from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
 from .features import stored_features
 from .imaging import Preprocessing
-from .lock import CacheLock, WriterLease, live_leases
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, recorded_model, recorded_source
+from .lock import CacheLock, WriterLease, writers_at_work
+from .manifest import MANIFEST_NAME, NORM_FILE, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .normstats import is_fresh
@@ -256,19 +256,9 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
             store = RemoteShards(remote, root) if remote is not None else None
-            writers = live_leases(root, remote)  # ranks of another job still writing: leave their files be
-            if writers and options.overwrite:
-                raise CacheError(
-                    f"{options.out} is being written by {len(writers)} other writer(s) ({writers[0]})",
-                    f"wait for them to finish; if none runs any more, delete {options.out}/{RANK_DIR}/lease-*.json",
-                )
+            writers = writers_at_work(root, remote, options.out, options.overwrite)  # their files stay
             state = CacheState.open(
-                root,
-                settings,
-                options.overwrite,
-                cleanup=not writers,
-                extras={NORM_FILE: mspec.norm_file()},
-                store=store,
+                root, settings, options.overwrite, not writers, extras={NORM_FILE: mspec.norm_file()}, store=store
             )
             if remote is not None:
                 state.after_commit, state.upload = session.after_commit, session.upload_shard

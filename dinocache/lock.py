@@ -138,6 +138,17 @@ def live_leases(root: Path, remote=None) -> list[str]:
     return live
 
 
+def writers_at_work(root: Path, remote, shown, overwrite: bool) -> list[str]:
+    """The live leases a committer must respect; --overwrite is refused while there are any."""
+    writers = live_leases(root, remote)
+    if writers and overwrite:
+        raise CacheError(
+            f"{shown} is being written by {len(writers)} other writer(s) ({writers[0]})",
+            f"wait for them to finish; if none runs any more, delete {shown}/{RANK_DIR}/lease-*.json",
+        )
+    return writers
+
+
 def _stale(holder: dict) -> bool:
     pid, started = holder.get("pid"), holder.get("started")
     if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
