@@ -28,6 +28,7 @@ import pickle
 import re
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     workers_max: int = 1  # actors at most (each loads the model once)
     unit_size: int = 1000  # images per work unit; a tar shard is never split
+    unit_retries: int = 3  # a unit whose actor died is redone at most this many times
 
     def runner(self, sources: list, mspec) -> "RayRunner":
         if self.unit_size < 1 or self.workers_max < 1:
@@ -130,7 +132,8 @@ class RayRunner:
             "units": len(self.starts),
             "env": {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)},
         }
-        rows = [{"unit": index, "work": pickle.dumps(items)} for index, items in units]
+        # compressed: keys and paths share long prefixes (about 150 bytes a work item pickled)
+        rows = [{"unit": index, "work": zlib.compress(pickle.dumps(items), 1)} for index, items in units]
         log.info("%d unit(s) of at most ~%d images on Ray", len(rows), self.options.unit_size)
         done = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             UnitWorker,
@@ -139,6 +142,8 @@ class RayRunner:
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.options.workers_max, len(rows))),
             num_cpus=self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker,
+            max_restarts=-1,  # a dead actor is always replaced (a preempted node, an OOM kill) ...
+            max_task_retries=self.options.unit_retries,  # ... but a unit that kills every actor fails the job
         )
         run = _job_run(input_dir, sum(len(items) for _, items in units), len(rows), result.failed_this_run)
         state.runs.append(run)  # one record for the job; the units' reports add to it as they are folded
@@ -239,7 +244,7 @@ class UnitWorker:
 
         out = {"unit": [], "processed": [], "failed": [], "shards": []}
         for unit, blob in zip(batch["unit"], batch["work"]):
-            result = self._unit(int(unit), pickle.loads(blob))
+            result = self._unit(int(unit), pickle.loads(zlib.decompress(blob)))
             for name, value in (
                 ("unit", int(unit)),
                 ("processed", result.processed),
