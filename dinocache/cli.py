@@ -172,9 +172,34 @@ ResizeOnDevice = Annotated[
 ]
 Rank = Annotated[Optional[int], typer.Option(min=0, metavar="I", help="This share, without torchrun.")]
 WorldSize = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Number of shares, with --rank.")]
+Engine = Annotated[str, typer.Option(metavar="NAME", help="local, or ray (a Ray cluster: dinocache[ray]).")]
+RayAddress = Annotated[Optional[str], typer.Option(metavar="ADDR", help="Ray cluster to join (--engine ray).")]
+GpusPerWorker = Annotated[float, typer.Option(min=0, metavar="N", help="GPUs per Ray actor (--engine ray).")]
+CpusPerWorker = Annotated[float, typer.Option(min=0, metavar="N", help="CPUs per Ray actor, for decoding.")]
+WorkersMax = Annotated[int, typer.Option(min=1, metavar="N", help="Ray actors at most (--engine ray).")]
+UnitSize = Annotated[int, typer.Option(min=1, metavar="N", help="Images per Ray work unit (--engine ray).")]
 
 
-@app.command(no_args_is_help=True)
+EXTRACT_HELP = """Extract features for every image of SOURCE into OUT.
+
+SOURCE is a folder (searched recursively), webdataset tar shards (a path, URL, glob or
+brace pattern), a .zip of images, or a list file (.parquet, .jsonl, .csv) of paths or URLs.
+
+\b
+Examples:
+  dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
+  dinocache extract 'tars/{00000..00099}.tar' -b configs/dit-512.yaml -o out/
+  dinocache extract data/images --crops crops.jsonl -o cache/
+  dinocache extract imgs -b configs/dit-256.yaml \\
+      --model facebook/dinov2-base --preset repa
+  torchrun --nproc_per_node=8 -m dinocache extract data/images \\
+      --buckets configs/dit-1024.yaml -o cache/
+  dinocache extract 'tars/{000..099}.tar' -b configs/dit-512.yaml \\
+      --engine ray --gpus-per-worker 1 --workers-max 64 -o s3://bucket/cache
+"""  # the command's --help (a constant: the command itself is its options)
+
+
+@app.command(no_args_is_help=True, help=EXTRACT_HELP)
 def extract(
     ctx: typer.Context,
     input_dir: Source,
@@ -214,22 +239,13 @@ def extract(
     resize_on_device: ResizeOnDevice = None,
     rank: Rank = None,
     world_size: WorldSize = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    workers_max: WorkersMax = 1,
+    unit_size: UnitSize = 1000,
 ):
-    """Extract features for every image of SOURCE into OUT.
-
-    SOURCE is a folder (searched recursively), webdataset tar shards (a path, URL, glob or
-    brace pattern) or a list file (.parquet, .jsonl, .csv) of paths or URLs.
-
-    \b
-    Examples:
-      dinocache extract data/images --buckets configs/dit-1024.yaml -o cache/
-      dinocache extract 'tars/{00000..00099}.tar' -b configs/dit-512.yaml -o out/
-      dinocache extract data/images --crops crops.jsonl -o cache/
-      dinocache extract imgs -b configs/dit-256.yaml \\
-          --model facebook/dinov2-base --preset repa
-      torchrun --nproc_per_node=8 -m dinocache extract data/images \\
-          --buckets configs/dit-1024.yaml -o cache/
-    """
     _run_extract(ctx.params)  # every option by name
 
 
@@ -317,6 +333,7 @@ def _extract_options(given: dict):
         shard_max_bytes=int(given["shard_size_mb"] * 1024**2),
         commit_every_s=given["commit_every"],
         max_failures=parse_max_failures(given["max_failures"]),
+        engine=_engine(given),
     )
     options.layout()  # an unknown --storage-dtype is reported before anything runs
     if preset is not None:
@@ -324,6 +341,24 @@ def _extract_options(given: dict):
 
         check_no_crops(preset, crops)
     return options
+
+
+def _engine(given: dict):
+    """None (this process and its ranks), or the Ray engine's options."""
+    name = given["engine"]
+    if name == "local":
+        return None
+    if name != "ray":
+        raise DinocacheError(f"--engine {name} is not an engine", "pass --engine local (the default) or --engine ray")
+    from .ray_engine import RayOptions
+
+    return RayOptions(
+        given["ray_address"],
+        given["gpus_per_worker"],
+        given["cpus_per_worker"],
+        workers_max=given["workers_max"],
+        unit_size=given["unit_size"],
+    )
 
 
 def _print_extract_summary(result, input_dir: str, world_size, rank, out: str) -> None:
@@ -690,8 +725,9 @@ def merge(out: str = OUT_ARG):
     \b
     Example:
       dinocache merge cache/
+      dinocache merge s3://bucket/cache
     """
-    from .state import merge_cache
+    from .reports import merge_cache
 
     try:
         result = merge_cache(out)

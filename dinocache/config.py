@@ -70,6 +70,7 @@ class ExtractOptions:
     new_source: bool = False  # accept a source other than the one the cache was built from
     preset: str | None = None  # a recipe's own preprocessing (presets.py)
     token_pixels: int | None = None  # pixels per DiT token (None: 16 for encoders whose patch is not 16; 0: off)
+    engine: object = None  # where the work runs: None here, a ray_engine.RayOptions on a Ray cluster
 
     def layout(self):
         from .layout import Layout, storage_dtype

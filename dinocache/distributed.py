@@ -4,7 +4,8 @@ split balanced by compute, and the few collectives extract needs.
 Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) a process group is formed
 (NCCL on GPUs, gloo on CPUs) and rank 0 merges the manifest once every rank has finished. With
 explicit `--rank/--world-size` (e.g. SLURM array tasks, no process group) every rank works
-alone and `dinocache merge OUT` writes the manifest afterwards.
+alone and `dinocache merge OUT` writes the manifest afterwards. Either way a rank writes its
+shards and its report (reports.py) straight to OUT, a folder or object storage.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class RankContext:
     local_rank: int = 0
     group: bool = False  # a torch.distributed process group is up
     local_world_size: int = 1  # ranks on this node (they share its cores)
+    worker: bool = False  # one of many writers that only report, never commit (a Ray actor's unit)
 
     @property
     def multi(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.worker
 
     @property
     def leader(self) -> bool:

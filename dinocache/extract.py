@@ -45,17 +45,17 @@ from .decoding import (
 from .distributed import RankContext, split_by_cost
 from .errors import CacheError, ConfigError, DinocacheError, untrusted
 from .faults import fault_point
-from .fileio import atomic_write_bytes
 from .forward import Forward, nonfinite_rows
 from .imaging import Preprocessing
-from .lock import CacheLock
-from .manifest import MANIFEST_NAME, NORM_FILE, RANK_DIR, rank_report_problems, recorded_model, recorded_source
+from .lock import CacheLock, WriterLease, writers_at_work
+from .manifest import MANIFEST_NAME, NORM_FILE, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
-from .names import DEFAULT_MODEL, rank_report_name
+from .names import DEFAULT_MODEL
 from .normstats import is_fresh
+from .reports import merge_cache, write_rank_report
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .sources import SourceFile, open_source
-from .state import CacheState, merge_cache, now
+from .state import CacheState, now
 from .worklist import Selection, WorkItem, select_work
 from .writer import ShardWriter
 
@@ -222,42 +222,38 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
     prep, buckets, settings = _run_settings(mspec, options)
     result = ExtractResult(out=options.out, scanned=len(sources))
     _make_output_folder(root)
-    session = RemoteSession(remote) if remote is not None else contextlib.nullcontext()
+    session = RemoteSession(remote) if remote is not None and ctx.leader else contextlib.nullcontext()
     with CacheLock(root) if ctx.leader else contextlib.nullcontext(), session:
         if ctx.leader:
             store = location.shards(root)
+            writers = writers_at_work(root, remote, options.out, options.overwrite)  # their files stay
             state = CacheState.open(
-                root, settings, options.overwrite, extras={NORM_FILE: mspec.norm_file()}, store=store
+                root, settings, options.overwrite, not writers, extras={NORM_FILE: mspec.norm_file()}, store=store
             )
             _settle_cache(state, source.describe(), sources, options, result)
         ctx.barrier()
         if not ctx.leader or ctx.multi:  # every rank selects work from the same committed snapshot
-            state = _committed_state(root, settings, mspec)
+            state = _committed_state(root, settings, mspec, location, ctx)
         selection = select_work(
-            sources,
-            buckets,
-            state,
-            prep.resize,
-            options.max_pixels,
-            options.rehash,
-            crops,
-            ctx,
-            retry_failed=options.retry_failed,
+            sources, buckets, state, prep.resize, options.max_pixels, options.rehash, crops, ctx, options.retry_failed
         )
+        # Another engine (ray_engine.py) cuts its work units from the whole sorted scan.
+        runner = options.engine.runner(sources, mspec) if options.engine is not None else _extract_work
         del sources  # the work list holds what is needed; a run may scan millions of files
         work = _my_share(_apply_selection(selection, state, result, ctx), buckets, ctx)
         _check_header_failures(options, result, work, state, ctx, root)
-        if work:
+        if work and options.engine is None:  # an engine's workers load their own
             loaded = loaded or load_weights(mspec, options.compile, options.sdpa_backend)
             result.model_loaded = True
-        with _disk_full_is_a_cache_error(root):
+        with _disk_full_is_a_cache_error(root), WriterLease(root, remote) if ctx.multi else contextlib.nullcontext():
             try:
-                _extract_work(source.describe(), work, buckets, loaded, state, options, result, ctx)
+                runner(source.describe(), work, buckets, loaded, state, options, result, ctx)
             finally:
                 result.failed = len(state.failures)
         ctx.barrier()
         if ctx.multi and ctx.group and ctx.rank == 0:
-            result.job_processed = merge_cache(root, locked=True).processed
+            merged = merge_cache(options.out, True, session) if remote is not None else merge_cache(root, True)
+            result.job_processed = merged.processed
     result.failed = len(state.failures)
     for f in state.failures.values():
         result.failures_by_reason[f["reason"]] = result.failures_by_reason.get(f["reason"], 0) + 1
@@ -267,18 +263,17 @@ def _extract(input_dir: str, options: ExtractOptions, loaded: LoadedModel | None
 def _output_root(remote, options: ExtractOptions, ctx: RankContext) -> Path:
     """The local folder the run writes (a remote cache's mirror), after the checks of what a
     multi-process run may not do."""
-    if remote is not None and ctx.multi:
-        raise ConfigError(
-            "a cache in object storage is written by one process",
-            "write to a shared filesystem with several ranks (then copy it up), or use one process",
-        )
-    root = remote.sync_mirror() if remote is not None else Path(options.out)  # the remote decides, not a stale mirror
+    if ctx.multi and options.engine is not None:
+        raise ConfigError("--engine ray runs its own workers", "drop --rank/--world-size (and torchrun)")
     if ctx.multi and not ctx.group and (options.overwrite or options.prune or options.repair):
         raise ConfigError(
             "--overwrite, --prune and --repair change the whole cache: run them without --rank/--world-size",
             "run `dinocache merge OUT` after the ranks, then a single extract with the option",
         )
-    return root
+    if remote is None:
+        return Path(options.out)
+    # The remote decides, not a stale mirror; the other ranks of a group pull once rank 0 has committed.
+    return remote.mirror() if ctx.group and not ctx.leader else remote.sync_mirror()
 
 
 def _load_crops(options: ExtractOptions, sources: list[SourceFile]) -> dict | None:
@@ -344,13 +339,15 @@ def _settle_cache(
     state.commit()  # repairs, adopted shards and pruning are durable before any new work
 
 
-def _committed_state(root: Path, settings: dict, mspec: ModelSpec) -> CacheState:
-    """The cache as committed (a rank's view: it never cleans up or overwrites)."""
-    return (
-        CacheState.open(root, settings, overwrite=False, cleanup=False, extras={NORM_FILE: mspec.norm_file()})
-        if (root / MANIFEST_NAME).exists()
-        else CacheState(root, settings, {NORM_FILE: mspec.norm_file()})
-    )
+def _committed_state(root: Path, settings: dict, mspec: ModelSpec, location, ctx: RankContext) -> CacheState:
+    """The cache as committed (a rank's view: it never cleans up or overwrites). A rank of a
+    remote cache writes its shards straight up (its store) and its report too (reports.py)."""
+    if location.is_remote and ctx.group and not ctx.leader:
+        location.remote.sync_mirror()  # rank 0 has settled and committed the cache
+    store, extras = location.shards(root), {NORM_FILE: mspec.norm_file()}
+    if (root / MANIFEST_NAME).exists():
+        return CacheState.open(root, settings, overwrite=False, cleanup=False, extras=extras, store=store)
+    return CacheState(root, settings, extras, store)
 
 
 def _my_share(work: list[WorkItem], buckets: list[Bucket], ctx: RankContext) -> list[WorkItem]:
@@ -734,20 +731,4 @@ def _finish(
             sha = state.index_info["sha256"]
             result.stale_statistics = sorted({str(e.get("flavour")) for e in state.statistics if not is_fresh(e, sha)})
     elif did_something:
-        import uuid
-
-        state.write_extras()
-        report = {
-            "rank": ctx.rank,
-            "world_size": ctx.world_size,
-            "settings": state.settings,
-            "run": record,
-            "shards": written,
-            "failures": list(state.failures.values()),
-        }
-        problems = rank_report_problems(report)  # merge must be able to use what a rank leaves
-        if problems:
-            raise CacheError(f"not writing a malformed rank report: {'; '.join(problems[:3])}", "please report it")
-        (state.root / RANK_DIR).mkdir(exist_ok=True)
-        name = rank_report_name(ctx.rank, run_id or uuid.uuid4().hex[:8])
-        atomic_write_bytes(state.root / RANK_DIR / name, json.dumps(report).encode())
+        write_rank_report(state, record, ctx.rank, ctx.world_size, written, run_id)

@@ -6,6 +6,8 @@ a second, so that work queued behind the failing write goes on meanwhile), sends
 or SIGINT (`sigterm`, `sigint`: a real signal, as `scancel` or Ctrl-C deliver it), or raises
 torch's out-of-memory error (`oom`).
 "point:n:action@R" applies only to the process whose RANK is R (torchrun).
+With DINOCACHE_FAULT_ONCE=PATH a fault fires in one process only, the first to create PATH (a
+Ray actor restarted after the kill must not die again at the same point).
 Unset (always, outside tests) a fault point costs one dictionary lookup.
 """
 
@@ -32,6 +34,17 @@ def _configured_faults() -> dict[str, tuple[int, str]]:
     return faults
 
 
+def _first_to_fire() -> bool:
+    marker = os.environ.get("DINOCACHE_FAULT_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def fault_point(name: str) -> None:
     if "DINOCACHE_FAULT" not in os.environ:
         return
@@ -39,7 +52,7 @@ def fault_point(name: str) -> None:
     if fault is None:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] != fault[0]:
+    if _hits[name] != fault[0] or not _first_to_fire():
         return
     if fault[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -256,31 +256,6 @@ def run_problem(run: Any) -> str | None:
     return None
 
 
-def rank_report_problems(report: Any) -> list[str]:
-    """The one check of a rank report (`ranks/rank-*.json`, untrusted like the rest of the
-    cache) before merge uses any of it: the manifest's rules for every part it would copy."""
-    if not isinstance(report, dict):
-        return ["it is not an object"]
-    problems = [f"settings: {p}" for p in settings_problems(report.get("settings"))]
-    for key in ("rank", "world_size"):
-        if not _is_int(report.get(key), 0, 1 << 20):
-            problems.append(f"'{key}' is not a small integer")
-    problem = run_problem(report.get("run"))
-    if problem:
-        problems.append(f"run: {problem}")
-    shards, failures = report.get("shards", []), report.get("failures", [])
-    if not isinstance(shards, list) or not isinstance(failures, list):
-        return problems + ["'shards' and 'failures' must be lists"]
-    if not problems:
-        problems += _shard_problems(shards, len(report["settings"]["buckets"]))
-    for i, failure in enumerate(failures):
-        problem = failure_problem(failure)
-        if problem:
-            problems.append(f"failures[{i}]: {problem}")
-            break
-    return problems
-
-
 def _model_problems(model: dict) -> list[str]:
     problems = []
     for key, low, high in (("hidden_size", 1, 1 << 16), ("num_registers", 0, 1 << 10), ("patch_size", 1, 1 << 10)):

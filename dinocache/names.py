@@ -34,15 +34,22 @@ def rank_report_name(rank: int, run_id: str) -> str:
     return f"rank-{rank:05d}-{run_id}.json"
 
 
+def lease_name(uid: str) -> str:
+    """ranks/lease-0123456789ab.json: a writer of many, while it writes (lock.WriterLease)."""
+    return f"{RANK_DIR}/lease-{uid}.json"
+
+
 def statistics_name(flavour: str, kind: str, uid: str) -> str:
     """stats/normed-channel-0123456789ab.safetensors: FLAVOUR-KIND-ID."""
     return f"{STATS_DIR}/{flavour}-{kind}-{uid}.safetensors"
 
 
+REPORT_PATTERN = r"rank-\d{5,}-[0-9a-f]{8}\.json"  # the reports among ranks/ (the rest: leases)
+LEASE_PATTERN = r"lease-[0-9a-f]{12}\.json"
 OWNED_PATTERNS = {
     SHARD_DIR: r"b\d{3,}-\d+x\d+-[0-9a-f]{8}-\d{5,}\.safetensors",
     INDEX_DIR: r"samples-[0-9a-f]{12}\.safetensors",
-    RANK_DIR: r"rank-\d{5,}-[0-9a-f]{8}\.json",
+    RANK_DIR: f"{REPORT_PATTERN}|{LEASE_PATTERN}",
     STATS_DIR: r"[a-z_]+-(channel|position)-[0-9a-f]{12}\.safetensors",
 }
 

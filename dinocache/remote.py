@@ -9,9 +9,10 @@ A remote cache has exactly the local layout (docs/FORMAT.md). dinocache works on
   ($DINOCACHE_SHARD_CACHE_GB, default 50). Rows are always read from local copies.
 - writing: shards are written in the mirror, uploaded, and only then named by the manifest;
   after upload the local copy is dropped. A commit uploads the sample table, then the manifest,
-  last. One writer per cache: the lock is an object created with a conditional PUT (S3's
-  If-None-Match), so a second writer is refused; a lock left by a process that died must be
-  deleted by hand (its host and pid are in it).
+  last. One committer per cache: the lock is an object created with a conditional PUT (S3's
+  If-None-Match), so a second committer is refused; a lock left by a process that died must be
+  deleted by hand (its host and pid are in it). The writers of a multi-process or Ray job take
+  no lock: each PUTs its own shards, report and lease (lock.py) for a committer to fold in.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from . import manifest as manifest_rules  # its size limit read when used, like read_manifest does
 from .errors import CacheError, untrusted
 from .fileio import atomic_write_bytes, is_link, remove_owned
-from .lock import LOCK_BYTES
+from .lock import LOCK_BYTES, live_leases
 from .manifest import OWNED, TEMP, read_manifest, schema_problems
 from .names import INDEX_DIR, LOCK_NAME, MANIFEST_NAME, NORM_FILE, RANK_DIR, SHARD_DIR, STATS_DIR
 from .sources import _fsspec
@@ -102,6 +103,10 @@ class Remote:
 
     def put_file(self, local: Path, rel: str) -> None:
         self.fs.put_file(str(local), self.path(rel))
+
+    def write(self, rel: str, data: bytes) -> None:
+        """One object, in one PUT: whole or absent, never part of it."""
+        self.fs.pipe_file(self.path(rel), data)
 
     def rm(self, rel: str) -> None:
         try:
@@ -272,6 +277,8 @@ class RemoteSession:
     def _prepare(self) -> None:
         self.remote.sync_mirror()
         folder = self.mirror / SHARD_DIR
+        if live_leases(self.mirror, self.remote):  # shards here may be a running writer's, on their way up
+            return
         remote_shards = self.remote.listing(SHARD_DIR)
         for path in sorted(folder.iterdir()) if folder.is_dir() else ():
             if OWNED[SHARD_DIR].fullmatch(path.name) and path.is_file() and not is_link(path):

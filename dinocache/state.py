@@ -1,7 +1,7 @@
 """The cache while it is being written: the committed state (manifest + sample table), what a
 run adds, atomic commits, adoption of shards that no manifest names yet, repair of damaged
-shards, and the merge of a multi-process run. extract.py drives it; nothing here computes
-features.
+shards. extract.py drives it (reports.py: the merge of a multi-process run); nothing here
+computes features.
 
 Trust: every file this module deletes is one the cache's own records name, or one whose name
 follows dinocache's own patterns, directly inside the cache's real folders (never through a
@@ -11,7 +11,6 @@ tensors match the layout.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -21,12 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ._version import __version__
-from .errors import CacheError, ConfigError, untrusted
+from .errors import CacheError
 from .faults import fault_point
 from .fileio import (
     atomic_write_bytes,
     is_link,
-    read_limited,
     real_folder,
     remove_folder_if_empty,
     remove_owned,
@@ -34,13 +32,10 @@ from .fileio import (
 )
 from .index import SampleTable, record_from_json
 from .layout import FORMAT_NAME, FORMAT_VERSION, Layout, parse_shard_metadata, shard_tensor_problems
-from .location import CacheLocation
-from .lock import CacheLock
 from .manifest import (
     INDEX_DIR,
     MANIFEST_NAME,
     MAX_DETAIL_CHARS,
-    MAX_MANIFEST_BYTES,
     NORM_FILE,
     OWNED,
     RANK_DIR,
@@ -49,13 +44,12 @@ from .manifest import (
     TEMP,
     delete_owned,
     load_samples,
-    rank_report_problems,
     read_manifest,
     settings_of,
     write_manifest,
 )
 from .names import table_name
-from .stfile import SafetensorsError, SafetensorsFile, parse_json_bounded
+from .stfile import SafetensorsError, SafetensorsFile
 from .store import LocalShards
 from .verify import _listed_shard_findings  # repair applies verify's own check of a listed shard
 
@@ -325,11 +319,11 @@ class CacheState:
         known_records = known_records or {}
         adopted = 0
         for file in self.store.orphans({s["file"] for s in self.shards}):
+            reported = known_records.get(file)
             try:
-                with self.store.local_copy(file) as path:
+                with self.store.local_copy(file, reported) as path:
                     bucket, samples = self._check_orphan(path)
                     size = path.stat().st_size
-                    reported = known_records.get(file)
                     digest = reported["sha256"] if reported and reported.get("bytes") == size else sha256_file(path)
             except (ValueError, SafetensorsError, OSError, CacheError) as exc:  # not ours, or damaged
                 log.warning("not adopting %s: %s", file, exc)
@@ -469,89 +463,3 @@ def clear_cache(root: Path) -> None:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class MergeResult:
-    out: Path
-    shards_adopted: int = 0
-    rank_reports: int = 0
-    samples: int = 0
-    processed: int = 0  # images extracted by the reporting ranks
-
-
-def read_rank_reports(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
-    """The rank reports that pass `rank_report_problems`. One that does not is left in place
-    (with a warning naming what is wrong) and nothing of it is used: its shards are still
-    adopted on their own merits, its images are extracted again by the next run. Returns the
-    good reports and the names of those ignored."""
-    reports, ignored = [], []
-    folder = root / RANK_DIR
-    if not folder.is_dir() or is_link(folder):
-        return reports, ignored
-    for name in sorted(os.listdir(folder)):
-        path = folder / name
-        if not OWNED[RANK_DIR].fullmatch(name) or is_link(path):
-            continue
-        try:
-            report = parse_json_bounded(read_limited(path, MAX_MANIFEST_BYTES), name)
-            problems = rank_report_problems(report)
-            if problems:
-                raise ValueError("; ".join(problems[:3]))
-            reports.append((path, report))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring rank report %s: %s", name, untrusted(str(exc)))
-            ignored.append(name)
-    return reports, ignored
-
-
-def merge_cache(root: str | Path, locked: bool = False) -> MergeResult:
-    """Fold what the ranks of a multi-process run wrote (shards, rank reports) into the manifest."""
-    if CacheLocation(root).is_remote:
-        raise ConfigError(
-            f"{root} is in object storage, which one process writes: it has no ranks to merge",
-            "merge a multi-process cache on the shared filesystem it was written to",
-        )
-    root = Path(root)
-    check_cache_folders(root)
-    reports, ignored = read_rank_reports(root)
-    if (root / MANIFEST_NAME).exists():
-        settings = settings_of(read_manifest(root))
-    elif reports:
-        settings = reports[0][1]["settings"]
-    elif ignored:
-        raise CacheError(
-            f"{root} has no manifest, and its {len(ignored)} rank report(s) are malformed (warnings above): "
-            "nothing to merge",
-            "rerun the ranks' extract commands (--rank/--world-size), then merge",
-        )
-    else:
-        raise CacheError(
-            f"{root} has neither a manifest nor rank reports: nothing to merge",
-            "pass the --out folder the ranks wrote to",
-        )
-    with contextlib.nullcontext() if locked else CacheLock(root):
-        state = CacheState.open(root, settings, overwrite=False)
-        for _, report in reports:
-            if report["settings"] != settings:
-                raise CacheError(
-                    f"rank report {report.get('rank')} was made with other settings than {root}",
-                    "merge only ranks of the same command",
-                )
-        known = {r["file"]: r for _, report in reports for r in report.get("shards", [])}
-        result = MergeResult(root, shards_adopted=state.adopt_orphans(known), rank_reports=len(reports))
-        for _, report in reports:
-            for failure in report.get("failures", []):
-                state.failures.setdefault(failure["key"], failure)
-            state.runs.append(report["run"])
-            result.processed += int(report["run"].get("processed", 0))
-        cached = {r["key"] for r in state.pending}
-        for key in list(state.failures):
-            if key in cached or state.table.find(key) >= 0:
-                state.failures.pop(key)
-        state.commit()
-        for path, _ in reports:
-            path.unlink(missing_ok=True)
-        remove_folder_if_empty(root / RANK_DIR)
-        result.samples = len(state.table)
-    return result

@@ -18,6 +18,7 @@ from .errors import CacheError
 from .fileio import is_link
 from .manifest import OWNED, cache_path, delete_owned, owned_name
 from .names import INDEX_DIR, MANIFEST_NAME, NORM_FILE, RANK_DIR, SHARD_DIR, STATS_DIR
+from .stfile import MAX_HEADER_BYTES
 
 log = logging.getLogger("dinocache")
 
@@ -29,6 +30,7 @@ class LocalShards:
     # The writer calls a store's `upload` with each durable shard before anything names it; a
     # local shard is in place once renamed, so there is none.
     upload = None
+    remote = None  # RemoteShards: the cache's remote.Remote
 
     def __init__(self, root: Path):
         self.root = root
@@ -51,7 +53,7 @@ class LocalShards:
         ]
 
     @contextlib.contextmanager
-    def local_copy(self, file: str):
+    def local_copy(self, file: str, reported: dict | None = None):
         yield self.root / file
 
     def delete(self, file: str) -> None:
@@ -69,8 +71,14 @@ class RemoteShards(LocalShards):
     def __init__(self, remote, mirror: Path):
         super().__init__(mirror)
         self.remote = remote
-        self._sizes = remote.listing(SHARD_DIR)
+        self._listing: dict[str, int] | None = None  # listed when first needed: a writer that only uploads never lists
         self._uploaded_extras: dict[str, str] = {}
+
+    @property
+    def _sizes(self) -> dict[str, int]:
+        if self._listing is None:
+            self._listing = self.remote.listing(SHARD_DIR)
+        return self._listing
 
     def size(self, file: str) -> int | None:
         return self._sizes.get(file.removeprefix(SHARD_DIR + "/"))
@@ -83,13 +91,29 @@ class RemoteShards(LocalShards):
         ]
 
     @contextlib.contextmanager
-    def local_copy(self, file: str):
+    def local_copy(self, file: str, reported: dict | None = None):
+        """A local copy to check. A shard a rank report describes at its listed size is not
+        downloaded: adoption reads only its header (two range reads, into a sparse file of the
+        shard's size) and takes the report's sha256, as a local merge does."""
         name = file.removeprefix(SHARD_DIR + "/")
         local = self.root / SHARD_DIR / f".check-{name}"
         try:
-            yield self.remote.download(file, local)
+            if reported is not None and reported.get("bytes") == self._sizes.get(name):
+                yield self._header_copy(file, local, reported["bytes"])
+            else:
+                yield self.remote.download(file, local)
         finally:
             local.unlink(missing_ok=True)
+
+    def _header_copy(self, file: str, local: Path, size: int) -> Path:
+        start = (self.remote.read(file, limit=7) or b"")[:8]
+        header_len = int.from_bytes(start, "little") if len(start) == 8 else -1
+        if not 0 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+            return self.remote.download(file, local)  # not a header we can read alone: check it whole
+        with open(local, "wb") as fh:
+            fh.write((self.remote.read(file, limit=8 + header_len - 1) or b"")[: 8 + header_len])
+            fh.truncate(size)
+        return local
 
     def delete(self, file: str) -> None:
         if not owned_name(file):  # a tampered manifest must not make us delete a foreign object
@@ -106,7 +130,7 @@ class RemoteShards(LocalShards):
             for name in self.remote.listing(folder):
                 if OWNED[folder].fullmatch(name):
                     self.remote.rm(f"{folder}/{name}")
-        self._sizes = {}
+        self._listing = {}
 
     def upload(self, path: Path, name: str) -> None:
         """A shard durable in the mirror into storage; then the local copy goes."""

@@ -20,7 +20,8 @@ from dinocache.errors import CacheError, DinocacheError
 from dinocache.extract import extract
 from dinocache.manifest import read_manifest, write_manifest
 from dinocache.names import FORMAT_VERSION
-from dinocache.state import CacheState, merge_cache
+from dinocache.reports import merge_cache
+from dinocache.state import CacheState
 
 BUCKETS = {"buckets": [[64, 64], [96, 48]]}
 runner = CliRunner()

@@ -10,12 +10,16 @@ import pytest
 import torch
 from conftest import fresh_bucket
 from moto_server import moto_server
-from test_crash import BUCKETS, N_IMAGES, dataset, extract_args, run_library  # noqa: F401
+from test_crash import BUCKETS, N_IMAGES, dataset, extract_args, options, run_library  # noqa: F401
+from test_distributed import torchrun
 from typer.testing import CliRunner
 
 from dinocache import FeatureCache
 from dinocache.cli import app
 from dinocache.errors import CacheError
+from dinocache.extract import extract
+from dinocache.manifest import OWNED
+from dinocache.reports import merge_cache
 from dinocache.verify import verify_paths
 
 runner = CliRunner()
@@ -35,12 +39,20 @@ def s3(s3_server, tmp_path, monkeypatch):
     yield from fresh_bucket(s3_server, "caches", tmp_path, monkeypatch)
 
 
-def run_cli(root, images, out, model_dir, env, fault=None):
+def run_cli(root, images, out, model_dir, env, fault=None, extra=()):
     full = {**os.environ, **env}
     full.pop("DINOCACHE_FAULT", None)
     if fault:
         full["DINOCACHE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "dinocache", *extract_args(root, images, out, model_dir), "--commit-every", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dinocache",
+        *extract_args(root, images, out, model_dir),
+        "--commit-every",
+        "0",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=300)
 
 
@@ -111,3 +123,93 @@ def test_one_writer_at_a_time(dataset, s3, tiny_model_dir):
     refused = run_cli(root, images, URL, tiny_model_dir, env)
     assert refused.returncode == 2 and "being written by another dinocache process" in refused.stderr
     assert ".lock" in refused.stderr and not fs.exists(f"{URL}/manifest.json")
+
+
+# ---- many writers, one manifest (issue 24) ------------------------------------------------------
+
+
+def test_explicit_ranks_to_s3_then_merge(dataset, s3, tiny_model_dir):
+    """--rank/--world-size processes write their shards and a report straight to the bucket
+    (no lock, no manifest); `dinocache merge s3://...` folds them into one manifest."""
+    root, images = dataset
+    fs, _ = s3
+    for rank in (1, 0):
+        opts = options(URL, tiny_model_dir)
+        opts.rank, opts.world_size = rank, 2
+        extract(images, opts)
+    assert not fs.exists(f"{URL}/manifest.json") and not fs.exists(f"{URL}/.lock")
+    assert len(fs.ls(f"{URL}/ranks")) == 2
+    merged = runner.invoke(app, ["merge", URL])
+    assert merged.exit_code == 0, merged.output
+    assert f"{N_IMAGES} samples" in merged.output and not fs.exists(f"{URL}/.lock")
+    assert not fs.exists(f"{URL}/ranks") or not fs.ls(f"{URL}/ranks")
+    assert verify_paths([URL]).ok
+    assert_equals_reference(root, URL)
+
+
+def test_a_writer_of_many_never_lists_the_bucket(dataset, s3, tiny_model_dir, monkeypatch):
+    """A rank (or a Ray unit) only PUTs: a LIST of shards/ is one request per 1,000 shards, and
+    100,000 writers listing 450,000 shards would be 45M requests."""
+    from dinocache.remote import Remote
+
+    _, images = dataset
+    monkeypatch.setattr(Remote, "listing", lambda *a, **k: pytest.fail("a writer listed the bucket"))
+    opts = options(URL, tiny_model_dir)
+    opts.rank, opts.world_size = 1, 2
+    assert extract(images, opts).processed == N_IMAGES // 2
+
+
+def test_merge_reads_only_the_headers_of_reported_shards(dataset, s3, tiny_model_dir, monkeypatch):
+    """A shard a rank report describes is adopted from its header (two range reads), never
+    downloaded whole: at 100M images the shards are terabytes, the headers megabytes."""
+    from dinocache.remote import Remote
+
+    root, images = dataset
+    for rank in (0, 1):
+        opts = options(URL, tiny_model_dir)
+        opts.rank, opts.world_size = rank, 2
+        extract(images, opts)
+    with monkeypatch.context() as patch:
+        patch.setattr(Remote, "download", lambda *a, **k: pytest.fail("merge downloaded a whole object"))
+        merged = merge_cache(URL)
+    assert merged.shards_adopted >= 6 and merged.samples == N_IMAGES
+    assert verify_paths([URL]).ok  # every shard hashed whole by verify: the reports' hashes were right
+    assert_equals_reference(root, URL)
+
+
+@pytest.mark.parametrize("fault", ["shard_write:2:kill", "shard_uploaded:2:kill"])
+def test_a_rank_killed_mid_shard_leaves_nothing_the_manifest_names(dataset, s3, tiny_model_dir, fault):
+    """Rank 1 dies while writing its second shard (not yet renamed), or once it is in the bucket
+    but in no report: merge names only whole shards, the rerun fills the gap, and every image
+    is in the cache exactly once."""
+    root, images = dataset
+    fs, env = s3
+    killed = run_cli(root, images, URL, tiny_model_dir, env, fault=fault, extra=["--rank", "1", "--world-size", "2"])
+    assert killed.returncode == -9
+    opts = options(URL, tiny_model_dir)
+    opts.rank, opts.world_size = 0, 2
+    extract(images, opts)
+    merged = merge_cache(URL)
+    assert merged.rank_reports == 1 and merged.samples < N_IMAGES
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{URL}/shards")}
+    assert all(OWNED["shards"].fullmatch(n) for n in names)  # no partial object: a PUT is whole or absent
+    named = {s["file"].rsplit("/", 1)[-1] for s in FeatureCache(URL).manifest["shards"]}
+    assert named <= names and verify_paths([URL]).ok
+    rerun = run_cli(root, images, URL, tiny_model_dir, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{N_IMAGES - merged.samples} extracted" in rerun.stdout  # what landed is not redone
+    assert verify_paths([URL]).ok
+    assert_equals_reference(root, URL)
+
+
+def test_two_torchrun_ranks_to_s3_equal_one_process(dataset, s3, tiny_model_dir):
+    root, images = dataset
+    fs, _ = s3
+    proc = torchrun(root, images, URL, tiny_model_dir, 2)
+    assert proc.returncode == 0, proc.stderr[:3000]
+    assert f"{N_IMAGES} extracted by 2 ranks" in proc.stdout
+    runs = FeatureCache(URL).manifest["runs"]
+    assert sorted(r["rank"] for r in runs[-2:]) == [0, 1]
+    assert not fs.exists(f"{URL}/.lock") and (not fs.exists(f"{URL}/ranks") or not fs.ls(f"{URL}/ranks"))
+    assert verify_paths([URL]).ok
+    assert_equals_reference(root, URL)
