@@ -19,7 +19,7 @@ from dinocache.cli import app
 from dinocache.errors import ConfigError
 from dinocache.extract import extract
 from dinocache.ray_engine import RayOptions, group_units, unit_starts
-from dinocache.scan import SourceFile
+from dinocache.sources import SourceFile
 from dinocache.verify import verify_paths
 
 URL = "s3://caches/ray"
