@@ -79,6 +79,10 @@ def test_extract_plan_and_verify_read_a_zip_in_place_as_its_folder(folder, tmp_p
     assert (again.processed, again.skipped) == (0, len(PICTURES))  # size + time from the zip's directory
     verify = runner.invoke(app, ["verify", str(tmp_path / "from-zip"), "--source", str(photos), "--recompute", "3"])
     assert verify.exit_code == 0, verify.output
+    # --recompute alone reopens the recorded zip, as it does a folder (README: "a local zip")
+    again = runner.invoke(app, ["verify", str(tmp_path / "from-zip"), "--recompute", "2"])
+    assert again.exit_code == 0, again.output
+    assert f"--recompute reads the images from {photos}" in again.output
     assert render(tmp_path / "from-zip", "sub/b.png").size[0] > 0  # show reopens the recorded (local) zip
     save_scene(folder / "sub" / "b.png", 100, 50, seed=99)  # one picture changes; the zip is made again
     make_zip(folder, photos)

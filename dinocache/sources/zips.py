@@ -1,6 +1,7 @@
 """A zip of images, read in place (never extracted): `photos.zip`, local or at an fsspec URL (a
 remote zip is copied whole, once, into the spool). A member's key is its path inside the zip,
-as if the zip were the folder it was made from, so a zip and its folder give the same cache.
+as if the zip were the folder it was made from: a zip made inside a folder (`cd photos && zip -r
+../photos.zip .`) and that folder give the same cache.
 
 The central directory is the one validation point of members, like a tar's headers: only a
 regular, unencrypted member, stored or deflated, whose name is a valid key (no `..`, no
@@ -68,7 +69,7 @@ class ZipSource(Source):
         except Exception as exc:
             raise DinocacheError(
                 f"{self.spec} is not a readable zip: {type(exc).__name__}: {str(exc)[:200]}",
-                "pass a .zip of images (stored or deflated members), e.g. made with `zip -r photos.zip photos/`",
+                "pass a .zip of images (stored or deflated members), e.g. `cd photos && zip -r ../photos.zip .`",
             ) from None
 
     def _archive(self):

@@ -126,7 +126,7 @@ def _with_recompute_source(targets: Targets, options: VerifyOptions) -> VerifyOp
     if options.source is None and targets.caches:
         found = _source_of(targets.caches[0])
         if found is not None:
-            targets.notes.append(f"--recompute reads the images from {found}, the folder the cache was built from")
+            targets.notes.append(f"--recompute reads the images from {found}, the source the cache was built from")
             options = replace(options, source=found)
     if options.source is None:
         raise needs_source()
@@ -141,13 +141,14 @@ def _name_cache(problems: list[Problem], cache: str) -> None:
 
 
 def _source_of(root: Path) -> str | None:
-    """The folder a cache was built from, when it still exists here (never a URL or a list file:
-    `implicit_source`)."""
+    """The local source a cache was built from (a folder, a zip, tar shards), when it is still
+    here (never a URL or a list file: `implicit_source`). A tar pattern is taken as it is: a
+    shard gone since is reported per sample."""
     try:
         found = implicit_source(read_manifest(root))
     except DinocacheError:
         return None  # the manifest's own problems are verify's to report; --source names the rest
-    return found if Path(found).is_dir() else None
+    return found if Path(found).exists() or any(c in found for c in "*?[{") else None
 
 
 def _not_a_shard(path: Path) -> str | None:
