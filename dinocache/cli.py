@@ -117,7 +117,9 @@ FLIP_HELP = "Also store the features of the mirrored image."
 Source = Annotated[
     str,
     typer.Argument(
-        metavar="SOURCE", show_default=False, help="Image folder, tar shards (data/{000..099}.tar), a .zip or a list file."
+        metavar="SOURCE",
+        show_default=False,
+        help="Image folder, tar shards (data/{000..099}.tar), a .zip or a list file.",
     ),
 ]
 StorageDtype = Annotated[str, typer.Option(metavar="DTYPE", help=STORAGE_HELP)]
@@ -748,7 +750,8 @@ Paths = Annotated[
     ),
 ]
 VerifySource = Annotated[
-    Optional[str], typer.Option("--source", metavar="SRC", help="The images (folder, tars, .zip, list): find missing and changed.")
+    Optional[str],
+    typer.Option("--source", metavar="SRC", help="The images (folder, tars, .zip, list): find missing and changed."),
 ]
 Recompute = Annotated[int, typer.Option(min=0, metavar="N", help="Re-extract N random samples and compare.")]
 Seed = Annotated[int, typer.Option(metavar="S", help="Which samples --recompute takes.")]
