@@ -52,6 +52,7 @@ from .manifest import MANIFEST_NAME, NORM_FILE, recorded_model, recorded_source
 from .model import LoadedModel, ModelSpec, check_layers, check_model_spec, check_registers, load_weights, resolve_model
 from .names import DEFAULT_MODEL
 from .normstats import is_fresh
+from .presets import warn_about_sizes
 from .reports import merge_cache, write_rank_report
 from .runlog import CommitPacer, RunRecord, StageTimer
 from .sources import SourceFile, open_source
@@ -307,6 +308,7 @@ def _run_settings(mspec: ModelSpec, options: ExtractOptions) -> tuple[Preprocess
     prep = preprocessing(mspec, options)
     buckets = make_buckets(options.buckets.sizes, mspec.patch_size, prep.token_pixels)
     _warn_about_partial_pool_windows(buckets, options.pool)
+    warn_about_sizes(options.preset, options.buckets.sizes)
     return prep, buckets, cache_settings(mspec, prep, options.layout(), buckets)
 
 

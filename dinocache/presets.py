@@ -80,6 +80,25 @@ def check_no_crops(name: str, crops) -> None:
         )
 
 
+# The one bucket a recipe's code is defined for, where it has only one (LightningDiT's VA-VAE
+# trains at 256x256: vavae/configs, docs/TRAINING.md).
+RECIPE_SIZES = {"vavae": (256, 256)}
+
+
+def warn_about_sizes(name: str | None, sizes: list[tuple[int, int]]) -> None:
+    """A preset used with buckets its recipe never trains at still extracts, with a warning."""
+    wanted = RECIPE_SIZES.get(name or "")
+    other = sorted({tuple(s) for s in sizes} - {wanted}) if wanted else []
+    if other:
+        log.warning(
+            "--preset %s reproduces a recipe defined at %dx%d only; buckets %s are not what it trains on "
+            "(use -b configs/adm-256.yaml)",
+            name,
+            *wanted,
+            ", ".join(f"{w}x{h}" for w, h in other[:4]) + (" ..." if len(other) > 4 else ""),
+        )
+
+
 def build_preprocessing(
     mspec,
     resize: str,

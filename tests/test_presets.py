@@ -246,3 +246,21 @@ def test_the_vavae_preset_gives_va_vaes_dinov2_targets(tmp_path):
     assert verified.exit_code == 0, verified.output
     other = runner.invoke(app, [*args[:-2], "--preset", "repa", "-o", str(out), "--workers", "0"])
     assert other.exit_code == 2 and "preset" in other.output
+
+
+def test_vavae_with_buckets_its_recipe_never_trains_at_is_warned(caplog):
+    """LightningDiT's VA-VAE is defined at 256x256 (docs/TRAINING.md); other buckets extract,
+    with a warning naming them (newcomer trial: dit-256.yaml's non-square buckets were silent)."""
+    import logging
+
+    from dinocache.presets import warn_about_sizes
+
+    with caplog.at_level(logging.WARNING, logger="dinocache"):
+        warn_about_sizes("vavae", [(256, 256)])
+        warn_about_sizes("repa", [(512, 256)])
+        warn_about_sizes(None, [(512, 256)])
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="dinocache"):
+        warn_about_sizes("vavae", [(256, 256), (320, 192)])
+    assert len(caplog.records) == 1 and "320x192" in caplog.records[0].getMessage()
+    assert "256x256" not in caplog.records[0].getMessage().split("buckets")[1]
