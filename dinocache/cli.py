@@ -739,6 +739,8 @@ def merge(out: str = OUT_ARG):
         f"merged {result.shards_adopted} shard(s) and {result.rank_reports} rank report(s): "
         f"{result.samples} samples in {out}"
     )
+    for note in result.coverage_notes():
+        typer.echo(f"note: {note}", err=True)
 
 
 Paths = Annotated[

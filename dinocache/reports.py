@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,25 @@ class MergeResult:
     rank_reports: int = 0
     samples: int = 0
     processed: int = 0  # images extracted by the reporting ranks
+    ranks: dict[int, set[int]] = field(default_factory=dict)  # world size -> the ranks that reported
+
+    def coverage_notes(self) -> list[str]:
+        """What this merge did not hear from: ranks of a --world-size that did not report (still
+        running, failed, or merged before), and reports of runs with different world sizes."""
+        notes = []
+        if len(self.ranks) > 1:
+            notes.append(
+                f"reports come from runs with different --world-size ({', '.join(map(str, sorted(self.ranks)))})"
+            )
+        for size, seen in sorted(self.ranks.items()):
+            missing = sorted(set(range(size)) - seen)
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                notes.append(
+                    f"no report from rank(s) {shown} of {size} in this merge (still running, failed, or merged "
+                    "before): merge again once they finish, or rerun extract to do what they did not"
+                )
+        return notes
 
 
 class ReportFolder:
@@ -212,6 +231,7 @@ def fold_reports(
         else:
             _add_run(into, report["run"])
         result.processed += int(report["run"].get("processed", 0))
+        result.ranks.setdefault(int(report["world_size"]), set()).add(int(report["rank"]))
     cached = {r["key"] for r in state.pending}
     for key in list(state.failures):
         if key in cached or state.table.find(key) >= 0:

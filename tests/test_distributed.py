@@ -113,6 +113,26 @@ def test_explicit_ranks_then_merge(dataset, tmp_path, tiny_model_dir):
     assert_same_as_reference(root, out)
 
 
+def test_merge_names_the_ranks_it_did_not_hear_from(dataset, tmp_path, tiny_model_dir):
+    """Newcomer trial: rank 0 of 3 alone, merged, was reported as a plain success, and ranks of
+    different --world-size mixed in one folder went unnoticed."""
+    from typer.testing import CliRunner
+
+    from dinocache.cli import app
+
+    root, images = dataset
+    out = tmp_path / "out"
+    for rank, size in ((0, 3), (1, 2)):
+        opts = options(out, tiny_model_dir)
+        opts.rank, opts.world_size = rank, size
+        extract(images, opts)
+    merged = CliRunner().invoke(app, ["merge", str(out)])
+    assert merged.exit_code == 0, merged.output
+    assert "different --world-size (2, 3)" in merged.output
+    assert "no report from rank(s) 0 of 2" in merged.output
+    assert "no report from rank(s) 1, 2 of 3" in merged.output
+
+
 def test_split_by_cost_balances_tokens_and_covers_everything():
     buckets = [0] * 7 + [1] * 5 + [2] * 3  # sorted by bucket, as plans are
     tokens = [4096, 1024, 3952]
