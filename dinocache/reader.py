@@ -188,8 +188,17 @@ class FeatureCache(Dataset):
     def index_of(self, key: str) -> int:
         i = self.table.find(key)
         if i < 0:
-            raise KeyError(f"{key!r} is not in the cache at {self.root}")
+            close = self.close_keys(key)
+            hint = "; did you mean " + " or ".join(map(repr, close)) + "?" if close else ""
+            raise KeyError(f"{key!r} is not in the cache at {self.root}{hint}")
         return i
+
+    def close_keys(self, key: str, n: int = 3) -> list[str]:
+        """Keys that look like `key` (a typo, another extension), for error messages; none past
+        200k samples, where comparing every key would take seconds."""
+        import difflib
+
+        return difflib.get_close_matches(key, self.keys(), n=n) if len(self) <= 200_000 else []
 
     # ---- reading ----------------------------------------------------------------------------
     def __getitem__(self, item) -> dict:

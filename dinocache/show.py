@@ -9,7 +9,6 @@ percentile, become red, green and blue; the grid is upsampled to the picture's s
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +88,9 @@ def _not_cached(cache: FeatureCache, key: str) -> str:
         reason, detail = untrusted(failure["reason"], 40), untrusted(failure.get("detail", ""))
         return f"{key!r} could not be extracted: {reason} ({detail})"
     message = f"{key!r} is not in the cache at {cache.root} (keys are paths relative to the input folder)"
-    if len(cache) <= 200_000:
-        close = difflib.get_close_matches(key, cache.keys(), n=3)
-        if close:
-            message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    close = cache.close_keys(key)
+    if close:
+        message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
     return message
 
 

@@ -51,6 +51,8 @@ def test_lookup_by_key_and_index(cache):
     assert by_key["patches"].shape == (14, 14, 64)
     with pytest.raises(KeyError, match="not in the cache"):
         cache["zz.png"]
+    with pytest.raises(KeyError, match=r"did you mean '03.png'"):  # a typo gets the near keys
+        cache["03.jpg"]
 
 
 def test_indices_behave_like_a_sequence(cache):
