@@ -349,6 +349,24 @@ def _engine(given: dict):
     """None (this process and its ranks), or the Ray engine's options."""
     name = given["engine"]
     if name == "local":
+        # the Ray engine's options at their defaults (extract's signature), or they would be ignored
+        ray_defaults = {
+            "ray_address": None,
+            "gpus_per_worker": 0,
+            "cpus_per_worker": 1,
+            "workers_max": 1,
+            "unit_size": 1000,
+        }
+        ignored = [
+            f"--{option.replace('_', '-')}"
+            for option, default in ray_defaults.items()
+            if given.get(option, default) != default
+        ]
+        if ignored:
+            raise DinocacheError(
+                f"{', '.join(ignored)} only apply to the Ray engine, and this run is local",
+                "add --engine ray (or drop them)",
+            )
         return None
     if name != "ray":
         raise DinocacheError(f"--engine {name} is not an engine", "pass --engine local (the default) or --engine ray")

@@ -27,7 +27,9 @@ import os
 import pickle
 import re
 import signal
+import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,7 @@ class RayRunner:
         self.options, self.starts, self.mspec = options, starts, mspec
 
     def __call__(self, input_dir, work, buckets, loaded, state, options, result, ctx) -> None:
-        from .extract import _extract_work
+        from .extract import Interrupted, _extract_work
 
         if not work:  # nothing to send: commit and record, as a plain run does
             _extract_work(input_dir, work, buckets, loaded, state, options, result, ctx)
@@ -106,9 +108,15 @@ class RayRunner:
         ray = _ray()
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.options.address, include_dashboard=False, log_to_driver=False)
+            _join(ray, self.options.address)
         try:
-            self._run(ray, input_dir, group_units(work, self.starts), buckets, state, options, result)
+            # after ray.init, which sets its own SIGTERM handler: from here Ctrl-C commits what finished
+            with _StopSignals():
+                try:
+                    _check_fits(ray, self.options)
+                    self._run(ray, input_dir, group_units(work, self.starts), buckets, state, options, result)
+                except _Stop as stop:  # before the first unit was waited on: nothing of the job to fold
+                    raise Interrupted(stop.signum, result.processed, result) from None
         finally:
             if started_here:
                 ray.shutdown()
@@ -134,17 +142,27 @@ class RayRunner:
         }
         # compressed: keys and paths share long prefixes (about 150 bytes a work item pickled)
         rows = [{"unit": index, "work": zlib.compress(pickle.dumps(items), 1)} for index, items in units]
-        log.info("%d unit(s) of at most ~%d images on Ray", len(rows), self.options.unit_size)
-        done = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            UnitWorker,
-            batch_size=1,
-            fn_constructor_kwargs={"job": pickle.dumps(job)},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.options.workers_max, len(rows))),
-            num_cpus=self.options.cpus_per_worker,
-            num_gpus=self.options.gpus_per_worker,
-            max_restarts=-1,  # a dead actor is always replaced (a preempted node, an OOM kill) ...
-            max_task_retries=self.options.unit_retries,  # ... but a unit that kills every actor fails the job
+        log.info(
+            "%d unit(s) on Ray, the largest of %d image(s) (--unit-size %d; an archive is never split)",
+            len(rows),
+            max(len(items) for _, items in units),
+            self.options.unit_size,
         )
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for max_task_retries (only **ray_remote_args, which
+            # it warns about); without it a unit that kills every actor would be retried forever
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=Warning)
+            # a dead actor is always replaced (Ray Data's default max_restarts=-1: a preempted node,
+            # an OOM kill), but a unit that kills every actor fails the job
+            done = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                UnitWorker,
+                batch_size=1,
+                fn_constructor_kwargs={"job": pickle.dumps(job)},
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.options.workers_max, len(rows))),
+                num_cpus=self.options.cpus_per_worker,
+                num_gpus=self.options.gpus_per_worker,
+                max_task_retries=self.options.unit_retries,
+            )
         run = _job_run(input_dir, sum(len(items) for _, items in units), len(rows), result.failed_this_run)
         state.runs.append(run)  # one record for the job; the units' reports add to it as they are folded
         _collect(done, state, run, options, result)
@@ -161,8 +179,9 @@ def _collect(done, state, run: dict, options, result) -> None:
     folder = ReportFolder(state.root, remote)
     pacer = CommitPacer(options.commit_every_s)
     began = time.monotonic()
+    rows = iter(done.iter_rows())
     try:
-        for row in done.iter_rows():
+        for row in rows:
             result.processed += int(row["processed"])
             result.failed_this_run += int(row["failed"])
             result.shards_written += int(row["shards"])
@@ -170,9 +189,12 @@ def _collect(done, state, run: dict, options, result) -> None:
                 commit_began = time.monotonic()
                 _fold(state, folder, remote, run, began)
                 pacer.committed(time.monotonic() - commit_began)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        _close(rows)  # the actors stop first: no report lands after the fold
         _fold(state, folder, remote, run, began)
-        raise Interrupted(signal.SIGINT, result.processed, result) from None
+        result.processed = max(result.processed, int(run["processed"]))  # units done but not yet seen
+        signum = stop.signum if isinstance(stop, _Stop) else signal.SIGINT
+        raise Interrupted(signum, result.processed, result) from None
     except Exception as exc:  # a unit raised (an actor's death is retried by Ray, never seen here)
         _fold(state, folder, remote, run, began)
         raise DinocacheError(
@@ -181,6 +203,88 @@ def _collect(done, state, run: dict, options, result) -> None:
         ) from None
     _fold(state, folder, remote, run, began)
     result.seconds, result.images_per_second = run["seconds"], run["images_per_second"]
+
+
+def _join(ray, address: str | None) -> None:
+    """ray.init, every failure of it a DinocacheError that names the address (no traceback)."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:
+        where = f"the Ray cluster at {address}" if address else "a Ray cluster (none given: a local one)"
+        if address and address.startswith("ray://"):
+            fix = (
+                "a ray:// address needs Ray Client: pip install 'ray[client]', or pass the head's GCS "
+                "address instead (--ray-address HEAD_IP:6379, on a machine of the cluster)"
+            )
+        else:
+            fix = "check --ray-address (the head's HOST:6379: `ray status` there) and that the cluster is up"
+        raise DinocacheError(f"cannot join {where}: {untrusted(f'{type(exc).__name__}: {exc}')}", fix) from None
+
+
+def _check_fits(ray, options: RayOptions) -> None:
+    """One actor needs --gpus-per-worker GPUs and --cpus-per-worker CPUs: on a cluster that has
+    fewer, Ray would wait forever for it ("pending: 1 CPU, 1 GPU")."""
+    has = ray.cluster_resources()
+    short = [
+        f"{asked:g} {name}" + f" (the cluster has {has.get(name, 0):g})"
+        for name, asked in (("GPU", options.gpus_per_worker), ("CPU", options.cpus_per_worker))
+        if asked > has.get(name, 0)
+    ]
+    if short:
+        raise ConfigError(
+            f"a Ray worker can never start: it asks for {' and '.join(short)}",
+            "ask for less (--gpus-per-worker 0 on a CPU cluster, fewer --cpus-per-worker) "
+            "or run on a cluster with the GPUs",
+        )
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM while the driver waits on Ray: stop and commit what finished."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """The driver's SIGINT/SIGTERM while the job runs: the first raises _Stop in the main thread
+    (the driver stops the actors, folds every finished unit's report, exits 128+N); a second exits
+    at once. Without it, the CLI's quick handler (interrupt.py) would exit before any fold."""
+
+    def __init__(self):
+        self._saved: dict[int, object] = {}
+        self._stopping = False
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stopping:
+            os.write(2, f"\n{name} again: exiting now; everything committed so far is kept\n".encode())
+            os._exit(128 + signum)
+        self._stopping = True
+        os.write(
+            2, f"\n{name}: stopping the Ray job and committing what finished (send it again to quit at once)\n".encode()
+        )
+        raise _Stop(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def _close(rows) -> None:
+    """End the Ray Data execution (its actors with it); a failure to is not the user's problem."""
+    try:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("closing the Ray Data iterator: %s", exc)
 
 
 def _first_cause(exc: BaseException) -> str:

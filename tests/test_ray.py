@@ -56,10 +56,11 @@ def test_units_follow_the_sorted_scan_and_never_split_a_file():
     assert all(i.path == "/d/a.tar" for i in units[0][1])
 
 
+@pytest.mark.filterwarnings("error::ray.util.annotations.RayDeprecationWarning")
 def test_a_folder_on_ray_equals_one_process_and_a_rerun_skips_it(dataset, tmp_path, tiny_model_dir):
     root, images = dataset
     out = tmp_path / "out"
-    result = extract(images, on_ray(out, tiny_model_dir))
+    result = extract(images, on_ray(out, tiny_model_dir))  # and no deprecated Ray call
     assert result.processed == N_IMAGES and result.shards_written >= 3
     assert_same_as_reference(root, out)
     (run,) = FeatureCache(out).manifest["runs"]  # one record for the job, not one per unit
@@ -85,7 +86,7 @@ def make_tars(images, folder) -> str:
 
 
 @pytest.mark.parametrize("kind", ["tars", "list"])
-def test_tars_and_a_list_file_on_ray_equal_one_process(dataset, tmp_path, tiny_model_dir, kind):
+def test_tars_and_a_list_file_on_ray_equal_one_process(dataset, tmp_path, tiny_model_dir, kind, caplog):
     _, images = dataset
     names = sorted(p.name for p in images.iterdir())
     if kind == "tars":
@@ -94,8 +95,11 @@ def test_tars_and_a_list_file_on_ray_equal_one_process(dataset, tmp_path, tiny_m
         source = str(tmp_path / "list.jsonl")
         (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": str(images / n)}) + "\n" for n in names))
     assert extract(source, options(tmp_path / "one", tiny_model_dir)).processed == N_IMAGES
+    caplog.set_level("INFO", logger="dinocache")
     result = extract(source, on_ray(tmp_path / "ray", tiny_model_dir, unit_size=3))
     assert result.processed == N_IMAGES
+    units, largest = (3, 4) if kind == "tars" else (4, 3)  # a tar of four is one unit: the message says so
+    assert f"{units} unit(s) on Ray, the largest of {largest} image(s) (--unit-size 3" in caplog.text
     assert verify_paths([tmp_path / "ray"]).ok
     assert_same_cache(tmp_path / "ray", tmp_path / "one")
 
@@ -173,3 +177,69 @@ def test_a_unit_that_raises_is_a_clear_error_and_what_finished_is_committed(data
         extract(folder, opts)
     cache = FeatureCache(tmp_path / "out")
     assert [f["key"] for f in cache.manifest["failures"]] == ["img00.png"]
+
+
+def test_ctrl_c_commits_every_finished_unit(dataset, tmp_path, tiny_model_dir):
+    """SIGINT to the CLI once a unit's report is written: the driver stops the actors, folds
+    what finished into the manifest (no periodic commit: --commit-every is an hour) and exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dinocache.reports import ReportFolder
+
+    root, images = dataset
+    out = tmp_path / "out"
+    args = extract_args(root, images, out, tiny_model_dir) + ["--engine", "ray", "--unit-size", "1"]
+    args += ["--ray-address", ray.get_runtime_context().gcs_address, "--commit-every", "3600"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINOCACHE_FAULT", "RAY_ADDRESS"))}
+    proc = subprocess.Popen([sys.executable, "-m", "dinocache", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ReportFolder(out).names() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # polls for a finished unit; the assertions do not depend on timing
+        finished = len(ReportFolder(out).names())
+        assert finished and proc.poll() is None, "no unit finished while the job ran"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    cache = FeatureCache(out)
+    assert len(cache) >= finished, stderr  # every unit seen finished (one image each) is committed
+    assert f"interrupted: {len(cache)} image(s) kept; rerun the same command" in stderr, stderr
+    assert not ReportFolder(out).names()  # folded, none left for a merge
+    assert verify_paths([out]).ok
+
+
+def test_a_ray_address_that_cannot_be_joined_is_a_clear_error(dataset, tmp_path, tiny_model_dir, monkeypatch):
+    root, images = dataset
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as if no Ray yet: the CLI joins one
+    args = extract_args(root, images, tmp_path / "out", tiny_model_dir) + ["--engine", "ray"]
+    run = CliRunner().invoke(app, args + ["--ray-address", "ray://127.0.0.1:1"])
+    assert run.exit_code == 2, run.output
+    assert "cannot join the Ray cluster at ray://127.0.0.1:1" in run.output, run.output
+    assert "pip install 'ray[client]'" in run.output and "Traceback" not in run.output, run.output
+
+
+def test_a_worker_the_cluster_can_never_place_is_refused(dataset, tmp_path, tiny_model_dir):
+    """The test cluster has 2 CPUs and no GPU: an actor asking for a GPU, or 4 CPUs, would wait forever."""
+    _, images = dataset
+    with pytest.raises(ConfigError, match=r"asks for 1 GPU \(the cluster has 0\).*") as refused:
+        extract(images, options(tmp_path / "out", tiny_model_dir, engine=RayOptions(gpus_per_worker=1)))
+    assert "--gpus-per-worker 0" in refused.value.hint
+    with pytest.raises(ConfigError, match=r"asks for 4 CPU \(the cluster has 2\)"):
+        extract(images, options(tmp_path / "out", tiny_model_dir, engine=RayOptions(cpus_per_worker=4)))
+
+
+def test_ray_options_without_engine_ray_are_refused(dataset, tmp_path, tiny_model_dir):
+    root, images = dataset
+    args = extract_args(root, images, tmp_path / "out", tiny_model_dir)
+    run = CliRunner().invoke(app, args + ["--gpus-per-worker", "1", "--unit-size", "10", "--ray-address", "x"])
+    assert run.exit_code == 2, run.output
+    assert "--ray-address, --gpus-per-worker, --unit-size only apply to the Ray engine" in run.output
+    assert "add --engine ray" in run.output and not (tmp_path / "out").exists()
+    for option in (["--workers-max", "4"], ["--cpus-per-worker", "2"]):
+        assert CliRunner().invoke(app, args + option).exit_code == 2
