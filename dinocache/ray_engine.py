@@ -193,6 +193,7 @@ def _collect(done, state, run: dict, options, result) -> None:
         _close(rows)  # the actors stop first: no report lands after the fold
         _fold(state, folder, remote, run, began)
         result.processed = max(result.processed, int(run["processed"]))  # units done but not yet seen
+        result.seconds, result.images_per_second = run["seconds"], run["images_per_second"]
         signum = stop.signum if isinstance(stop, _Stop) else signal.SIGINT
         raise Interrupted(signum, result.processed, result) from None
     except Exception as exc:  # a unit raised (an actor's death is retried by Ray, never seen here)
