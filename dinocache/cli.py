@@ -345,22 +345,20 @@ def _extract_options(given: dict):
     return options
 
 
+_RAY_OPTIONS = ("ray_address", "gpus_per_worker", "cpus_per_worker", "workers_max", "unit_size")
+
+
 def _engine(given: dict):
     """None (this process and its ranks), or the Ray engine's options."""
     name = given["engine"]
     if name == "local":
-        # the Ray engine's options at their defaults (extract's signature), or they would be ignored
-        ray_defaults = {
-            "ray_address": None,
-            "gpus_per_worker": 0,
-            "cpus_per_worker": 1,
-            "workers_max": 1,
-            "unit_size": 1000,
-        }
+        import inspect
+
+        defaults = inspect.signature(extract).parameters  # the one place the Ray options' defaults are written
         ignored = [
             f"--{option.replace('_', '-')}"
-            for option, default in ray_defaults.items()
-            if given.get(option, default) != default
+            for option in _RAY_OPTIONS
+            if given.get(option, defaults[option].default) != defaults[option].default
         ]
         if ignored:
             raise DinocacheError(

@@ -119,17 +119,23 @@ def dinov2_dir(tmp_path_factory):
     return path
 
 
-def test_the_repa_one_liner_gives_repas_targets(tmp_path, dinov2_dir):
-    images = tmp_path / "imgs"
-    for i, size in enumerate(SIZES):
+def extract_with_preset(tmp_path, model_dir, preset: str, sizes, buckets_yaml: str) -> dict:
+    """`dinocache extract` of scenes of `sizes` (tmp_path/imgs) with `--preset`, fp32 compute and
+    storage, into tmp_path/cache; returns its manifest."""
+    images, out, config = tmp_path / "imgs", tmp_path / "cache", tmp_path / "dit-256.yaml"
+    for i, size in enumerate(sizes):
         save_scene(images / f"{i}.png", *size, seed=i)
-    config = tmp_path / "dit-256.yaml"
-    config.write_text("buckets: [[256, 256], [224, 288], [288, 224]]\nresize: crop\n")
-    out = tmp_path / "cache"
-    args = ["extract", str(images), "-b", str(config), "--model", str(dinov2_dir), "--preset", "repa", "-o", str(out)]
+    config.write_text(buckets_yaml)
+    args = ["extract", str(images), "-b", str(config), "--model", str(model_dir), "--preset", preset, "-o", str(out)]
     result = runner.invoke(app, [*args, "--dtype", "float32", "--storage-dtype", "float32", "--workers", "0"])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_the_repa_one_liner_gives_repas_targets(tmp_path, dinov2_dir):
+    images, out = tmp_path / "imgs", tmp_path / "cache"
+    buckets = "buckets: [[256, 256], [224, 288], [288, 224]]\nresize: crop\n"
+    manifest = extract_with_preset(tmp_path, dinov2_dir, "repa", SIZES, buckets)
     prep, model = manifest["preprocessing"], manifest["model"]
     assert (prep["preset"], prep["resize"], prep["resample"], prep["token_pixels"]) == ("repa", "adm", "bicubic", 16)
     assert model["family"] == "dinov2" and model["pos_embed_interpolation"] == "offset 0.1"
@@ -219,16 +225,8 @@ def test_the_vavae_preset_gives_va_vaes_dinov2_targets(tmp_path):
     with torch.no_grad():  # position embeddings that matter: the two interpolations' tokens differ in cosine
         model.embeddings.position_embeddings.mul_(30)
     model.save_pretrained(dinov2_dir)
-    images = tmp_path / "imgs"
-    for i, size in enumerate(SIZES[:2]):
-        save_scene(images / f"{i}.png", *size, seed=i)
-    config = tmp_path / "dit-256.yaml"
-    config.write_text("buckets: [[256, 256]]\n")
-    out = tmp_path / "cache"
-    args = ["extract", str(images), "-b", str(config), "--model", str(dinov2_dir), "--preset", "vavae", "-o", str(out)]
-    result = runner.invoke(app, [*args, "--dtype", "float32", "--storage-dtype", "float32", "--workers", "0"])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
+    images, out = tmp_path / "imgs", tmp_path / "cache"
+    manifest = extract_with_preset(tmp_path, dinov2_dir, "vavae", SIZES[:2], "buckets: [[256, 256]]\n")
     assert manifest["model"]["pos_embed_interpolation"] == "size, antialias"  # timm's, not torch.hub's offset
     assert manifest["preprocessing"]["preset"] == "vavae" and manifest["preprocessing"]["resize"] == "adm"
     from transformers import Dinov2Model
@@ -244,7 +242,9 @@ def test_the_vavae_preset_gives_va_vaes_dinov2_targets(tmp_path):
         assert (official_forward(reference, x, registers=False)[0, 1:] - expected).abs().max() > 1e-3
     verified = runner.invoke(app, ["verify", str(out), "--source", str(images), "--recompute", "2"])
     assert verified.exit_code == 0, verified.output
-    other = runner.invoke(app, [*args[:-2], "--preset", "repa", "-o", str(out), "--workers", "0"])
+    config = tmp_path / "dit-256.yaml"
+    rerun = ["extract", str(images), "-b", str(config), "--model", str(dinov2_dir), "--preset", "repa", "-o", str(out)]
+    other = runner.invoke(app, [*rerun, "--workers", "0"])
     assert other.exit_code == 2 and "preset" in other.output
 
 
